@@ -1,0 +1,396 @@
+//! JSON text to [`ProxyConfig`], with every fault reported with its path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::reader::{self, Object, check_uint, kind, parse_socket_addr};
+use crate::{
+    AdminConfig, Balancer, CONFIG_VERSION, Discovery, DnsDiscovery, DrainConfig, Ejection,
+    HealthCheck, MAX_RETRY_BUFFER_BYTES, ProxyConfig, Retry, Timeouts, UpstreamConfig,
+};
+
+/// One problem in a config document, at a path such as `upstreams[0].discovery.dns.port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every fault of a document; displays as one line per fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Faults(pub Vec<Fault>);
+
+impl fmt::Display for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, fault) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{fault}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("{0}")]
+    Invalid(Faults),
+}
+
+impl ConfigError {
+    /// One line per fault, as printed at start and by `fanout-proxy check`.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Json(e) => vec![format!("not valid JSON: {e}")],
+            ConfigError::Invalid(faults) => faults.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+pub(crate) fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
+    let value: Value = serde_json::from_str(text).map_err(ConfigError::Json)?;
+    let faults = reader::Faults::default();
+    let config = read_config(&value, &faults);
+    let faults = faults.into_vec();
+    match config {
+        Some(config) if faults.is_empty() => Ok(config),
+        _ => Err(ConfigError::Invalid(Faults(faults))),
+    }
+}
+
+fn read_config(value: &Value, faults: &reader::Faults) -> Option<ProxyConfig> {
+    let root = Object::new(String::new(), value, faults)?;
+    let version = root.required("version").and_then(|v| match v.as_u64() {
+        Some(n) if n == u64::from(CONFIG_VERSION) => Some(CONFIG_VERSION),
+        _ => {
+            root.fault(
+                "version",
+                format!("this proxy reads config version {CONFIG_VERSION}, got {v}"),
+            );
+            None
+        }
+    });
+    let admin = match root.object("admin") {
+        None => AdminConfig::default(),
+        Some(obj) => {
+            let admin = AdminConfig {
+                listen: obj.socket_addr_or("listen", AdminConfig::default().listen),
+            };
+            obj.finish();
+            admin
+        }
+    };
+    let drain = match root.object("drain") {
+        None => DrainConfig::default(),
+        Some(obj) => {
+            let default = DrainConfig::default();
+            let drain = DrainConfig {
+                quiet: obj.duration_or("quiet", default.quiet, Duration::ZERO),
+                deadline: obj.duration_or("deadline", default.deadline, Duration::ZERO),
+            };
+            obj.finish();
+            drain
+        }
+    };
+    let upstreams = read_upstreams(&root);
+    root.finish();
+    if let Some(upstreams) = &upstreams {
+        check_listeners(upstreams, &admin, faults);
+    }
+    Some(ProxyConfig {
+        version: version?,
+        admin,
+        drain,
+        upstreams: upstreams?,
+    })
+}
+
+fn read_upstreams(root: &Object<'_>) -> Option<Vec<UpstreamConfig>> {
+    let list = root.required("upstreams")?;
+    let Value::Array(items) = list else {
+        root.fault("upstreams", format!("must be a list, got {}", kind(list)));
+        return None;
+    };
+    if items.is_empty() {
+        root.fault("upstreams", "must list at least one upstream");
+        return None;
+    }
+    let mut upstreams = Vec::with_capacity(items.len());
+    let mut complete = true;
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("{}[{i}]", root.field_path("upstreams"));
+        match Object::new(path, item, root.faults()).and_then(read_upstream) {
+            Some(upstream) => upstreams.push(upstream),
+            None => complete = false,
+        }
+    }
+    complete.then_some(upstreams)
+}
+
+fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
+    let name = obj.required_string("name").and_then(|name| {
+        if name.trim().is_empty() {
+            obj.fault("name", "must not be empty");
+            None
+        } else {
+            Some(name.to_string())
+        }
+    });
+    let listen = obj.required_string("listen").and_then(|text| {
+        parse_socket_addr(text, None)
+            .map_err(|m| obj.fault("listen", m))
+            .ok()
+    });
+    if let Some(addr) = listen.filter(|a| a.port() == 0) {
+        obj.fault("listen", format!("{addr} needs a fixed port, not 0"));
+    }
+    let discovery = obj.required("discovery").and_then(|_| {
+        obj.object("discovery").and_then(read_discovery)
+    });
+    let balancer = match obj.string("balancer") {
+        None => Some(Balancer::default()),
+        Some(name) => Balancer::from_name(name).or_else(|| {
+            obj.fault(
+                "balancer",
+                format!("unknown balancer {name:?}; use one of {}", Balancer::NAMES.join(", ")),
+            );
+            None
+        }),
+    };
+    let timeouts = match obj.object("timeouts") {
+        None => Timeouts::default(),
+        Some(t) => {
+            let timeouts = Timeouts {
+                connect: t.duration_or("connect", Timeouts::default().connect, Duration::from_millis(1)),
+                request: t.opt_duration("request", Duration::from_millis(1)),
+            };
+            t.finish();
+            timeouts
+        }
+    };
+    let connections_per_endpoint = obj.uint_or("connections_per_endpoint", 1, 1, 16) as u32;
+    let health_check = obj.object("health_check").map(read_health_check);
+    let ejection = obj.object("ejection").map(read_ejection).unwrap_or_default();
+    let retry = obj.object("retry").map(read_retry).unwrap_or_default();
+    obj.finish();
+    Some(UpstreamConfig {
+        name: name?,
+        listen: listen?,
+        discovery: discovery?,
+        balancer: balancer?,
+        timeouts,
+        connections_per_endpoint,
+        health_check,
+        ejection,
+        retry,
+    })
+}
+
+fn read_discovery(obj: Object<'_>) -> Option<Discovery> {
+    let dns = obj.object("dns");
+    let fixed = obj.get("static");
+    let discovery = match (dns, fixed) {
+        (Some(_), Some(_)) => {
+            obj.faults()
+                .add(&obj.path, "set one of \"dns\" or \"static\", not both");
+            None
+        }
+        (None, None) => {
+            obj.faults()
+                .add(&obj.path, "needs \"dns\" {name, port} or \"static\" [addresses]");
+            None
+        }
+        (Some(dns), None) => read_dns(dns).map(Discovery::Dns),
+        (None, Some(list)) => read_static(&obj, list).map(Discovery::Static),
+    };
+    obj.finish();
+    discovery
+}
+
+fn read_dns(obj: Object<'_>) -> Option<DnsDiscovery> {
+    let name = obj.required_string("name").and_then(|name| {
+        check_dns_name(name)
+            .map_err(|m| obj.fault("name", m))
+            .ok()
+            .map(|()| name.to_string())
+    });
+    let port = obj.required("port").and_then(|v| {
+        check_uint(v, 1, 65535)
+            .map_err(|m| obj.fault("port", m))
+            .ok()
+            .map(|p| p as u16)
+    });
+    let mut nameservers = Vec::new();
+    if let Some(value) = obj.get("nameservers") {
+        match value {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("{}[{i}]", obj.field_path("nameservers"));
+                    match item.as_str().map(|s| parse_socket_addr(s, Some(53))) {
+                        Some(Ok(addr)) => nameservers.push(addr),
+                        Some(Err(m)) => obj.faults().add(&path, m),
+                        None => obj
+                            .faults()
+                            .add(&path, format!("must be a string, got {}", kind(item))),
+                    }
+                }
+            }
+            other => obj.fault("nameservers", format!("must be a list, got {}", kind(other))),
+        }
+    }
+    let refresh = obj.duration_or("refresh", Duration::from_secs(5), Duration::from_millis(100));
+    obj.finish();
+    Some(DnsDiscovery {
+        name: name?,
+        port: port?,
+        nameservers,
+        refresh,
+    })
+}
+
+fn read_static(obj: &Object<'_>, list: &Value) -> Option<Vec<std::net::SocketAddr>> {
+    let Value::Array(items) = list else {
+        obj.fault("static", format!("must be a list of ip:port, got {}", kind(list)));
+        return None;
+    };
+    if items.is_empty() {
+        obj.fault("static", "must list at least one ip:port");
+        return None;
+    }
+    let mut addrs = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("{}[{i}]", obj.field_path("static"));
+        let parsed = match item.as_str() {
+            Some(text) => parse_socket_addr(text, None),
+            None => Err(format!("must be a string, got {}", kind(item))),
+        };
+        match parsed {
+            Ok(addr) if addrs.contains(&addr) => {
+                obj.faults().add(&path, format!("{addr} is listed twice"))
+            }
+            Ok(addr) => addrs.push(addr),
+            Err(m) => obj.faults().add(&path, m),
+        }
+    }
+    (addrs.len() == items.len()).then_some(addrs)
+}
+
+fn read_health_check(obj: Object<'_>) -> HealthCheck {
+    let d = HealthCheck::default();
+    let check = HealthCheck {
+        interval: obj.duration_or("interval", d.interval, Duration::from_millis(10)),
+        timeout: obj.duration_or("timeout", d.timeout, Duration::from_millis(1)),
+        healthy_threshold: obj.uint_or("healthy_threshold", d.healthy_threshold.into(), 1, 100) as u32,
+        unhealthy_threshold: obj.uint_or("unhealthy_threshold", d.unhealthy_threshold.into(), 1, 100)
+            as u32,
+        service: obj.string("service").unwrap_or_default().to_string(),
+    };
+    if check.timeout > check.interval {
+        obj.fault(
+            "timeout",
+            format!(
+                "must not exceed interval ({} > {})",
+                crate::duration::format(check.timeout),
+                crate::duration::format(check.interval)
+            ),
+        );
+    }
+    obj.finish();
+    check
+}
+
+fn read_ejection(obj: Object<'_>) -> Ejection {
+    let d = Ejection::default();
+    let ejection = Ejection {
+        consecutive_failures: obj.uint_or("consecutive_failures", d.consecutive_failures.into(), 1, 1000)
+            as u32,
+        base_time: obj.duration_or("base_time", d.base_time, Duration::from_millis(1)),
+        max_time: obj.duration_or("max_time", d.max_time, Duration::from_millis(1)),
+        max_ejected_percent: obj.uint_or("max_ejected_percent", d.max_ejected_percent.into(), 0, 100)
+            as u32,
+    };
+    if ejection.base_time > ejection.max_time {
+        obj.fault("max_time", "must not be shorter than base_time");
+    }
+    obj.finish();
+    ejection
+}
+
+fn read_retry(obj: Object<'_>) -> Retry {
+    let d = Retry::default();
+    let retry = Retry {
+        enabled: obj.bool_or("enabled", d.enabled),
+        budget_percent: obj.uint_or("budget_percent", d.budget_percent.into(), 0, 100) as u32,
+        max_buffer_bytes: obj.uint_or(
+            "max_buffer_bytes",
+            d.max_buffer_bytes.into(),
+            0,
+            MAX_RETRY_BUFFER_BYTES.into(),
+        ) as u32,
+    };
+    obj.finish();
+    retry
+}
+
+/// Names and listen addresses must be unique, and no listener may take the admin port.
+fn check_listeners(upstreams: &[UpstreamConfig], admin: &AdminConfig, faults: &reader::Faults) {
+    let mut names = HashMap::new();
+    let mut listens = HashMap::new();
+    for (i, upstream) in upstreams.iter().enumerate() {
+        if let Some(first) = names.insert(upstream.name.as_str(), i) {
+            faults.add(
+                &format!("upstreams[{i}].name"),
+                format!("{:?} is also the name of upstreams[{first}]", upstream.name),
+            );
+        }
+        if let Some(first) = listens.insert(upstream.listen, i) {
+            faults.add(
+                &format!("upstreams[{i}].listen"),
+                format!("{} is also the listen address of upstreams[{first}]", upstream.listen),
+            );
+        }
+        if upstream.listen.port() == admin.listen.port()
+            && (admin.listen.ip().is_unspecified() || admin.listen.ip() == upstream.listen.ip())
+        {
+            faults.add(
+                &format!("upstreams[{i}].listen"),
+                format!("{} clashes with the admin listener {}", upstream.listen, admin.listen),
+            );
+        }
+    }
+}
+
+/// A DNS name as resolvers accept it: dot-separated labels of letters, digits and `-`.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.is_empty() || trimmed.len() > 253 {
+        return Err(format!("{name:?} is not a DNS name (1 to 253 characters)"));
+    }
+    for label in trimmed.split('.') {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return Err(format!("{name:?} is not a DNS name (bad label {label:?})"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fanout_proxy_config::{
+    Balancer, ConfigError, Discovery, DnsDiscovery, HealthCheck, ProxyConfig, UpstreamConfig,
+};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn sample() -> ProxyConfig {
+    let mut dns = DnsDiscovery::new("app.shop.svc.cluster.local", 50051);
+    dns.nameservers = vec![addr("127.0.0.53:5353")];
+    let mut a = UpstreamConfig::new("app.shop", addr("127.0.0.1:15001"), Discovery::Dns(dns));
+    a.health_check = Some(HealthCheck::default());
+    a.timeouts.request = Some(Duration::from_secs(30));
+    let mut b = UpstreamConfig::new(
+        "billing",
+        addr("127.0.0.1:15002"),
+        Discovery::Static(vec![addr("127.0.0.2:9000"), addr("[::1]:9000")]),
+    );
+    b.balancer = Balancer::RoundRobin;
+    ProxyConfig::new(vec![a, b])
+}
+
+#[test]
+fn rendered_config_reads_back_identically() {
+    let config = sample();
+    assert_eq!(ProxyConfig::from_json(&config.to_json()).unwrap(), config);
+    assert_eq!(ProxyConfig::from_json(&config.to_json_pretty()).unwrap(), config);
+}
+
+#[test]
+fn minimal_config_takes_defaults() {
+    let text = r#"{"version":1,"upstreams":[{"name":"a","listen":"127.0.0.1:15001",
+        "discovery":{"dns":{"name":"a.default.svc.cluster.local","port":50051}}}]}"#;
+    let config = ProxyConfig::from_json(text).unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.balancer, Balancer::PeakEwma);
+    assert_eq!(upstream.timeouts.connect, Duration::from_millis(250));
+    assert_eq!(upstream.retry.budget_percent, 20);
+    assert_eq!(upstream.retry.max_buffer_bytes, 64 * 1024);
+    assert!(upstream.health_check.is_none());
+    assert_eq!(config.admin.listen, addr("0.0.0.0:15020"));
+}
+
+fn lines(text: &str) -> Vec<String> {
+    match ProxyConfig::from_json(text) {
+        Ok(_) => panic!("accepted: {text}"),
+        Err(e) => e.lines(),
+    }
+}
+
+#[test]
+fn every_fault_is_reported_with_its_path() {
+    let text = r#"{
+        "version": 2,
+        "admin": {"listen": "nowhere"},
+        "upstreams": [
+            {"name": "a", "listen": "127.0.0.1:15001", "balancer": "random",
+             "discovery": {"dns": {"name": "bad..name", "port": 0, "refresh": "5"}},
+             "retry": {"budget_percent": 101}, "timeouts": {"conect": "1s"}},
+            {"name": "a", "listen": "127.0.0.1:15020", "discovery": {"static": []}},
+            {"listen": "127.0.0.1:15003", "discovery": {"static": ["1.2.3.4"]}}
+        ],
+        "extra": true
+    }"#;
+    let got = lines(text);
+    let expected = [
+        "version: this proxy reads config version 1, got 2",
+        "admin.listen: \"nowhere\" is not an ip:port address (e.g. \"127.0.0.1:15001\")",
+        "upstreams[0].discovery.dns.name: \"bad..name\" is not a DNS name (bad label \"\")",
+        "upstreams[0].discovery.dns.port: must be 1..=65535, got 0",
+        "upstreams[0].discovery.dns.refresh: \"5\" has a number without a unit (ms, s, m, h)",
+        "upstreams[0].balancer: unknown balancer \"random\"; use one of peak_ewma, round_robin, least_request",
+        "upstreams[0].timeouts.conect: unknown field",
+        "upstreams[0].retry.budget_percent: must be 0..=100, got 101",
+        "upstreams[1].discovery.static: must list at least one ip:port",
+        "upstreams[2].name: is required",
+        "upstreams[2].discovery.static[0]: \"1.2.3.4\" is not an ip:port address (e.g. \"127.0.0.1:15001\")",
+        "extra: unknown field",
+    ];
+    for line in expected {
+        assert!(got.contains(&line.to_string()), "missing {line:?} in {got:#?}");
+    }
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+}
+
+#[test]
+fn clashing_listeners_and_names_are_faults() {
+    let text = r#"{"version":1,"upstreams":[
+        {"name":"a","listen":"127.0.0.1:15001","discovery":{"static":["127.0.0.2:1"]}},
+        {"name":"a","listen":"127.0.0.1:15001","discovery":{"static":["127.0.0.2:1"]}},
+        {"name":"b","listen":"127.0.0.1:15020","discovery":{"static":["127.0.0.2:1"]}}]}"#;
+    assert_eq!(
+        lines(text),
+        [
+            "upstreams[1].name: \"a\" is also the name of upstreams[0]",
+            "upstreams[1].listen: 127.0.0.1:15001 is also the listen address of upstreams[0]",
+            "upstreams[2].listen: 127.0.0.1:15020 clashes with the admin listener 0.0.0.0:15020",
+        ]
+    );
+}
+
+#[test]
+fn not_json_and_wrong_shapes_are_one_line_each() {
+    assert!(lines("{").join("\n").starts_with("not valid JSON"));
+    assert_eq!(lines("[]"), ["must be an object, got a list"]);
+    assert_eq!(lines(r#"{"version":1,"upstreams":{}}"#), ["upstreams: must be a list, got an object"]);
+    assert_eq!(
+        lines(r#"{"version":1,"upstreams":[{"name":"a","listen":"127.0.0.1:1","discovery":{}}]}"#),
+        ["upstreams[0].discovery: needs \"dns\" {name, port} or \"static\" [addresses]"]
+    );
+    assert!(matches!(ProxyConfig::from_json("1"), Err(ConfigError::Invalid(_))));
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Any text, and any truncation of a valid config, gives a config or faults, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}") {
+            let _ = ProxyConfig::from_json(&text);
+        }
+
+        #[test]
+        fn truncated_config_never_panics(cut in 0usize..2000) {
+            let text = sample().to_json_pretty();
+            let cut = cut.min(text.len());
+            let _ = ProxyConfig::from_json(&text[..cut]);
+        }
+    }
+}
