@@ -1,0 +1,283 @@
+//! The injection decision and the patch: pod + settings (+ Service lookups) → outcome.
+//!
+//! [`plan`] is pure: the opt-out and skip rules, and every annotation checked at once.
+//! [`inject`] adds the Service lookups (the only I/O, behind [`ServiceLookup`]) and builds the
+//! patch. The admission server and `fanout-webhook inject` both call [`inject`].
+
+pub mod container;
+pub mod patch;
+pub mod resolve;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use fanout_proxy_config::{Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
+use json_patch::Patch;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::Value;
+
+use crate::annotations::{
+    INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS,
+};
+use crate::lookup::ServiceLookup;
+use crate::settings::{NativeSidecarMode, ProxyResources, Settings};
+use crate::upstreams::{self, UpstreamRef};
+use resolve::ResolvedUpstream;
+
+/// Why a pod is allowed unchanged; the `reason` label of the admission metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    OptedOut,
+    OptedOutByLabel,
+    HostNetwork,
+    NoUpstreams,
+    AlreadyInjected,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OptedOut => "opted-out",
+            Self::OptedOutByLabel => "opted-out-label",
+            Self::HostNetwork => "host-network",
+            Self::NoUpstreams => "no-upstreams",
+            Self::AlreadyInjected => "already-injected",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::OptedOut => "pod annotation fanout.dev/inject is \"disabled\"",
+            Self::OptedOutByLabel => "pod label fanout.dev/inject is \"disabled\"",
+            Self::HostNetwork => "pod uses hostNetwork; the proxy's ports would clash on the node",
+            Self::NoUpstreams => "pod has no fanout.dev/upstreams annotation",
+            Self::AlreadyInjected => "pod already has the fanout proxy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    InvalidAnnotation,
+    UnresolvedPort,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidAnnotation => "invalid-annotation",
+            Self::UnresolvedPort => "unresolved-port",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: DenyReason,
+    pub message: String,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// What injection decided for a pod.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Skipped(SkipReason),
+    Denied(Denial),
+    Injected(Injection),
+}
+
+#[derive(Debug, Clone)]
+pub struct Injection {
+    pub patch: Patch,
+    /// Shown by kubectl as admission warnings.
+    pub warnings: Vec<String>,
+    pub config: ProxyConfig,
+    pub native_sidecar: bool,
+}
+
+/// Everything about a pod that passed the checks, before Services are looked up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub upstreams: Vec<UpstreamRef>,
+    pub resources: ProxyResources,
+    pub native_sidecar: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request.object is not a valid Pod: {0}")]
+pub struct NotAPod(#[source] serde_json::Error);
+
+/// The pure first step: skip rules, then every annotation checked, all faults in one denial.
+pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, Outcome> {
+    let empty = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let init_containers = spec.init_containers.clone().unwrap_or_default();
+
+    let has_proxy = spec
+        .containers
+        .iter()
+        .chain(&init_containers)
+        .any(|c| c.name == PROXY_CONTAINER);
+    if has_proxy || annotations.contains_key(INJECTED) {
+        return Err(Outcome::Skipped(SkipReason::AlreadyInjected));
+    }
+    match annotations.get(INJECT).map(|v| v.trim()) {
+        Some("disabled") => return Err(Outcome::Skipped(SkipReason::OptedOut)),
+        None | Some("enabled") => {}
+        Some(other) => {
+            return Err(invalid(vec![format!(
+                "annotation {INJECT}: {other:?} is neither \"enabled\" nor \"disabled\""
+            )]));
+        }
+    }
+    if labels.get(INJECT).map(String::as_str) == Some("disabled") {
+        return Err(Outcome::Skipped(SkipReason::OptedOutByLabel));
+    }
+    if spec.host_network == Some(true) {
+        return Err(Outcome::Skipped(SkipReason::HostNetwork));
+    }
+    let Some(upstreams_value) = annotations.get(UPSTREAMS) else {
+        return Err(Outcome::Skipped(SkipReason::NoUpstreams));
+    };
+
+    let mut faults = Vec::new();
+    let taken_ports: Vec<(String, u16)> = spec
+        .containers
+        .iter()
+        .chain(&init_containers)
+        .flat_map(|c| {
+            c.ports.iter().flatten().filter_map(|p| {
+                u16::try_from(p.container_port)
+                    .ok()
+                    .map(|port| (c.name.clone(), port))
+            })
+        })
+        .collect();
+    let upstreams = upstreams::parse(upstreams_value, &taken_ports)
+        .map_err(|e| faults.push(e.to_string()))
+        .ok();
+    let resources = container::resources(&settings.resources, annotations)
+        .map_err(|f| faults.extend(f))
+        .ok();
+    let native_sidecar = match annotations.get(NATIVE_SIDECAR).map(|v| v.trim()) {
+        Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            faults.push(format!(
+                "annotation {NATIVE_SIDECAR}: {other:?} is neither \"true\" nor \"false\""
+            ));
+            false
+        }
+        None => match settings.native_sidecar {
+            NativeSidecarMode::Always => true,
+            NativeSidecarMode::Never => false,
+            // A pod that already has a native sidecar was accepted by this API server, which
+            // proves the cluster runs them.
+            NativeSidecarMode::Auto => {
+                settings.cluster_has_native_sidecars
+                    || init_containers
+                        .iter()
+                        .any(|c| c.restart_policy.as_deref() == Some("Always"))
+            }
+        },
+    };
+    match (upstreams, resources) {
+        (Some(upstreams), Some(resources)) if faults.is_empty() => Ok(Plan {
+            upstreams,
+            resources,
+            native_sidecar,
+        }),
+        _ => Err(invalid(faults)),
+    }
+}
+
+fn invalid(faults: Vec<String>) -> Outcome {
+    Outcome::Denied(Denial {
+        reason: DenyReason::InvalidAnnotation,
+        message: format!("fanout: {}", faults.join("; ")),
+    })
+}
+
+/// The proxy config for resolved upstreams, as rendered into the pod annotation.
+pub fn render_config(resolved: &[ResolvedUpstream]) -> ProxyConfig {
+    ProxyConfig::new(
+        resolved
+            .iter()
+            .map(|r| {
+                UpstreamConfig::new(
+                    r.name.clone(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], r.upstream.local_port)),
+                    Discovery::Dns(DnsDiscovery::new(r.dns_name.clone(), r.port)),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The whole decision for one pod object as the API server sent it.
+pub async fn inject(
+    raw_pod: &Value,
+    namespace: &str,
+    settings: &Settings,
+    lookup: &dyn ServiceLookup,
+) -> Result<Outcome, NotAPod> {
+    let pod: Pod = serde_json::from_value(raw_pod.clone()).map_err(NotAPod)?;
+    let plan = match plan(&pod, settings) {
+        Ok(plan) => plan,
+        Err(outcome) => return Ok(outcome),
+    };
+
+    let lookups = futures::future::join_all(plan.upstreams.iter().map(|u| {
+        lookup.lookup(u.namespace.as_deref().unwrap_or(namespace), &u.service)
+    }))
+    .await;
+    let mut warnings = Vec::new();
+    let mut resolved = Vec::with_capacity(plan.upstreams.len());
+    let mut faults = Vec::new();
+    for (upstream, found) in plan.upstreams.iter().zip(&lookups) {
+        match resolve::resolve(upstream, namespace, &settings.cluster_domain, found, &mut warnings) {
+            Ok(r) => resolved.push(r),
+            Err(fault) => faults.push(fault),
+        }
+    }
+    if !faults.is_empty() {
+        return Ok(Outcome::Denied(Denial {
+            reason: DenyReason::UnresolvedPort,
+            message: format!("fanout: {}", faults.join("; ")),
+        }));
+    }
+
+    let config = render_config(&resolved);
+    let patch = patch::build(
+        raw_pod,
+        patch::PatchInput {
+            config_json: config.to_json(),
+            version: &settings.version,
+            proxy: container::proxy_container(settings, &plan.resources, plan.native_sidecar),
+            volume: container::config_volume(),
+            env: resolved
+                .iter()
+                .map(|r| {
+                    (
+                        r.upstream.env_name(),
+                        format!("127.0.0.1:{}", r.upstream.local_port),
+                    )
+                })
+                .collect(),
+            native: plan.native_sidecar,
+        },
+    );
+    Ok(Outcome::Injected(Injection {
+        patch,
+        warnings,
+        config,
+        native_sidecar: plan.native_sidecar,
+    }))
+}
