@@ -13,10 +13,12 @@
 //! - `metrics`: Prometheus metrics of admissions.
 //! - `server`: the HTTPS server (`fn app() -> Router` and the TLS accept loop).
 //! - `tls`: the serving certificate, reloaded from disk when it changes.
+//! - `cli`: the `serve` and `inject` commands.
 //! - `manifest`: offline injection of YAML manifests (`fanout-webhook inject`).
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod cli;
 pub mod annotations;
 pub mod inject;
 pub mod lookup;

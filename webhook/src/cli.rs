@@ -1,0 +1,256 @@
+//! The `fanout-webhook` command line: `serve` and `inject`.
+
+use std::io::{IsTerminal, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::admission::Admitter;
+use crate::lookup::{KubeLookup, NoLookup, ServiceLookup};
+use crate::metrics::Metrics;
+use crate::settings::{NativeSidecarMode, ProxyResources, Settings, version_has_native_sidecars};
+use crate::tls::{ReloadingCert, error_chain, install_provider};
+use crate::{manifest, quantity, server};
+
+#[derive(Parser)]
+#[command(name = "fanout-webhook", version, about = "Injects the fanout gRPC balancing proxy into pods")]
+struct Cli {
+    /// Log format; default json when stderr is not a terminal.
+    #[arg(long, global = true, env = "FANOUT_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve admission reviews over HTTPS.
+    Serve(ServeArgs),
+    /// Inject manifests offline: YAML in, YAML out.
+    Inject(InjectArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    #[arg(long, env = "FANOUT_TLS_CERT")]
+    tls_cert: PathBuf,
+    #[arg(long, env = "FANOUT_TLS_KEY")]
+    tls_key: PathBuf,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, env = "FANOUT_CERT_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    cert_reload_interval: Duration,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// Manifest file; - for standard input.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    file: String,
+    /// Namespace for objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+#[derive(Args)]
+struct SettingsArgs {
+    /// Make no Kubernetes API calls: ports are used as given, names as headless DNS.
+    #[arg(long, env = "FANOUT_NO_LOOKUP")]
+    no_lookup: bool,
+    #[arg(long, env = "FANOUT_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    #[arg(long, env = "FANOUT_PROXY_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    proxy_image_pull_policy: String,
+    /// Empty leaves it unset.
+    #[arg(long, env = "FANOUT_PROXY_CPU_REQUEST", default_value = "10m")]
+    proxy_cpu_request: String,
+    #[arg(long, env = "FANOUT_PROXY_CPU_LIMIT", default_value = "")]
+    proxy_cpu_limit: String,
+    #[arg(long, env = "FANOUT_PROXY_MEMORY_REQUEST", default_value = "16Mi")]
+    proxy_memory_request: String,
+    #[arg(long, env = "FANOUT_PROXY_MEMORY_LIMIT", default_value = "64Mi")]
+    proxy_memory_limit: String,
+    #[arg(long, env = "FANOUT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// auto: native sidecars on Kubernetes ≥ 1.29 or where the pod already uses one.
+    #[arg(long, env = "FANOUT_NATIVE_SIDECAR", default_value = "auto")]
+    native_sidecar: NativeSidecarMode,
+    /// Bound on each Service lookup.
+    #[arg(long, env = "FANOUT_LOOKUP_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    lookup_timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    fanout_proxy_config::duration::parse(text)
+}
+
+impl SettingsArgs {
+    /// The settings, and the lookup to use; asks the API server its version for `auto`.
+    async fn build(&self) -> anyhow::Result<(Settings, Arc<dyn ServiceLookup>)> {
+        let mut faults = Vec::new();
+        let mut quantity = |flag: &str, value: &str| -> Option<String> {
+            let value = value.trim();
+            if value.is_empty() {
+                return None;
+            }
+            if let Err(message) = quantity::parse(value) {
+                faults.push(format!("--{flag}: {message}"));
+            }
+            Some(value.to_string())
+        };
+        let resources = ProxyResources {
+            cpu_request: quantity("proxy-cpu-request", &self.proxy_cpu_request),
+            cpu_limit: quantity("proxy-cpu-limit", &self.proxy_cpu_limit),
+            memory_request: quantity("proxy-memory-request", &self.proxy_memory_request),
+            memory_limit: quantity("proxy-memory-limit", &self.proxy_memory_limit),
+        };
+        if !faults.is_empty() {
+            bail!("{}", faults.join("\n"));
+        }
+        let mut settings = Settings {
+            resources,
+            image_pull_policy: self.proxy_image_pull_policy.clone(),
+            cluster_domain: self.cluster_domain.trim_matches('.').to_string(),
+            native_sidecar: self.native_sidecar,
+            ..Settings::default()
+        };
+        if let Some(image) = &self.proxy_image {
+            settings.proxy_image = image.clone();
+        }
+        if self.no_lookup {
+            return Ok((settings, Arc::new(NoLookup)));
+        }
+        let client = kube::Client::try_default().await.context(
+            "no Kubernetes API to look Services up (give --no-lookup to inject without one)",
+        )?;
+        if settings.native_sidecar == NativeSidecarMode::Auto {
+            match client.apiserver_version().await {
+                Ok(info) => {
+                    settings.cluster_has_native_sidecars =
+                        version_has_native_sidecars(&info.major, &info.minor);
+                    tracing::info!(version = %info.git_version,
+                        native_sidecars = settings.cluster_has_native_sidecars, "API server version");
+                }
+                Err(e) => tracing::warn!(error = %error_chain(&e),
+                    "could not ask the API server its version; assuming no native sidecars"),
+            }
+        }
+        Ok((settings, Arc::new(KubeLookup::new(client, self.lookup_timeout))))
+    }
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FANOUT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    install_provider();
+    // Two workers match the small CPU request a webhook gets; more threads would only add RSS.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(cli.log_format);
+            runtime.block_on(serve(args))
+        }
+        Command::Inject(args) => {
+            init_logging(Some(cli.log_format.unwrap_or(LogFormat::Text)));
+            runtime.block_on(inject(args))
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (settings, lookup) = args.settings.build().await?;
+    let cert = Arc::new(
+        ReloadingCert::load(args.tls_cert.clone(), args.tls_key.clone())
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    );
+    let tls = cert.server_config().map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    tokio::spawn(cert.clone().watch(args.cert_reload_interval));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, image = %settings.proxy_image,
+        native_sidecar = %settings.native_sidecar, "serving admission reviews");
+    let admitter = Arc::new(Admitter {
+        settings,
+        lookup,
+        metrics: Arc::new(Metrics::default()),
+    });
+    server::serve(
+        listener,
+        tls,
+        server::app(admitter),
+        shutdown_signal(),
+        Duration::from_secs(10),
+    )
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn inject(args: InjectArgs) -> anyhow::Result<()> {
+    let (settings, lookup) = args.settings.build().await?;
+    let input = if args.file == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file))?
+    };
+    let (output, reports) = manifest::inject_yaml(&input, &args.namespace, &settings, lookup.as_ref())
+        .await
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    for report in reports {
+        eprintln!("{}: {}", report.object, report.result);
+    }
+    print!("{output}");
+    Ok(())
+}
