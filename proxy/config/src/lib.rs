@@ -78,6 +78,7 @@ pub struct UpstreamConfig {
     pub balancer: Balancer,
     pub timeouts: Timeouts,
     pub connections_per_endpoint: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
     pub ejection: Ejection,
     pub retry: Retry,
@@ -158,7 +159,10 @@ pub struct Timeouts {
     #[serde(serialize_with = "duration::serialize")]
     pub connect: Duration,
     /// Whole-call limit on top of the client's `grpc-timeout`; `None` for long streams.
-    #[serde(serialize_with = "duration::serialize_opt")]
+    #[serde(
+        serialize_with = "duration::serialize_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub request: Option<Duration>,
 }
 
