@@ -48,8 +48,8 @@ pub fn resources(
             if let (Ok(rv), Ok(lv)) = (quantity::parse(r), quantity::parse(l)) {
                 if rv > lv {
                     faults.push(format!(
-                        "proxy {what} request {r} exceeds its limit {l} (annotations \
-                         fanout.dev/proxy-{what}-request and fanout.dev/proxy-{what}-limit)"
+                        "annotation fanout.dev/proxy-{what}-request: {r} exceeds the proxy {what} \
+                         limit {l} (fanout.dev/proxy-{what}-limit raises it)"
                     ));
                 }
             }
@@ -211,6 +211,6 @@ mod tests {
         .unwrap_err();
         assert_eq!(faults.len(), 2, "{faults:?}");
         assert!(faults[0].starts_with("annotation fanout.dev/proxy-cpu-request: \"lots\""));
-        assert!(faults[1].contains("memory request 128Mi exceeds its limit 64Mi"));
+        assert!(faults[1].contains("128Mi exceeds the proxy memory limit 64Mi"), "{faults:?}");
     }
 }
