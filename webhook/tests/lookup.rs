@@ -1,0 +1,133 @@
+//! Service lookups through kube's real `Client` over a mocked Kubernetes API.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Answer, admitter_with, fixture};
+use fanout_proxy_config::{Discovery, ProxyConfig};
+use fanout_webhook::lookup::{KubeLookup, Lookup, ServiceLookup, TargetPort};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+fn status(code: u16, reason: &str) -> serde_json::Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("{reason} (mock)"), "reason": reason, "code": code})
+}
+
+/// A Kubernetes API with a few Services; records the paths it was asked for.
+fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
+    let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+        let paths = paths.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            let path = request.uri().path().to_string();
+            paths.lock().unwrap().push(format!("{} {path}", request.method()));
+            let (code, body) = match path.as_str() {
+                "/api/v1/namespaces/shop/services/app" => (200, json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "app", "namespace": "shop"},
+                    "spec": {"clusterIP": "None", "ports": [
+                        {"name": "grpc", "port": 50051, "targetPort": 8080, "protocol": "TCP"},
+                        {"name": "admin", "port": 9000, "targetPort": "admin-port"}]}
+                })),
+                "/api/v1/namespaces/shop/services/web" => (200, json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "web", "namespace": "shop"},
+                    "spec": {"clusterIP": "10.96.3.4", "ports": [{"port": 80}]}
+                })),
+                p if p.starts_with("/api/v1/namespaces/locked/") => (403, status(403, "Forbidden")),
+                _ => (404, status(404, "NotFound")),
+            };
+            let response = Response::builder()
+                .status(StatusCode::from_u16(code).unwrap())
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+#[tokio::test]
+async fn lookups_read_services_from_the_api() {
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let lookup = KubeLookup::new(mock_api(paths.clone(), Duration::ZERO), Duration::from_secs(2));
+    let Lookup::Found(app) = lookup.lookup("shop", "app").await else { panic!() };
+    assert!(app.headless);
+    assert_eq!(app.ports[0].target, TargetPort::Number(8080));
+    assert_eq!(app.ports[1].target, TargetPort::Name("admin-port".into()));
+    let Lookup::Found(web) = lookup.lookup("shop", "web").await else { panic!() };
+    assert!(!web.headless);
+    assert_eq!(lookup.lookup("shop", "ghost").await, Lookup::NotFound);
+    assert!(matches!(lookup.lookup("locked", "x").await, Lookup::Failed(e) if e.contains("Forbidden")));
+    assert_eq!(
+        *paths.lock().unwrap(),
+        [
+            "GET /api/v1/namespaces/shop/services/app",
+            "GET /api/v1/namespaces/shop/services/web",
+            "GET /api/v1/namespaces/shop/services/ghost",
+            "GET /api/v1/namespaces/locked/services/x",
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_api_is_a_failed_lookup_not_a_hung_admission() {
+    let lookup = KubeLookup::new(
+        mock_api(Arc::default(), Duration::from_secs(30)),
+        Duration::from_secs(2),
+    );
+    assert!(matches!(lookup.lookup("shop", "app").await, Lookup::Failed(e) if e.contains("no answer within")));
+}
+
+#[tokio::test]
+async fn admission_renders_what_the_api_says() {
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let lookup = KubeLookup::new(mock_api(paths.clone(), Duration::ZERO), Duration::from_secs(2));
+    let admitter = admitter_with(Arc::new(lookup));
+    let mut review = fixture("pod-generatename-no-volumes");
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
+        json!("app:grpc,web:80,ghost:7000,x.locked:1");
+    let answer = Answer::parse(&admitter.review(&serde_json::to_vec(&review).unwrap()).await.unwrap());
+    assert!(answer.allowed());
+    let pod = answer.patched(&review);
+    let config = ProxyConfig::from_json(
+        pod["metadata"]["annotations"]["fanout.dev/proxy-config"].as_str().unwrap(),
+    )
+    .unwrap();
+    let targets: Vec<(String, u16)> = config
+        .upstreams
+        .iter()
+        .map(|u| match &u.discovery {
+            Discovery::Dns(d) => (d.name.clone(), d.port),
+            Discovery::Static(_) => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            // The named Service port maps to the pods' targetPort.
+            ("app.shop.svc.cluster.local".to_string(), 8080),
+            ("web.shop.svc.cluster.local".to_string(), 80),
+            ("ghost.shop.svc.cluster.local".to_string(), 7000),
+            ("x.locked.svc.cluster.local".to_string(), 1),
+        ]
+    );
+    let warnings = answer.warnings();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(warnings[0].contains("Service shop/web is not headless (clusterIP 10.96.3.4)"));
+    assert!(warnings[1].contains("Service shop/ghost not found"));
+    assert!(warnings[2].contains("could not look up Service locked/x"));
+
+    // A named port on a missing Service is denied, naming the annotation.
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] = json!("ghost:grpc");
+    let answer = Answer::parse(&admitter.review(&serde_json::to_vec(&review).unwrap()).await.unwrap());
+    assert!(!answer.allowed());
+    let message = answer.response["status"]["message"].as_str().unwrap();
+    assert!(message.contains("annotation fanout.dev/upstreams: \"ghost:grpc\" names port \"grpc\""), "{message}");
+}
