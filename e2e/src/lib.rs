@@ -1,0 +1,14 @@
+//! Helpers for fanout's end-to-end suites and benchmarks: find and start the real binaries, and
+//! talk to them over loopback the way their real clients do.
+//!
+//! # Layout
+//! - `bins`: paths of the workspace binaries, built on first use.
+//! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
+//! - `webhook`: a `fanout-webhook serve` process on a loopback port.
+//! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
+#![forbid(unsafe_code)]
+
+pub mod bins;
+pub mod fixtures;
+pub mod https;
+pub mod webhook;

@@ -1,0 +1,92 @@
+//! `fanout-webhook serve` as a child process on a loopback port.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::bins;
+
+pub struct WebhookProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    /// Log lines after start, for assertions.
+    pub logs: mpsc::Receiver<String>,
+}
+
+impl WebhookProcess {
+    /// Starts the server on `127.0.0.1:0` with the cert files in `certs` (tls.crt, tls.key) and
+    /// extra `args`; returns once it listens.
+    pub fn start(certs: &Path, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(bins::path("fanout-webhook", "fanout-webhook"));
+        command
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(certs.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(certs.join("tls.key"))
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn()?;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            let line = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    anyhow::bail!("webhook did not start; it said:\n{}", seen.join("\n"));
+                }
+            };
+            if line.contains("serving admission reviews") {
+                let log: serde_json::Value = serde_json::from_str(&line)?;
+                let addr = log["listen"].as_str().unwrap_or_default().parse()?;
+                return Ok(Self { child, addr, logs: rx });
+            }
+            seen.push(line);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (it was not restarted or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory of the process now and at its peak, in KiB (VmRSS, VmHWM).
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for WebhookProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
