@@ -77,8 +77,12 @@ impl Ca {
     pub fn generate(common_name: &str, lifetime: Duration) -> Result<Self, CertError> {
         let key = KeyPair::generate().map_err(CertError::KeyGeneration)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.distinguished_name.push(DnType::OrganizationName, "fanout");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "fanout");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -127,7 +131,9 @@ impl Ca {
             .first()
             .cloned()
             .unwrap_or_else(|| ips[0].to_string());
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         for name in dns_names {
             if !is_dns_name(name) {
                 return Err(CertError::InvalidDnsName(name.clone()));
@@ -166,7 +172,9 @@ fn is_dns_name(name: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })

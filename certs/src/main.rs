@@ -9,7 +9,10 @@ use clap::Parser;
 use fanout_certs::{Ca, write_bundle};
 
 #[derive(Parser)]
-#[command(version, about = "Write ca.crt, tls.crt and tls.key for the fanout webhook")]
+#[command(
+    version,
+    about = "Write ca.crt, tls.crt and tls.key for the fanout webhook"
+)]
 struct Args {
     /// Directory to write ca.crt, tls.crt and tls.key into.
     #[arg(long)]

@@ -10,7 +10,13 @@ fn sans(cert_pem: &str) -> (Vec<String>, Vec<IpAddr>) {
     let cert = pem.parse_x509().unwrap();
     let mut dns = Vec::new();
     let mut ips = Vec::new();
-    for name in &cert.subject_alternative_name().unwrap().unwrap().value.general_names {
+    for name in &cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+    {
         match name {
             GeneralName::DNSName(n) => dns.push(n.to_string()),
             GeneralName::IPAddress(b) if b.len() == 4 => {
@@ -27,10 +33,15 @@ fn serving_cert_names_what_the_api_server_dials_and_verifies_against_the_ca() {
     let ca = Ca::generate("test CA", Duration::from_secs(3600)).unwrap();
     let names = service_dns_names("fanout-webhook", "fanout-system", "cluster.local");
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
-    let serving = ca.issue_serving(&names, &[ip], Duration::from_secs(3600)).unwrap();
+    let serving = ca
+        .issue_serving(&names, &[ip], Duration::from_secs(3600))
+        .unwrap();
 
     let (dns, ips) = sans(&serving.cert_pem);
-    assert!(dns.contains(&"fanout-webhook.fanout-system.svc".to_string()), "{dns:?}");
+    assert!(
+        dns.contains(&"fanout-webhook.fanout-system.svc".to_string()),
+        "{dns:?}"
+    );
     assert_eq!(dns, names);
     assert_eq!(ips, vec![ip]);
 
@@ -45,7 +56,10 @@ fn serving_cert_names_what_the_api_server_dials_and_verifies_against_the_ca() {
     // A second CA must not verify it.
     let other = Ca::generate("other", Duration::from_secs(3600)).unwrap();
     let (_, other_pem) = parse_x509_pem(other.cert_pem().as_bytes()).unwrap();
-    assert!(leaf.verify_signature(Some(other_pem.parse_x509().unwrap().public_key())).is_err());
+    assert!(
+        leaf.verify_signature(Some(other_pem.parse_x509().unwrap().public_key()))
+            .is_err()
+    );
 }
 
 #[test]
@@ -69,19 +83,27 @@ fn a_loaded_ca_keeps_signing_with_the_same_key() {
 fn bad_input_is_an_error_not_a_panic() {
     let ca = Ca::generate("test CA", Duration::from_secs(3600)).unwrap();
     assert!(ca.issue_serving(&[], &[], Duration::from_secs(60)).is_err());
-    assert!(ca.issue_serving(&["bad name!".into()], &[], Duration::from_secs(60)).is_err());
+    assert!(
+        ca.issue_serving(&["bad name!".into()], &[], Duration::from_secs(60))
+            .is_err()
+    );
 }
 
 #[test]
 fn bundle_files_are_written_with_a_private_key() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("test CA", Duration::from_secs(3600)).unwrap();
-    let serving = ca.issue_serving(&["localhost".into()], &[], Duration::from_secs(60)).unwrap();
+    let serving = ca
+        .issue_serving(&["localhost".into()], &[], Duration::from_secs(60))
+        .unwrap();
     write_bundle(dir.path(), &ca, &serving).unwrap();
     for f in ["ca.crt", "tls.crt", "tls.key"] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("tls.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("tls.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
 }

@@ -29,11 +29,21 @@ pub fn path(package: &str, name: &str) -> PathBuf {
         // build scripts that watch them rebuild everything, alternating with a build by hand.
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();
-            let set_for_test = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
-                .iter()
-                .any(|p| key.starts_with(p))
-                || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_CURRENT_DIR", "OUT_DIR"]
-                    .contains(&key.as_ref());
+            let set_for_test = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || [
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key.as_ref());
             if set_for_test {
                 command.env_remove(key.as_ref());
             }
@@ -42,7 +52,10 @@ pub fn path(package: &str, name: &str) -> PathBuf {
             command.arg("--release");
         }
         let status = command.status().expect("running cargo build");
-        assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {name} failed"
+        );
         built.push(name.to_string());
     }
     dir.join(name)

@@ -54,7 +54,11 @@ impl WebhookProcess {
             if line.contains("serving admission reviews") {
                 let log: serde_json::Value = serde_json::from_str(&line)?;
                 let addr = log["listen"].as_str().unwrap_or_default().parse()?;
-                return Ok(Self { child, addr, logs: rx });
+                return Ok(Self {
+                    child,
+                    addr,
+                    logs: rx,
+                });
             }
             seen.push(line);
         }
@@ -71,7 +75,8 @@ impl WebhookProcess {
 
     /// Resident memory of the process now and at its peak, in KiB (VmRSS, VmHWM).
     pub fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()

@@ -128,7 +128,10 @@ impl Admitter {
         body: &[u8],
     ) -> Result<(Response, (&'static str, &'static str)), BadReview> {
         let review: Review = serde_json::from_slice(body).map_err(BadReview::NotJson)?;
-        let (api_version, kind) = (review.api_version.unwrap_or_default(), review.kind.unwrap_or_default());
+        let (api_version, kind) = (
+            review.api_version.unwrap_or_default(),
+            review.kind.unwrap_or_default(),
+        );
         if api_version != API_VERSION || kind != "AdmissionReview" {
             return Err(BadReview::WrongType(format!("{api_version:?} {kind:?}")));
         }
@@ -141,7 +144,7 @@ impl Admitter {
             warnings: Vec::new(),
             status: None,
         };
-        if request.kind.group != "" || request.kind.kind != "Pod" {
+        if !request.kind.group.is_empty() || request.kind.kind != "Pod" {
             return Ok((allow(request.uid), ("skipped", "not-a-pod")));
         }
         if request.operation.as_deref() != Some("CREATE") {
@@ -151,7 +154,11 @@ impl Admitter {
         let namespace = request
             .namespace
             .as_deref()
-            .or_else(|| object.pointer("/metadata/namespace").and_then(Value::as_str))
+            .or_else(|| {
+                object
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+            })
             .unwrap_or("default")
             .to_string();
         let pod_name = request

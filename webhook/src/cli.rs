@@ -17,7 +17,11 @@ use crate::tls::{ReloadingCert, error_chain, install_provider};
 use crate::{manifest, quantity, server};
 
 #[derive(Parser)]
-#[command(name = "fanout-webhook", version, about = "Injects the fanout gRPC balancing proxy into pods")]
+#[command(
+    name = "fanout-webhook",
+    version,
+    about = "Injects the fanout gRPC balancing proxy into pods"
+)]
 struct Cli {
     /// Log format; default json when stderr is not a terminal.
     #[arg(long, global = true, env = "FANOUT_LOG_FORMAT")]
@@ -74,7 +78,11 @@ struct SettingsArgs {
     no_lookup: bool,
     #[arg(long, env = "FANOUT_PROXY_IMAGE")]
     proxy_image: Option<String>,
-    #[arg(long, env = "FANOUT_PROXY_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    #[arg(
+        long,
+        env = "FANOUT_PROXY_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
     proxy_image_pull_policy: String,
     /// Empty leaves it unset.
     #[arg(long, env = "FANOUT_PROXY_CPU_REQUEST", default_value = "10m")]
@@ -150,7 +158,10 @@ impl SettingsArgs {
                     "could not ask the API server its version; assuming no native sidecars"),
             }
         }
-        Ok((settings, Arc::new(KubeLookup::new(client, self.lookup_timeout))))
+        Ok((
+            settings,
+            Arc::new(KubeLookup::new(client, self.lookup_timeout)),
+        ))
     }
 }
 
@@ -198,7 +209,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ReloadingCert::load(args.tls_cert.clone(), args.tls_key.clone())
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
     );
-    let tls = cert.server_config().map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let tls = cert
+        .server_config()
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     tokio::spawn(cert.clone().watch(args.cert_reload_interval));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -240,14 +253,17 @@ async fn inject(args: InjectArgs) -> anyhow::Result<()> {
     let (settings, lookup) = args.settings.build().await?;
     let input = if args.file == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
         text
     } else {
         std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file))?
     };
-    let (output, reports) = manifest::inject_yaml(&input, &args.namespace, &settings, lookup.as_ref())
-        .await
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let (output, reports) =
+        manifest::inject_yaml(&input, &args.namespace, &settings, lookup.as_ref())
+            .await
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     for report in reports {
         eprintln!("{}: {}", report.object, report.result);
     }

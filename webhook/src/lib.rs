@@ -18,8 +18,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
-pub mod cli;
 pub mod annotations;
+pub mod cli;
 pub mod inject;
 pub mod lookup;
 pub mod manifest;

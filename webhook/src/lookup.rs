@@ -60,9 +60,9 @@ impl ServiceInfo {
                 let port = u16::try_from(p.port).ok()?;
                 let target = match p.target_port {
                     None => TargetPort::Same,
-                    Some(IntOrString::Int(n)) => {
-                        u16::try_from(n).map(TargetPort::Number).unwrap_or(TargetPort::Same)
-                    }
+                    Some(IntOrString::Int(n)) => u16::try_from(n)
+                        .map(TargetPort::Number)
+                        .unwrap_or(TargetPort::Same),
                     Some(IntOrString::String(s)) => match s.parse::<u16>() {
                         Ok(n) => TargetPort::Number(n),
                         Err(_) => TargetPort::Name(s),
@@ -105,7 +105,10 @@ impl StaticLookup {
 
 impl ServiceLookup for StaticLookup {
     fn lookup<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Lookup> {
-        let found = self.0.get(&(namespace.to_string(), name.to_string())).cloned();
+        let found = self
+            .0
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned();
         Box::pin(async move { found.map(Lookup::Found).unwrap_or(Lookup::NotFound) })
     }
 }

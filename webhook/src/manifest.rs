@@ -42,7 +42,11 @@ pub struct Report {
 fn template_pointer(kind: &str) -> Option<&'static str> {
     match kind {
         "Pod" => Some(""),
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job"
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
         | "ReplicationController" => Some("/spec/template"),
         "CronJob" => Some("/spec/jobTemplate/spec/template"),
         _ => None,
@@ -79,7 +83,10 @@ pub async fn inject_yaml(
         if !output.is_empty() {
             output.push_str("---\n");
         }
-        output.push_str(&serde_norway::to_string(&doc).map_err(|source| ManifestError::Yaml { index, source })?);
+        output.push_str(
+            &serde_norway::to_string(&doc)
+                .map_err(|source| ManifestError::Yaml { index, source })?,
+        );
     }
     Ok((output, reports))
 }
@@ -91,11 +98,22 @@ async fn inject_object(
     lookup: &dyn ServiceLookup,
     reports: &mut Vec<Report>,
 ) -> Result<(), ManifestError> {
-    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if kind == "List" {
         if let Some(Value::Array(items)) = doc.get_mut("items") {
             for item in items {
-                Box::pin(inject_object(item, default_namespace, settings, lookup, reports)).await?;
+                Box::pin(inject_object(
+                    item,
+                    default_namespace,
+                    settings,
+                    lookup,
+                    reports,
+                ))
+                .await?;
             }
         }
         return Ok(());
@@ -110,7 +128,10 @@ async fn inject_object(
         .unwrap_or(default_namespace)
         .to_string();
     let Some(template) = doc.pointer_mut(pointer) else {
-        reports.push(Report { object, result: "skipped: no pod template".into() });
+        reports.push(Report {
+            object,
+            result: "skipped: no pod template".into(),
+        });
         return Ok(());
     };
     // A template is a pod without its identity; inject it as one.
@@ -122,15 +143,25 @@ async fn inject_object(
     });
     let outcome = inject::inject(&pod, &namespace, settings, lookup)
         .await
-        .map_err(|source| ManifestError::NotAPod { object: object.clone(), source })?;
+        .map_err(|source| ManifestError::NotAPod {
+            object: object.clone(),
+            source,
+        })?;
     let result = match outcome {
         Outcome::Skipped(reason) => format!("skipped: {}", reason.describe()),
         Outcome::Denied(denial) => {
-            return Err(ManifestError::Denied { object, message: denial.message });
+            return Err(ManifestError::Denied {
+                object,
+                message: denial.message,
+            });
         }
         Outcome::Injected(injection) => {
-            json_patch::patch(&mut pod, &injection.patch)
-                .map_err(|source| ManifestError::Patch { object: object.clone(), source })?;
+            json_patch::patch(&mut pod, &injection.patch).map_err(|source| {
+                ManifestError::Patch {
+                    object: object.clone(),
+                    source,
+                }
+            })?;
             if let Value::Object(template) = template {
                 for key in ["metadata", "spec"] {
                     if let Some(value) = pod.get_mut(key) {
@@ -138,8 +169,12 @@ async fn inject_object(
                     }
                 }
             }
-            let names: Vec<&str> =
-                injection.config.upstreams.iter().map(|u| u.name.as_str()).collect();
+            let names: Vec<&str> = injection
+                .config
+                .upstreams
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect();
             let mut result = format!("injected, upstreams {}", names.join(", "));
             for warning in injection.warnings {
                 result.push_str(&format!("\n  warning: {warning}"));

@@ -100,14 +100,19 @@ pub async fn serve(
                     return;
                 }
             };
-            let conn = builder.serve_connection(TokioIo::new(tls), service).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     tracing::info!("shutting down; finishing open requests");
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after {drain:?}; closing them");
     }
 }

@@ -89,7 +89,9 @@ impl Default for Settings {
 /// Native sidecars arrived (beta, on by default) in Kubernetes 1.29.
 pub fn version_has_native_sidecars(major: &str, minor: &str) -> bool {
     let number = |s: &str| -> Option<u32> {
-        s.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok()
     };
     match (number(major), number(minor)) {
         (Some(major), Some(minor)) => major > 1 || (major == 1 && minor >= 29),
@@ -105,7 +107,10 @@ mod tests {
     fn native_sidecars_from_1_29() {
         assert!(!version_has_native_sidecars("1", "28"));
         assert!(version_has_native_sidecars("1", "29"));
-        assert!(version_has_native_sidecars("1", "30+"), "GKE/EKS minor versions carry a '+'");
+        assert!(
+            version_has_native_sidecars("1", "30+"),
+            "GKE/EKS minor versions carry a '+'"
+        );
         assert!(!version_has_native_sidecars("x", "y"));
     }
 

@@ -128,9 +128,13 @@ impl ReloadingCert {
         loop {
             ticker.tick().await;
             match self.reload() {
-                Ok(true) => tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded"),
+                Ok(true) => {
+                    tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded")
+                }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %error_chain(&e), "serving certificate not reloaded; keeping the current one"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "serving certificate not reloaded; keeping the current one")
+                }
             }
         }
     }

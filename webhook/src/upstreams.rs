@@ -42,7 +42,13 @@ impl UpstreamRef {
     pub fn env_name(&self) -> String {
         let upper = |part: &str| -> String {
             part.chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
                 .collect()
         };
         let mut name = format!("{ENV_PREFIX}{}", upper(&self.service));
@@ -72,12 +78,16 @@ pub struct UpstreamsError {
 
 /// Parses the annotation value. `taken_ports` are ports the pod's containers already declare,
 /// which a local port must not reuse (they share one network namespace).
-pub fn parse(value: &str, taken_ports: &[(String, u16)]) -> Result<Vec<UpstreamRef>, UpstreamsError> {
+pub fn parse(
+    value: &str,
+    taken_ports: &[(String, u16)],
+) -> Result<Vec<UpstreamRef>, UpstreamsError> {
     let mut faults = Vec::new();
     let mut upstreams: Vec<UpstreamRef> = Vec::new();
     if value.trim().is_empty() {
         faults.push(
-            "it is empty; list upstreams as <service>[.<namespace>]:<port>, e.g. \"app:50051\"".into(),
+            "it is empty; list upstreams as <service>[.<namespace>]:<port>, e.g. \"app:50051\""
+                .into(),
         );
     } else {
         for (index, raw) in value.split(',').enumerate() {
@@ -105,7 +115,9 @@ fn parse_entry(entry: &str, index: usize) -> Result<UpstreamRef, String> {
         None => (entry, None),
     };
     let Some((host, port)) = target.rsplit_once(':') else {
-        return Err(format!("{quoted} has no port; write <service>[.<namespace>]:<port>"));
+        return Err(format!(
+            "{quoted} has no port; write <service>[.<namespace>]:<port>"
+        ));
     };
     let (service, namespace) = match host.split_once('.') {
         Some((service, namespace)) => (service, Some(namespace)),
@@ -133,9 +145,10 @@ fn parse_entry(entry: &str, index: usize) -> Result<UpstreamRef, String> {
     }
     let port = parse_port_ref(port).map_err(|m| format!("{quoted}: {m}"))?;
     let local_port = match local {
-        None => FIRST_LOCAL_PORT.checked_add(index as u16).filter(|_| index < 1000).ok_or_else(|| {
-            format!("{quoted}: too many upstreams for default local ports")
-        })?,
+        None => FIRST_LOCAL_PORT
+            .checked_add(index as u16)
+            .filter(|_| index < 1000)
+            .ok_or_else(|| format!("{quoted}: too many upstreams for default local ports"))?,
         Some(text) => parse_number_port(text).map_err(|m| format!("{quoted}: local port {m}"))?,
     };
     if local_port < 1024 {
@@ -180,7 +193,11 @@ fn parse_number_port(text: &str) -> Result<u16, String> {
     }
 }
 
-fn check_clashes(upstreams: &[UpstreamRef], taken_ports: &[(String, u16)], faults: &mut Vec<String>) {
+fn check_clashes(
+    upstreams: &[UpstreamRef],
+    taken_ports: &[(String, u16)],
+    faults: &mut Vec<String>,
+) {
     let mut by_port: HashMap<u16, &UpstreamRef> = HashMap::new();
     let mut by_env: HashMap<String, &UpstreamRef> = HashMap::new();
     for upstream in upstreams {
@@ -224,7 +241,8 @@ pub fn is_dns_1035_label(s: &str) -> bool {
 pub fn is_dns_1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -233,7 +251,8 @@ pub fn is_dns_1123_label(s: &str) -> bool {
 fn is_port_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -292,14 +311,26 @@ mod tests {
             ("app:1=abc", "local port \"abc\" is not a number"),
             ("app:1=80", "local port 80 is privileged"),
             ("app:1=15020", "the proxy's admin port"),
-            ("a:1=16000,b:2=16000", "\"a:1=16000\" and \"b:2=16000\" both use local port 16000"),
+            (
+                "a:1=16000,b:2=16000",
+                "\"a:1=16000\" and \"b:2=16000\" both use local port 16000",
+            ),
             ("a:1=15002,b:2", "both use local port 15002"),
-            ("app:1,app:2", "are the same upstream (both would set FANOUT_UPSTREAM_APP)"),
+            (
+                "app:1,app:2",
+                "are the same upstream (both would set FANOUT_UPSTREAM_APP)",
+            ),
         ];
         for (value, expected) in cases {
             let err = parse(value, &[]).expect_err(value).to_string();
-            assert!(err.starts_with("annotation fanout.dev/upstreams is invalid: "), "{err}");
-            assert!(err.contains(expected), "{value:?}: {err:?} lacks {expected:?}");
+            assert!(
+                err.starts_with("annotation fanout.dev/upstreams is invalid: "),
+                "{err}"
+            );
+            assert!(
+                err.contains(expected),
+                "{value:?}: {err:?} lacks {expected:?}"
+            );
         }
     }
 
@@ -312,7 +343,11 @@ mod tests {
     #[test]
     fn local_ports_must_not_clash_with_container_ports() {
         let err = parse("app:50051", &[("gateway".into(), 15001)]).unwrap_err();
-        assert!(err.to_string().contains("container \"gateway\" already declares"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("container \"gateway\" already declares"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -20,7 +20,16 @@ async fn post(body: impl Into<Body>) -> (StatusCode, Vec<u8>) {
         .unwrap();
     let response = app.oneshot(request).await.unwrap();
     let status = response.status();
-    (status, response.into_body().collect().await.unwrap().to_bytes().to_vec())
+    (
+        status,
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
 }
 
 fn text(body: &[u8]) -> String {
@@ -43,13 +52,26 @@ async fn bodies_that_are_not_reviews_get_400_with_a_message() {
         ("", "body is not an AdmissionReview"),
         ("{", "body is not an AdmissionReview"),
         ("[1,2]", "body is not an AdmissionReview"),
-        (r#"{"apiVersion":"v1","kind":"Pod"}"#, "expected apiVersion admission.k8s.io/v1"),
-        (r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#, "expected apiVersion"),
-        (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "has no request"),
+        (
+            r#"{"apiVersion":"v1","kind":"Pod"}"#,
+            "expected apiVersion admission.k8s.io/v1",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#,
+            "expected apiVersion",
+        ),
+        (
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+            "has no request",
+        ),
     ] {
         let (status, response) = post(body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(text(&response).contains(expected), "{body}: {}", text(&response));
+        assert!(
+            text(&response).contains(expected),
+            "{body}: {}",
+            text(&response)
+        );
     }
 }
 
@@ -59,7 +81,11 @@ async fn a_pod_object_that_is_not_a_pod_is_400() {
     review["request"]["object"]["spec"]["containers"] = json!("not a list");
     let (status, body) = post(serde_json::to_vec(&review).unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(text(&body).contains("request.object is not a valid Pod"), "{}", text(&body));
+    assert!(
+        text(&body).contains("request.object is not a valid Pod"),
+        "{}",
+        text(&body)
+    );
 }
 
 #[tokio::test]
@@ -83,42 +109,66 @@ async fn malformed_annotation_is_denied_naming_it() {
     review["request"]["object"]["metadata"]["annotations"]["fanout.dev/proxy-memory-limit"] =
         json!("lots");
     let (status, body) = post(serde_json::to_vec(&review).unwrap()).await;
-    assert_eq!(status, StatusCode::OK, "a denial is a normal review response");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a denial is a normal review response"
+    );
     let answer = Answer::parse(&body);
     assert!(!answer.allowed());
     assert!(answer.patch.is_none());
     assert_eq!(answer.response["uid"], review["request"]["uid"]);
     assert_eq!(answer.response["status"]["code"], 400);
     let message = answer.response["status"]["message"].as_str().unwrap();
-    assert!(message.contains("annotation fanout.dev/upstreams is invalid"), "{message}");
-    assert!(message.contains("\"app:0\": 0 is out of range 1-65535"), "{message}");
-    assert!(message.contains("\"billing.payments\" has no port"), "{message}");
-    assert!(message.contains("annotation fanout.dev/proxy-memory-limit: \"lots\""), "{message}");
+    assert!(
+        message.contains("annotation fanout.dev/upstreams is invalid"),
+        "{message}"
+    );
+    assert!(
+        message.contains("\"app:0\": 0 is out of range 1-65535"),
+        "{message}"
+    );
+    assert!(
+        message.contains("\"billing.payments\" has no port"),
+        "{message}"
+    );
+    assert!(
+        message.contains("annotation fanout.dev/proxy-memory-limit: \"lots\""),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn bad_opt_out_and_native_sidecar_values_are_denied() {
-    for (key, value) in [("fanout.dev/inject", "no"), ("fanout.dev/native-sidecar", "yes")] {
+    for (key, value) in [
+        ("fanout.dev/inject", "no"),
+        ("fanout.dev/native-sidecar", "yes"),
+    ] {
         let mut review = fixture("pod-generatename-no-volumes");
         review["request"]["object"]["metadata"]["annotations"][key] = json!(value);
         let answer = Answer::parse(&post(serde_json::to_vec(&review).unwrap()).await.1);
         assert!(!answer.allowed(), "{key}={value}");
         let message = answer.response["status"]["message"].as_str().unwrap();
-        assert!(message.contains(&format!("annotation {key}: \"{value}\"")), "{message}");
+        assert!(
+            message.contains(&format!("annotation {key}: \"{value}\"")),
+            "{message}"
+        );
     }
 }
 
 #[tokio::test]
 async fn native_sidecar_annotation_overrides_the_cluster() {
     let mut review = fixture("pod-generatename-no-volumes");
-    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/native-sidecar"] = json!("true");
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/native-sidecar"] =
+        json!("true");
     let answer = Answer::parse(&post(serde_json::to_vec(&review).unwrap()).await.1);
     let pod = answer.patched(&review);
     assert_eq!(pod["spec"]["initContainers"][0]["name"], "fanout-proxy");
     assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
 
     let mut review = fixture("pod-native-sidecar-two-upstreams");
-    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/native-sidecar"] = json!("false");
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/native-sidecar"] =
+        json!("false");
     let answer = Answer::parse(&post(serde_json::to_vec(&review).unwrap()).await.1);
     let pod = answer.patched(&review);
     assert_eq!(pod["spec"]["containers"][0]["name"], "fanout-proxy");
@@ -147,14 +197,27 @@ async fn oversized_bodies_are_refused() {
 async fn health_and_metrics_endpoints() {
     let app = app(Arc::new(admitter()));
     for path in ["/healthz", "/readyz"] {
-        let response = app.clone().oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let response = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
     let review = serde_json::to_vec(&fixture("pod-generatename-no-volumes")).unwrap();
     let request = Request::post("/mutate").body(Body::from(review)).unwrap();
     app.clone().oneshot(request).await.unwrap();
-    let response = app.oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    let response = app
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     let body = text(&response.into_body().collect().await.unwrap().to_bytes());
-    assert!(body.contains("fanout_webhook_admissions_total{result=\"injected\",reason=\"injected\"} 1"), "{body}");
-    assert!(body.contains("fanout_webhook_admission_duration_seconds_count 1"), "{body}");
+    assert!(
+        body.contains("fanout_webhook_admissions_total{result=\"injected\",reason=\"injected\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("fanout_webhook_admission_duration_seconds_count 1"),
+        "{body}"
+    );
 }

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
 }
 
 fn upstreams_value() -> impl Strategy<Value = String> {
@@ -40,7 +42,11 @@ fn upstreams_value() -> impl Strategy<Value = String> {
 fn container(index: usize) -> impl Strategy<Value = Value> {
     (
         prop::option::of(prop::collection::vec(
-            prop_oneof![Just("A".to_string()), Just("FANOUT_UPSTREAM_APP".to_string()), "[A-Z]{1,5}"],
+            prop_oneof![
+                Just("A".to_string()),
+                Just("FANOUT_UPSTREAM_APP".to_string()),
+                "[A-Z]{1,5}"
+            ],
             0..3,
         )),
         prop::option::of(prop::collection::vec(1i64..70000, 0..2)),
@@ -49,10 +55,16 @@ fn container(index: usize) -> impl Strategy<Value = Value> {
         .prop_map(move |(env, ports, restart)| {
             let mut c = json!({"name": format!("c{index}"), "image": "example.com/x:1"});
             if let Some(env) = env {
-                c["env"] = env.into_iter().map(|n| json!({"name": n, "value": "v"})).collect();
+                c["env"] = env
+                    .into_iter()
+                    .map(|n| json!({"name": n, "value": "v"}))
+                    .collect();
             }
             if let Some(ports) = ports {
-                c["ports"] = ports.into_iter().map(|p| json!({"containerPort": p})).collect();
+                c["ports"] = ports
+                    .into_iter()
+                    .map(|p| json!({"containerPort": p}))
+                    .collect();
             }
             if let Some(r) = restart {
                 c["restartPolicy"] = json!(r);
@@ -65,8 +77,14 @@ fn pod() -> impl Strategy<Value = Value> {
     (
         prop::option::of((
             prop::option::of(upstreams_value()),
-            prop::option::weighted(0.2, prop_oneof![Just("disabled"), Just("enabled"), Just("maybe")]),
-            prop::option::weighted(0.3, prop_oneof![Just("true"), Just("false"), Just("perhaps")]),
+            prop::option::weighted(
+                0.2,
+                prop_oneof![Just("disabled"), Just("enabled"), Just("maybe")],
+            ),
+            prop::option::weighted(
+                0.3,
+                prop_oneof![Just("true"), Just("false"), Just("perhaps")],
+            ),
             prop::option::weighted(0.2, "[0-9]{1,2}(Mi|x)?"),
         )),
         prop::collection::vec(container(0), 0..3),

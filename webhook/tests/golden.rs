@@ -22,12 +22,20 @@ fn check_golden(name: &str, actual: &Value) {
     }
     let expected = std::fs::read_to_string(&path)
         .unwrap_or_else(|_| panic!("{} missing; run with UPDATE_GOLDEN=1", path.display()));
-    assert_eq!(text, expected, "{name} differs from its golden file (UPDATE_GOLDEN=1 rewrites)");
+    assert_eq!(
+        text, expected,
+        "{name} differs from its golden file (UPDATE_GOLDEN=1 rewrites)"
+    );
 }
 
 async fn answer(review: &Value) -> Answer {
     let body = serde_json::to_vec(review).unwrap();
-    Answer::parse(&admitter().review(&body).await.expect("fixture is a valid review"))
+    Answer::parse(
+        &admitter()
+            .review(&body)
+            .await
+            .expect("fixture is a valid review"),
+    )
 }
 
 fn names(list: &Value) -> Vec<&str> {
@@ -40,7 +48,10 @@ fn names(list: &Value) -> Vec<&str> {
 async fn every_fixture_matches_its_golden_patch_and_pod() {
     for (name, review) in fixtures() {
         let answer = answer(&review).await;
-        assert_eq!(answer.response["uid"], review["request"]["uid"], "{name}: uid echoed");
+        assert_eq!(
+            answer.response["uid"], review["request"]["uid"],
+            "{name}: uid echoed"
+        );
         assert!(answer.allowed(), "{name}: {}", answer.response);
         let injected = matches!(
             name.as_str(),
@@ -53,7 +64,10 @@ async fn every_fixture_matches_its_golden_patch_and_pod() {
             assert!(answer.patch.is_none(), "{name} must not be patched");
             continue;
         }
-        let patch = answer.patch.as_ref().unwrap_or_else(|| panic!("{name} not patched"));
+        let patch = answer
+            .patch
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name} not patched"));
         let pod = answer.patched(&review);
         // What the API server would store must still be a well-formed Pod.
         let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
@@ -100,7 +114,10 @@ async fn generate_name_pod_without_volumes_or_init_containers() {
         proxy["volumeMounts"],
         json!([{"mountPath": "/etc/fanout", "name": "fanout-config", "readOnly": true}])
     );
-    assert_eq!(proxy["args"], json!(["run", "--config", "/etc/fanout/config.json"]));
+    assert_eq!(
+        proxy["args"],
+        json!(["run", "--config", "/etc/fanout/config.json"])
+    );
     assert_eq!(proxy["ports"][0]["containerPort"], 15020);
     assert_eq!(proxy["ports"][0]["name"], "fanout-admin");
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
@@ -142,7 +159,10 @@ async fn pod_with_a_native_sidecar_gets_the_proxy_as_first_native_sidecar() {
     let answer = answer(&review).await;
     let pod = answer.patched(&review);
     let spec = &pod["spec"];
-    assert_eq!(names(&spec["initContainers"]), ["fanout-proxy", "log-shipper"]);
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["fanout-proxy", "log-shipper"]
+    );
     assert_eq!(names(&spec["containers"]), ["main"]);
     let proxy = &spec["initContainers"][0];
     assert_eq!(proxy["restartPolicy"], "Always");
@@ -158,7 +178,10 @@ async fn pod_with_a_native_sidecar_gets_the_proxy_as_first_native_sidecar() {
     // payments/billing does not exist yet: injected anyway, with a warning kubectl prints.
     let warnings = answer.warnings();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].contains("Service payments/billing not found"), "{warnings:?}");
+    assert!(
+        warnings[0].contains("Service payments/billing not found"),
+        "{warnings:?}"
+    );
 }
 
 #[tokio::test]
@@ -167,12 +190,17 @@ async fn restricted_pod_resolves_its_named_port() {
     let answer = answer(&review).await;
     assert!(answer.warnings().is_empty(), "{:?}", answer.warnings());
     let pod = answer.patched(&review);
-    let config = pod["metadata"]["annotations"]["fanout.dev/proxy-config"].as_str().unwrap();
+    let config = pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
+        .as_str()
+        .unwrap();
     let config = fanout_proxy_config::ProxyConfig::from_json(config).unwrap();
     let fanout_proxy_config::Discovery::Dns(dns) = &config.upstreams[0].discovery else {
         panic!()
     };
-    assert_eq!((dns.name.as_str(), dns.port), ("app.shop.svc.cluster.local", 50051));
+    assert_eq!(
+        (dns.name.as_str(), dns.port),
+        ("app.shop.svc.cluster.local", 50051)
+    );
     assert_eq!(
         pod["spec"]["containers"][1]["env"],
         json!([{"name": "FANOUT_UPSTREAM_APP_SHOP", "value": "127.0.0.1:15001"}])
@@ -182,16 +210,19 @@ async fn restricted_pod_resolves_its_named_port() {
 #[tokio::test]
 async fn skipped_pods_are_allowed_unchanged_and_counted_with_their_reason() {
     let admitter = admitter();
-    for name in ["pod-opted-out", "pod-host-network", "pod-init-container-and-volumes"] {
+    for name in [
+        "pod-opted-out",
+        "pod-host-network",
+        "pod-init-container-and-volumes",
+    ] {
         let body = serde_json::to_vec(&fixture(name)).unwrap();
         let answer = Answer::parse(&admitter.review(&body).await.unwrap());
         assert!(answer.allowed() && answer.patch.is_none(), "{name}");
     }
     let metrics = admitter.metrics.encode();
     for reason in ["opted-out", "host-network", "no-upstreams"] {
-        let line = format!(
-            "fanout_webhook_admissions_total{{result=\"skipped\",reason=\"{reason}\"}} 1"
-        );
+        let line =
+            format!("fanout_webhook_admissions_total{{result=\"skipped\",reason=\"{reason}\"}} 1");
         assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
     }
 }
@@ -199,13 +230,19 @@ async fn skipped_pods_are_allowed_unchanged_and_counted_with_their_reason() {
 #[tokio::test]
 async fn already_injected_pods_are_left_alone() {
     // Reinvocation (reinvocationPolicy: IfNeeded) hands the webhook its own output.
-    for name in ["pod-generatename-no-volumes", "pod-native-sidecar-two-upstreams"] {
+    for name in [
+        "pod-generatename-no-volumes",
+        "pod-native-sidecar-two-upstreams",
+    ] {
         let review = fixture(name);
         let pod = answer(&review).await.patched(&review);
         let mut again = review.clone();
         again["request"]["object"] = pod;
         let answer = answer(&again).await;
-        assert!(answer.allowed() && answer.patch.is_none(), "{name} injected twice");
+        assert!(
+            answer.allowed() && answer.patch.is_none(),
+            "{name} injected twice"
+        );
     }
     // A container named fanout-proxy, without the annotation, also counts.
     let mut review = fixture("pod-generatename-no-volumes");

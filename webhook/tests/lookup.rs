@@ -25,20 +25,29 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
         async move {
             tokio::time::sleep(delay).await;
             let path = request.uri().path().to_string();
-            paths.lock().unwrap().push(format!("{} {path}", request.method()));
+            paths
+                .lock()
+                .unwrap()
+                .push(format!("{} {path}", request.method()));
             let (code, body) = match path.as_str() {
-                "/api/v1/namespaces/shop/services/app" => (200, json!({
-                    "apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": "app", "namespace": "shop"},
-                    "spec": {"clusterIP": "None", "ports": [
-                        {"name": "grpc", "port": 50051, "targetPort": 8080, "protocol": "TCP"},
-                        {"name": "admin", "port": 9000, "targetPort": "admin-port"}]}
-                })),
-                "/api/v1/namespaces/shop/services/web" => (200, json!({
-                    "apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": "web", "namespace": "shop"},
-                    "spec": {"clusterIP": "10.96.3.4", "ports": [{"port": 80}]}
-                })),
+                "/api/v1/namespaces/shop/services/app" => (
+                    200,
+                    json!({
+                        "apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": "app", "namespace": "shop"},
+                        "spec": {"clusterIP": "None", "ports": [
+                            {"name": "grpc", "port": 50051, "targetPort": 8080, "protocol": "TCP"},
+                            {"name": "admin", "port": 9000, "targetPort": "admin-port"}]}
+                    }),
+                ),
+                "/api/v1/namespaces/shop/services/web" => (
+                    200,
+                    json!({
+                        "apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": "web", "namespace": "shop"},
+                        "spec": {"clusterIP": "10.96.3.4", "ports": [{"port": 80}]}
+                    }),
+                ),
                 p if p.starts_with("/api/v1/namespaces/locked/") => (403, status(403, "Forbidden")),
                 _ => (404, status(404, "NotFound")),
             };
@@ -56,15 +65,24 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
 #[tokio::test]
 async fn lookups_read_services_from_the_api() {
     let paths = Arc::new(Mutex::new(Vec::new()));
-    let lookup = KubeLookup::new(mock_api(paths.clone(), Duration::ZERO), Duration::from_secs(2));
-    let Lookup::Found(app) = lookup.lookup("shop", "app").await else { panic!() };
+    let lookup = KubeLookup::new(
+        mock_api(paths.clone(), Duration::ZERO),
+        Duration::from_secs(2),
+    );
+    let Lookup::Found(app) = lookup.lookup("shop", "app").await else {
+        panic!()
+    };
     assert!(app.headless);
     assert_eq!(app.ports[0].target, TargetPort::Number(8080));
     assert_eq!(app.ports[1].target, TargetPort::Name("admin-port".into()));
-    let Lookup::Found(web) = lookup.lookup("shop", "web").await else { panic!() };
+    let Lookup::Found(web) = lookup.lookup("shop", "web").await else {
+        panic!()
+    };
     assert!(!web.headless);
     assert_eq!(lookup.lookup("shop", "ghost").await, Lookup::NotFound);
-    assert!(matches!(lookup.lookup("locked", "x").await, Lookup::Failed(e) if e.contains("Forbidden")));
+    assert!(
+        matches!(lookup.lookup("locked", "x").await, Lookup::Failed(e) if e.contains("Forbidden"))
+    );
     assert_eq!(
         *paths.lock().unwrap(),
         [
@@ -82,22 +100,34 @@ async fn a_slow_api_is_a_failed_lookup_not_a_hung_admission() {
         mock_api(Arc::default(), Duration::from_secs(30)),
         Duration::from_secs(2),
     );
-    assert!(matches!(lookup.lookup("shop", "app").await, Lookup::Failed(e) if e.contains("no answer within")));
+    assert!(
+        matches!(lookup.lookup("shop", "app").await, Lookup::Failed(e) if e.contains("no answer within"))
+    );
 }
 
 #[tokio::test]
 async fn admission_renders_what_the_api_says() {
     let paths = Arc::new(Mutex::new(Vec::new()));
-    let lookup = KubeLookup::new(mock_api(paths.clone(), Duration::ZERO), Duration::from_secs(2));
+    let lookup = KubeLookup::new(
+        mock_api(paths.clone(), Duration::ZERO),
+        Duration::from_secs(2),
+    );
     let admitter = admitter_with(Arc::new(lookup));
     let mut review = fixture("pod-generatename-no-volumes");
     review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
         json!("app:grpc,web:80,ghost:7000,x.locked:1");
-    let answer = Answer::parse(&admitter.review(&serde_json::to_vec(&review).unwrap()).await.unwrap());
+    let answer = Answer::parse(
+        &admitter
+            .review(&serde_json::to_vec(&review).unwrap())
+            .await
+            .unwrap(),
+    );
     assert!(answer.allowed());
     let pod = answer.patched(&review);
     let config = ProxyConfig::from_json(
-        pod["metadata"]["annotations"]["fanout.dev/proxy-config"].as_str().unwrap(),
+        pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
+            .as_str()
+            .unwrap(),
     )
     .unwrap();
     let targets: Vec<(String, u16)> = config
@@ -125,9 +155,18 @@ async fn admission_renders_what_the_api_says() {
     assert!(warnings[2].contains("could not look up Service locked/x"));
 
     // A named port on a missing Service is denied, naming the annotation.
-    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] = json!("ghost:grpc");
-    let answer = Answer::parse(&admitter.review(&serde_json::to_vec(&review).unwrap()).await.unwrap());
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
+        json!("ghost:grpc");
+    let answer = Answer::parse(
+        &admitter
+            .review(&serde_json::to_vec(&review).unwrap())
+            .await
+            .unwrap(),
+    );
     assert!(!answer.allowed());
     let message = answer.response["status"]["message"].as_str().unwrap();
-    assert!(message.contains("annotation fanout.dev/upstreams: \"ghost:grpc\" names port \"grpc\""), "{message}");
+    assert!(
+        message.contains("annotation fanout.dev/upstreams: \"ghost:grpc\" names port \"grpc\""),
+        "{message}"
+    );
 }

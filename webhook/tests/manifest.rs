@@ -65,7 +65,9 @@ fn docs(yaml: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn workload_templates_are_injected_and_other_kinds_pass_through() {
-    let (output, reports) = inject_yaml(WORKLOADS, "default", &common::settings(), &NoLookup).await.unwrap();
+    let (output, reports) = inject_yaml(WORKLOADS, "default", &common::settings(), &NoLookup)
+        .await
+        .unwrap();
     let out = docs(&output);
     let input = docs(WORKLOADS);
     assert_eq!(out.len(), 4);
@@ -74,24 +76,45 @@ async fn workload_templates_are_injected_and_other_kinds_pass_through() {
 
     let template = &out[1]["spec"]["template"];
     assert_eq!(template["spec"]["containers"][0]["name"], "fanout-proxy");
-    assert_eq!(template["spec"]["containers"][1]["env"][0]["name"], "FANOUT_UPSTREAM_APP");
-    let config = template["metadata"]["annotations"]["fanout.dev/proxy-config"].as_str().unwrap();
+    assert_eq!(
+        template["spec"]["containers"][1]["env"][0]["name"],
+        "FANOUT_UPSTREAM_APP"
+    );
+    let config = template["metadata"]["annotations"]["fanout.dev/proxy-config"]
+        .as_str()
+        .unwrap();
     let config = fanout_proxy_config::ProxyConfig::from_json(config).unwrap();
-    assert_eq!(config.upstreams[0].name, "app.shop", "the Deployment's namespace is used");
-    assert_eq!(out[1]["spec"]["replicas"], 4, "the rest of the object is kept");
+    assert_eq!(
+        config.upstreams[0].name, "app.shop",
+        "the Deployment's namespace is used"
+    );
+    assert_eq!(
+        out[1]["spec"]["replicas"], 4,
+        "the rest of the object is kept"
+    );
 
     let job = &out[2]["spec"]["jobTemplate"]["spec"]["template"];
     assert_eq!(job["spec"]["initContainers"][0]["name"], "fanout-proxy");
-    assert_eq!(job["spec"]["initContainers"][0]["restartPolicy"], "Always", "so the Job completes");
-    let config = job["metadata"]["annotations"]["fanout.dev/proxy-config"].as_str().unwrap();
+    assert_eq!(
+        job["spec"]["initContainers"][0]["restartPolicy"], "Always",
+        "so the Job completes"
+    );
+    let config = job["metadata"]["annotations"]["fanout.dev/proxy-config"]
+        .as_str()
+        .unwrap();
     assert!(config.contains("billing.payments.svc.cluster.local"));
 
     let objects: Vec<&str> = reports.iter().map(|r| r.object.as_str()).collect();
-    assert_eq!(objects, ["deployment/gateway", "cronjob/report", "statefulset/plain"]);
+    assert_eq!(
+        objects,
+        ["deployment/gateway", "cronjob/report", "statefulset/plain"]
+    );
     assert!(reports[2].result.contains("no fanout.dev/upstreams"));
 
     // Injecting the output again changes nothing.
-    let (again, _) = inject_yaml(&output, "default", &common::settings(), &NoLookup).await.unwrap();
+    let (again, _) = inject_yaml(&output, "default", &common::settings(), &NoLookup)
+        .await
+        .unwrap();
     assert_eq!(docs(&again), out);
 }
 
@@ -100,34 +123,64 @@ async fn a_list_is_injected_item_by_item() {
     let list = r#"{"apiVersion":"v1","kind":"List","items":[
         {"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","annotations":{"fanout.dev/upstreams":"x:1"}},
          "spec":{"containers":[{"name":"c","image":"i"}]}}]}"#;
-    let (output, _) = inject_yaml(list, "default", &common::settings(), &NoLookup).await.unwrap();
-    assert_eq!(docs(&output)[0]["items"][0]["spec"]["containers"][0]["name"], "fanout-proxy");
+    let (output, _) = inject_yaml(list, "default", &common::settings(), &NoLookup)
+        .await
+        .unwrap();
+    assert_eq!(
+        docs(&output)[0]["items"][0]["spec"]["containers"][0]["name"],
+        "fanout-proxy"
+    );
 }
 
 #[tokio::test]
 async fn a_malformed_annotation_fails_naming_the_object() {
     let bad = WORKLOADS.replace("app:50051", "app:http-port-name-too-long");
-    let err = inject_yaml(&bad, "default", &common::settings(), &NoLookup).await.unwrap_err();
+    let err = inject_yaml(&bad, "default", &common::settings(), &NoLookup)
+        .await
+        .unwrap_err();
     let err = err.to_string();
-    assert!(err.starts_with("deployment/gateway: fanout: annotation fanout.dev/upstreams"), "{err}");
+    assert!(
+        err.starts_with("deployment/gateway: fanout: annotation fanout.dev/upstreams"),
+        "{err}"
+    );
 }
 
 #[test]
 fn the_command_reads_stdin_and_writes_yaml() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fanout-webhook"))
-        .args(["inject", "--no-lookup", "--proxy-image", "fanout/fanout-proxy:cli"])
+        .args([
+            "inject",
+            "--no-lookup",
+            "--proxy-image",
+            "fanout/fanout-proxy:cli",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(WORKLOADS.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(WORKLOADS.as_bytes())
+        .unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let out = docs(&String::from_utf8(output.stdout).unwrap());
-    assert_eq!(out[1]["spec"]["template"]["spec"]["containers"][0]["image"], "fanout/fanout-proxy:cli");
+    assert_eq!(
+        out[1]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "fanout/fanout-proxy:cli"
+    );
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("deployment/gateway: injected, upstreams app.shop"), "{stderr}");
+    assert!(
+        stderr.contains("deployment/gateway: injected, upstreams app.shop"),
+        "{stderr}"
+    );
 
     let output = Command::new(env!("CARGO_BIN_EXE_fanout-webhook"))
         .args(["inject", "--no-lookup", "-f", "/nonexistent.yaml"])

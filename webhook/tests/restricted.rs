@@ -30,7 +30,12 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
     }
     for volume in spec["volumes"].as_array().into_iter().flatten() {
         let name = volume["name"].as_str().unwrap_or("?");
-        let kinds: Vec<&String> = volume.as_object().unwrap().keys().filter(|k| *k != "name").collect();
+        let kinds: Vec<&String> = volume
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "name")
+            .collect();
         for kind in kinds {
             if !RESTRICTED_VOLUME_TYPES.contains(&kind.as_str()) {
                 v.push(format!("volume {name} has restricted type {kind}"));
@@ -46,7 +51,13 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
     }
     for (list, c) in ["initContainers", "containers", "ephemeralContainers"]
         .iter()
-        .flat_map(|l| spec[*l].as_array().into_iter().flatten().map(move |c| (*l, c)))
+        .flat_map(|l| {
+            spec[*l]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |c| (*l, c))
+        })
     {
         let name = format!("{list}/{}", c["name"].as_str().unwrap_or("?"));
         let sc = &c["securityContext"];
@@ -56,7 +67,10 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
         if sc["allowPrivilegeEscalation"] != false {
             v.push(format!("{name}: allowPrivilegeEscalation is not false"));
         }
-        let drops = sc["capabilities"]["drop"].as_array().cloned().unwrap_or_default();
+        let drops = sc["capabilities"]["drop"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if !drops.contains(&json!("ALL")) {
             v.push(format!("{name}: capabilities do not drop ALL"));
         }
@@ -65,7 +79,8 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
                 v.push(format!("{name}: adds capability {added}"));
             }
         }
-        let non_root = sc["runAsNonRoot"] == true || (pod_sc["runAsNonRoot"] == true && sc["runAsNonRoot"] != false);
+        let non_root = sc["runAsNonRoot"] == true
+            || (pod_sc["runAsNonRoot"] == true && sc["runAsNonRoot"] != false);
         if !non_root {
             v.push(format!("{name}: runAsNonRoot not set to true"));
         }
@@ -95,7 +110,10 @@ fn restricted_violations(pod: &Value) -> Vec<String> {
 async fn injected_pod_in_the_restricted_namespace_meets_the_restricted_profile() {
     let review = fixture("pod-restricted-namespace");
     let before = &review["request"]["object"];
-    assert!(restricted_violations(before).is_empty(), "the fixture itself is restricted");
+    assert!(
+        restricted_violations(before).is_empty(),
+        "the fixture itself is restricted"
+    );
 
     let body = serde_json::to_vec(&review).unwrap();
     let answer = Answer::parse(&admitter().review(&body).await.unwrap());
@@ -118,7 +136,9 @@ async fn the_proxy_is_restricted_on_its_own_in_any_pod() {
     let pod = Answer::parse(&admitter().review(&body).await.unwrap()).patched(&review);
     let violations = restricted_violations(&pod);
     assert!(
-        violations.iter().all(|v| v.starts_with("containers/gateway")),
+        violations
+            .iter()
+            .all(|v| v.starts_with("containers/gateway")),
         "the proxy violates: {violations:?}"
     );
     let proxy = &pod["spec"]["containers"][0]["securityContext"];
@@ -146,6 +166,9 @@ fn the_checker_catches_violations() {
         "containers/c: seccompProfile is None",
         "containers/c: hostPort 80",
     ] {
-        assert!(v.contains(&expected.to_string()), "{expected} not caught: {v:?}");
+        assert!(
+            v.contains(&expected.to_string()),
+            "{expected} not caught: {v:?}"
+        );
     }
 }

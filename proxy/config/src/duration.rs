@@ -15,7 +15,9 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("{text:?} has a number without a unit (ms, s, m, h)"))?;
         if digits == 0 {
-            return Err(format!("{text:?} is not a duration; write e.g. \"250ms\" or \"5s\""));
+            return Err(format!(
+                "{text:?} is not a duration; write e.g. \"250ms\" or \"5s\""
+            ));
         }
         let number: f64 = rest[..digits]
             .parse()
@@ -47,7 +49,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 /// The canonical text of a duration: whole seconds as `Ns`, else milliseconds.
 pub fn format(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis % 1_000 == 0 {
+    if millis.is_multiple_of(1_000) {
         format!("{}s", millis / 1_000)
     } else {
         format!("{millis}ms")

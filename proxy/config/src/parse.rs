@@ -160,15 +160,18 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
     if let Some(addr) = listen.filter(|a| a.port() == 0) {
         obj.fault("listen", format!("{addr} needs a fixed port, not 0"));
     }
-    let discovery = obj.required("discovery").and_then(|_| {
-        obj.object("discovery").and_then(read_discovery)
-    });
+    let discovery = obj
+        .required("discovery")
+        .and_then(|_| obj.object("discovery").and_then(read_discovery));
     let balancer = match obj.string("balancer") {
         None => Some(Balancer::default()),
         Some(name) => Balancer::from_name(name).or_else(|| {
             obj.fault(
                 "balancer",
-                format!("unknown balancer {name:?}; use one of {}", Balancer::NAMES.join(", ")),
+                format!(
+                    "unknown balancer {name:?}; use one of {}",
+                    Balancer::NAMES.join(", ")
+                ),
             );
             None
         }),
@@ -177,7 +180,11 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
         None => Timeouts::default(),
         Some(t) => {
             let timeouts = Timeouts {
-                connect: t.duration_or("connect", Timeouts::default().connect, Duration::from_millis(1)),
+                connect: t.duration_or(
+                    "connect",
+                    Timeouts::default().connect,
+                    Duration::from_millis(1),
+                ),
                 request: t.opt_duration("request", Duration::from_millis(1)),
             };
             t.finish();
@@ -186,7 +193,10 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
     };
     let connections_per_endpoint = obj.uint_or("connections_per_endpoint", 1, 1, 16) as u32;
     let health_check = obj.object("health_check").map(read_health_check);
-    let ejection = obj.object("ejection").map(read_ejection).unwrap_or_default();
+    let ejection = obj
+        .object("ejection")
+        .map(read_ejection)
+        .unwrap_or_default();
     let retry = obj.object("retry").map(read_retry).unwrap_or_default();
     obj.finish();
     Some(UpstreamConfig {
@@ -212,8 +222,10 @@ fn read_discovery(obj: Object<'_>) -> Option<Discovery> {
             None
         }
         (None, None) => {
-            obj.faults()
-                .add(&obj.path, "needs \"dns\" {name, port} or \"static\" [addresses]");
+            obj.faults().add(
+                &obj.path,
+                "needs \"dns\" {name, port} or \"static\" [addresses]",
+            );
             None
         }
         (Some(dns), None) => read_dns(dns).map(Discovery::Dns),
@@ -251,10 +263,17 @@ fn read_dns(obj: Object<'_>) -> Option<DnsDiscovery> {
                     }
                 }
             }
-            other => obj.fault("nameservers", format!("must be a list, got {}", kind(other))),
+            other => obj.fault(
+                "nameservers",
+                format!("must be a list, got {}", kind(other)),
+            ),
         }
     }
-    let refresh = obj.duration_or("refresh", Duration::from_secs(5), Duration::from_millis(100));
+    let refresh = obj.duration_or(
+        "refresh",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+    );
     obj.finish();
     Some(DnsDiscovery {
         name: name?,
@@ -266,7 +285,10 @@ fn read_dns(obj: Object<'_>) -> Option<DnsDiscovery> {
 
 fn read_static(obj: &Object<'_>, list: &Value) -> Option<Vec<std::net::SocketAddr>> {
     let Value::Array(items) = list else {
-        obj.fault("static", format!("must be a list of ip:port, got {}", kind(list)));
+        obj.fault(
+            "static",
+            format!("must be a list of ip:port, got {}", kind(list)),
+        );
         return None;
     };
     if items.is_empty() {
@@ -296,9 +318,14 @@ fn read_health_check(obj: Object<'_>) -> HealthCheck {
     let check = HealthCheck {
         interval: obj.duration_or("interval", d.interval, Duration::from_millis(10)),
         timeout: obj.duration_or("timeout", d.timeout, Duration::from_millis(1)),
-        healthy_threshold: obj.uint_or("healthy_threshold", d.healthy_threshold.into(), 1, 100) as u32,
-        unhealthy_threshold: obj.uint_or("unhealthy_threshold", d.unhealthy_threshold.into(), 1, 100)
+        healthy_threshold: obj.uint_or("healthy_threshold", d.healthy_threshold.into(), 1, 100)
             as u32,
+        unhealthy_threshold: obj.uint_or(
+            "unhealthy_threshold",
+            d.unhealthy_threshold.into(),
+            1,
+            100,
+        ) as u32,
         service: obj.string("service").unwrap_or_default().to_string(),
     };
     if check.timeout > check.interval {
@@ -318,12 +345,20 @@ fn read_health_check(obj: Object<'_>) -> HealthCheck {
 fn read_ejection(obj: Object<'_>) -> Ejection {
     let d = Ejection::default();
     let ejection = Ejection {
-        consecutive_failures: obj.uint_or("consecutive_failures", d.consecutive_failures.into(), 1, 1000)
-            as u32,
+        consecutive_failures: obj.uint_or(
+            "consecutive_failures",
+            d.consecutive_failures.into(),
+            1,
+            1000,
+        ) as u32,
         base_time: obj.duration_or("base_time", d.base_time, Duration::from_millis(1)),
         max_time: obj.duration_or("max_time", d.max_time, Duration::from_millis(1)),
-        max_ejected_percent: obj.uint_or("max_ejected_percent", d.max_ejected_percent.into(), 0, 100)
-            as u32,
+        max_ejected_percent: obj.uint_or(
+            "max_ejected_percent",
+            d.max_ejected_percent.into(),
+            0,
+            100,
+        ) as u32,
     };
     if ejection.base_time > ejection.max_time {
         obj.fault("max_time", "must not be shorter than base_time");
@@ -362,7 +397,10 @@ fn check_listeners(upstreams: &[UpstreamConfig], admin: &AdminConfig, faults: &r
         if let Some(first) = listens.insert(upstream.listen, i) {
             faults.add(
                 &format!("upstreams[{i}].listen"),
-                format!("{} is also the listen address of upstreams[{first}]", upstream.listen),
+                format!(
+                    "{} is also the listen address of upstreams[{first}]",
+                    upstream.listen
+                ),
             );
         }
         if upstream.listen.port() == admin.listen.port()
@@ -370,7 +408,10 @@ fn check_listeners(upstreams: &[UpstreamConfig], admin: &AdminConfig, faults: &r
         {
             faults.add(
                 &format!("upstreams[{i}].listen"),
-                format!("{} clashes with the admin listener {}", upstream.listen, admin.listen),
+                format!(
+                    "{} clashes with the admin listener {}",
+                    upstream.listen, admin.listen
+                ),
             );
         }
     }
@@ -385,7 +426,9 @@ fn check_dns_name(name: &str) -> Result<(), String> {
     for label in trimmed.split('.') {
         let valid = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !valid {

@@ -189,13 +189,21 @@ pub(crate) fn check_uint(value: &Value, min: u64, max: u64) -> Result<u64, Strin
     match value.as_u64() {
         Some(n) if (min..=max).contains(&n) => Ok(n),
         Some(n) => Err(format!("must be {min}..={max}, got {n}")),
-        None if value.is_number() => Err(format!("must be a whole number {min}..={max}, got {value}")),
-        None => Err(format!("must be a number {min}..={max}, got {}", kind(value))),
+        None if value.is_number() => {
+            Err(format!("must be a whole number {min}..={max}, got {value}"))
+        }
+        None => Err(format!(
+            "must be a number {min}..={max}, got {}",
+            kind(value)
+        )),
     }
 }
 
 /// `ip:port`, `[v6]:port`, or a bare IP when `default_port` is given.
-pub(crate) fn parse_socket_addr(text: &str, default_port: Option<u16>) -> Result<SocketAddr, String> {
+pub(crate) fn parse_socket_addr(
+    text: &str,
+    default_port: Option<u16>,
+) -> Result<SocketAddr, String> {
     if let Ok(addr) = SocketAddr::from_str(text) {
         return Ok(addr);
     }

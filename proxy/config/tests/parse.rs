@@ -28,7 +28,10 @@ fn sample() -> ProxyConfig {
 fn rendered_config_reads_back_identically() {
     let config = sample();
     assert_eq!(ProxyConfig::from_json(&config.to_json()).unwrap(), config);
-    assert_eq!(ProxyConfig::from_json(&config.to_json_pretty()).unwrap(), config);
+    assert_eq!(
+        ProxyConfig::from_json(&config.to_json_pretty()).unwrap(),
+        config
+    );
 }
 
 #[test]
@@ -82,7 +85,10 @@ fn every_fault_is_reported_with_its_path() {
         "extra: unknown field",
     ];
     for line in expected {
-        assert!(got.contains(&line.to_string()), "missing {line:?} in {got:#?}");
+        assert!(
+            got.contains(&line.to_string()),
+            "missing {line:?} in {got:#?}"
+        );
     }
     assert_eq!(got.len(), expected.len(), "{got:#?}");
 }
@@ -107,12 +113,18 @@ fn clashing_listeners_and_names_are_faults() {
 fn not_json_and_wrong_shapes_are_one_line_each() {
     assert!(lines("{").join("\n").starts_with("not valid JSON"));
     assert_eq!(lines("[]"), ["must be an object, got a list"]);
-    assert_eq!(lines(r#"{"version":1,"upstreams":{}}"#), ["upstreams: must be a list, got an object"]);
+    assert_eq!(
+        lines(r#"{"version":1,"upstreams":{}}"#),
+        ["upstreams: must be a list, got an object"]
+    );
     assert_eq!(
         lines(r#"{"version":1,"upstreams":[{"name":"a","listen":"127.0.0.1:1","discovery":{}}]}"#),
         ["upstreams[0].discovery: needs \"dns\" {name, port} or \"static\" [addresses]"]
     );
-    assert!(matches!(ProxyConfig::from_json("1"), Err(ConfigError::Invalid(_))));
+    assert!(matches!(
+        ProxyConfig::from_json("1"),
+        Err(ConfigError::Invalid(_))
+    ));
 }
 
 mod fuzz {

@@ -44,15 +44,14 @@ pub fn resources(
         (&resources.cpu_request, &resources.cpu_limit, "cpu"),
         (&resources.memory_request, &resources.memory_limit, "memory"),
     ] {
-        if let (Some(r), Some(l)) = (request, limit) {
-            if let (Ok(rv), Ok(lv)) = (quantity::parse(r), quantity::parse(l)) {
-                if rv > lv {
-                    faults.push(format!(
-                        "annotation fanout.dev/proxy-{what}-request: {r} exceeds the proxy {what} \
-                         limit {l} (fanout.dev/proxy-{what}-limit raises it)"
-                    ));
-                }
-            }
+        if let (Some(r), Some(l)) = (request, limit)
+            && let (Ok(rv), Ok(lv)) = (quantity::parse(r), quantity::parse(l))
+            && rv > lv
+        {
+            faults.push(format!(
+                "annotation fanout.dev/proxy-{what}-request: {r} exceeds the proxy {what} limit \
+                 {l} (fanout.dev/proxy-{what}-limit raises it)"
+            ));
         }
     }
     if faults.is_empty() {
@@ -146,7 +145,10 @@ pub fn proxy_container(settings: &Settings, resources: &ProxyResources, native: 
                 ("cpu", &resources.cpu_request),
                 ("memory", &resources.memory_request),
             ]),
-            limits: quantities([("cpu", &resources.cpu_limit), ("memory", &resources.memory_limit)]),
+            limits: quantities([
+                ("cpu", &resources.cpu_limit),
+                ("memory", &resources.memory_limit),
+            ]),
             ..Default::default()
         }),
         security_context: Some(security_context()),
@@ -186,7 +188,10 @@ mod tests {
     use super::*;
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -211,6 +216,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(faults.len(), 2, "{faults:?}");
         assert!(faults[0].starts_with("annotation fanout.dev/proxy-cpu-request: \"lots\""));
-        assert!(faults[1].contains("128Mi exceeds the proxy memory limit 64Mi"), "{faults:?}");
+        assert!(
+            faults[1].contains("128Mi exceeds the proxy memory limit 64Mi"),
+            "{faults:?}"
+        );
     }
 }

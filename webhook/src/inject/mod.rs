@@ -16,9 +16,7 @@ use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
-use crate::annotations::{
-    INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS,
-};
+use crate::annotations::{INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS};
 use crate::lookup::ServiceLookup;
 use crate::settings::{NativeSidecarMode, ProxyResources, Settings};
 use crate::upstreams::{self, UpstreamRef};
@@ -112,8 +110,24 @@ pub struct Plan {
 #[error("request.object is not a valid Pod: {0}")]
 pub struct NotAPod(#[source] serde_json::Error);
 
+/// Why [`plan`] stopped short of injecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotInjected {
+    Skipped(SkipReason),
+    Denied(Denial),
+}
+
+impl From<NotInjected> for Outcome {
+    fn from(not: NotInjected) -> Self {
+        match not {
+            NotInjected::Skipped(reason) => Outcome::Skipped(reason),
+            NotInjected::Denied(denial) => Outcome::Denied(denial),
+        }
+    }
+}
+
 /// The pure first step: skip rules, then every annotation checked, all faults in one denial.
-pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, Outcome> {
+pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
@@ -126,10 +140,10 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, Outcome> {
         .chain(&init_containers)
         .any(|c| c.name == PROXY_CONTAINER);
     if has_proxy || annotations.contains_key(INJECTED) {
-        return Err(Outcome::Skipped(SkipReason::AlreadyInjected));
+        return Err(NotInjected::Skipped(SkipReason::AlreadyInjected));
     }
     match annotations.get(INJECT).map(|v| v.trim()) {
-        Some("disabled") => return Err(Outcome::Skipped(SkipReason::OptedOut)),
+        Some("disabled") => return Err(NotInjected::Skipped(SkipReason::OptedOut)),
         None | Some("enabled") => {}
         Some(other) => {
             return Err(invalid(vec![format!(
@@ -138,13 +152,13 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, Outcome> {
         }
     }
     if labels.get(INJECT).map(String::as_str) == Some("disabled") {
-        return Err(Outcome::Skipped(SkipReason::OptedOutByLabel));
+        return Err(NotInjected::Skipped(SkipReason::OptedOutByLabel));
     }
     if spec.host_network == Some(true) {
-        return Err(Outcome::Skipped(SkipReason::HostNetwork));
+        return Err(NotInjected::Skipped(SkipReason::HostNetwork));
     }
     let Some(upstreams_value) = annotations.get(UPSTREAMS) else {
-        return Err(Outcome::Skipped(SkipReason::NoUpstreams));
+        return Err(NotInjected::Skipped(SkipReason::NoUpstreams));
     };
 
     let mut faults = Vec::new();
@@ -198,8 +212,8 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, Outcome> {
     }
 }
 
-fn invalid(faults: Vec<String>) -> Outcome {
-    Outcome::Denied(Denial {
+fn invalid(faults: Vec<String>) -> NotInjected {
+    NotInjected::Denied(Denial {
         reason: DenyReason::InvalidAnnotation,
         message: format!("fanout: {}", faults.join("; ")),
     })
@@ -231,18 +245,26 @@ pub async fn inject(
     let pod: Pod = serde_json::from_value(raw_pod.clone()).map_err(NotAPod)?;
     let plan = match plan(&pod, settings) {
         Ok(plan) => plan,
-        Err(outcome) => return Ok(outcome),
+        Err(not) => return Ok(not.into()),
     };
 
-    let lookups = futures::future::join_all(plan.upstreams.iter().map(|u| {
-        lookup.lookup(u.namespace.as_deref().unwrap_or(namespace), &u.service)
-    }))
+    let lookups = futures::future::join_all(
+        plan.upstreams
+            .iter()
+            .map(|u| lookup.lookup(u.namespace.as_deref().unwrap_or(namespace), &u.service)),
+    )
     .await;
     let mut warnings = Vec::new();
     let mut resolved = Vec::with_capacity(plan.upstreams.len());
     let mut faults = Vec::new();
     for (upstream, found) in plan.upstreams.iter().zip(&lookups) {
-        match resolve::resolve(upstream, namespace, &settings.cluster_domain, found, &mut warnings) {
+        match resolve::resolve(
+            upstream,
+            namespace,
+            &settings.cluster_domain,
+            found,
+            &mut warnings,
+        ) {
             Ok(r) => resolved.push(r),
             Err(fault) => faults.push(fault),
         }

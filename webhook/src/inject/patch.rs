@@ -88,7 +88,11 @@ pub fn build(pod: &Value, input: PatchInput<'_>) -> Patch {
 
     // First in its list: as a native sidecar it starts before every other init container; as a
     // plain container the kubelet starts it (and waits on its postStart hook) before the app.
-    let list = if input.native { "initContainers" } else { "containers" };
+    let list = if input.native {
+        "initContainers"
+    } else {
+        "containers"
+    };
     let proxy = to_value(&input.proxy);
     match spec.and_then(|s| s.get(list)) {
         Some(Value::Array(_)) => add(&mut ops, &["spec", list, "0"], proxy),

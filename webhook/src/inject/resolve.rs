@@ -195,14 +195,20 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         let (resolved, warnings) = run("app:9", &lookup);
         assert_eq!(resolved.unwrap().port, 9);
-        assert!(warnings[0].contains("has no port 9 (its ports: grpc=80)"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("has no port 9 (its ports: grpc=80)"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
     fn problems_that_leave_a_usable_config_are_warnings() {
         let (resolved, warnings) = run("app:50051", &Lookup::NotFound);
         assert_eq!(resolved.unwrap().port, 50051);
-        assert!(warnings[0].contains("Service shop/app not found"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("Service shop/app not found"),
+            "{warnings:?}"
+        );
 
         let clusterip = Lookup::Found(ServiceInfo {
             headless: false,
@@ -211,7 +217,10 @@ mod tests {
         });
         let (resolved, warnings) = run("app:grpc", &clusterip);
         assert_eq!(resolved.unwrap().port, 50051);
-        assert!(warnings[0].contains("not headless (clusterIP 10.96.0.10)"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("not headless (clusterIP 10.96.0.10)"),
+            "{warnings:?}"
+        );
 
         let (_, warnings) = run("app:1", &Lookup::Failed("forbidden".into()));
         assert!(warnings[0].contains("could not look up Service shop/app (forbidden)"));
@@ -219,12 +228,22 @@ mod tests {
 
     #[test]
     fn unresolvable_port_names_are_denied() {
-        for lookup in [Lookup::NotFound, Lookup::Skipped, Lookup::Failed("timeout".into())] {
+        for lookup in [
+            Lookup::NotFound,
+            Lookup::Skipped,
+            Lookup::Failed("timeout".into()),
+        ] {
             let err = run("app:grpc", &lookup).0.unwrap_err();
-            assert!(err.starts_with("annotation fanout.dev/upstreams: \"app:grpc\""), "{err}");
+            assert!(
+                err.starts_with("annotation fanout.dev/upstreams: \"app:grpc\""),
+                "{err}"
+            );
         }
         let lookup = headless(vec![port("http", 80, TargetPort::Same)]);
         let err = run("app:grpc", &lookup).0.unwrap_err();
-        assert!(err.contains("has no port named \"grpc\" (its ports: http=80)"), "{err}");
+        assert!(
+            err.contains("has no port named \"grpc\" (its ports: http=80)"),
+            "{err}"
+        );
     }
 }
