@@ -2,12 +2,14 @@
 //! talk to them over loopback the way their real clients do.
 //!
 //! # Layout
+//! - `bench`: percentiles and process CPU for the benchmarks.
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod bins;
 pub mod fixtures;
 pub mod https;
