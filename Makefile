@@ -1,0 +1,46 @@
+# fanout: `make demo` runs the main job locally, `make test` runs every test.
+SHELL := /bin/bash
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: all build test lint fmt demo bench certs golden clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+## Every test: unit, golden, property, and the end-to-end suites on loopback.
+test:
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --no-fail-fast
+else
+	$(CARGO) test --workspace --no-fail-fast
+endif
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Rewrite the webhook's golden patches after an intended change; review the diff.
+golden:
+	UPDATE_GOLDEN=1 $(CARGO) test -p fanout-webhook --test golden
+
+demo:
+	$(CARGO) build --workspace --bins
+	$(CARGO) run --quiet -p fanout-e2e --bin fanout-demo
+
+bench:
+	$(CARGO) build --release --workspace --bins
+	./target/release/fanout-bench webhook
+
+## A CA and serving certificate for running the webhook by hand.
+certs:
+	$(CARGO) run --quiet -p fanout-certs -- --out certs-out \
+		--dns localhost fanout-webhook.fanout-system.svc --ip 127.0.0.1
+
+clean:
+	$(CARGO) clean
