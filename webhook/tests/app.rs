@@ -221,3 +221,23 @@ async fn health_and_metrics_endpoints() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn clashes_with_what_fanout_injects_are_denied() {
+    let mut review = fixture("pod-generatename-no-volumes");
+    review["request"]["object"]["spec"]["containers"][0]["ports"] =
+        json!([{"containerPort": 15020, "protocol": "TCP"}]);
+    review["request"]["object"]["spec"]["volumes"] =
+        json!([{"name": "fanout-config", "emptyDir": {}}]);
+    let answer = Answer::parse(&post(serde_json::to_vec(&review).unwrap()).await.1);
+    assert!(!answer.allowed());
+    let message = answer.response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("container \"gateway\" declares port 15020"),
+        "{message}"
+    );
+    assert!(
+        message.contains("already has a volume named \"fanout-config\""),
+        "{message}"
+    );
+}

@@ -15,7 +15,10 @@ fn main() -> anyhow::Result<()> {
     let work = PathBuf::from("target/demo");
     std::fs::create_dir_all(&work)?;
 
-    println!("== 1. fanout-webhook inject --no-lookup -f {}", manifest.display());
+    println!(
+        "== 1. fanout-webhook inject --no-lookup -f {}",
+        manifest.display()
+    );
     let output = Command::new(bins::path("fanout-webhook", "fanout-webhook"))
         .args(["inject", "--no-lookup", "-f"])
         .arg(&manifest)
@@ -40,8 +43,16 @@ fn main() -> anyhow::Result<()> {
         .filter_map(|c| c["name"].as_str())
         .collect();
     println!("   pod template containers: {}", containers.join(", "));
-    for env in template["spec"]["containers"][1]["env"].as_array().into_iter().flatten() {
-        println!("   gateway env {}={}", env["name"].as_str().unwrap_or(""), env["value"].as_str().unwrap_or(""));
+    for env in template["spec"]["containers"][1]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "   gateway env {}={}",
+            env["name"].as_str().unwrap_or(""),
+            env["value"].as_str().unwrap_or("")
+        );
     }
 
     // The downward API projects the annotation's value, byte for byte, to config.json.

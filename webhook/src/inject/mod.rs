@@ -11,7 +11,7 @@ pub mod resolve;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use fanout_proxy_config::{Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
+use fanout_proxy_config::{ADMIN_PORT, Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
@@ -174,6 +174,22 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
             })
         })
         .collect();
+    if let Some((container, _)) = taken_ports.iter().find(|(_, p)| *p == ADMIN_PORT) {
+        faults.push(format!(
+            "container {container:?} declares port {ADMIN_PORT}, the fanout proxy's admin port; \
+             opt the pod out with {INJECT}: disabled"
+        ));
+    }
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.name == CONFIG_VOLUME)
+    {
+        faults.push(format!(
+            "the pod already has a volume named {CONFIG_VOLUME:?}, which fanout injects"
+        ));
+    }
     let upstreams = upstreams::parse(upstreams_value, &taken_ports)
         .map_err(|e| faults.push(e.to_string()))
         .ok();

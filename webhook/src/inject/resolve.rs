@@ -30,8 +30,8 @@ pub fn resolve(
         (Lookup::Found(info), port) => {
             if !info.headless {
                 warnings.push(format!(
-                    "fanout: Service {service} is not headless (clusterIP {}); its DNS name gives \
-                     one virtual IP, so calls cannot be spread over its pods. Set clusterIP: None",
+                    "fanout: Service {service} is not headless (clusterIP {}): calls cannot be \
+                     spread; set clusterIP: None",
                     info.cluster_ip.as_deref().unwrap_or("unset")
                 ));
             }
@@ -39,14 +39,13 @@ pub fn resolve(
         }
         (Lookup::NotFound, PortRef::Number(n)) => {
             warnings.push(format!(
-                "fanout: Service {service} not found; the proxy will find its pods through DNS \
-                 once it exists"
+                "fanout: Service {service} not found; its pods are found through DNS once it exists"
             ));
             *n
         }
         (Lookup::Failed(error), PortRef::Number(n)) => {
             warnings.push(format!(
-                "fanout: could not look up Service {service} ({error}); using port {n} as given"
+                "fanout: could not look up Service {service}, using port {n}: {error}"
             ));
             *n
         }
@@ -102,7 +101,7 @@ fn pod_port(
                     .any(|p| p.target == TargetPort::Number(*n));
                 if !is_target {
                     warnings.push(format!(
-                        "fanout: Service {service} has no port {n} ({}); dialling its pods on {n}",
+                        "fanout: Service {service} has no port {n} ({}); dialling pods on {n}",
                         describe_ports(info)
                     ));
                 }
@@ -119,8 +118,8 @@ fn pod_port(
         TargetPort::Number(n) => *n,
         TargetPort::Name(target) => {
             warnings.push(format!(
-                "fanout: Service {service} port {} targets container port {target:?}, which \
-                 fanout cannot resolve; dialling its pods on {}. Set a numeric targetPort",
+                "fanout: Service {service} port {} targets port name {target:?}; dialling pods on \
+                 {}, set a numeric targetPort",
                 service_port.port, service_port.port
             ));
             service_port.port
@@ -223,7 +222,9 @@ mod tests {
         );
 
         let (_, warnings) = run("app:1", &Lookup::Failed("forbidden".into()));
-        assert!(warnings[0].contains("could not look up Service shop/app (forbidden)"));
+        assert!(
+            warnings[0].contains("could not look up Service shop/app, using port 1: forbidden")
+        );
     }
 
     #[test]
