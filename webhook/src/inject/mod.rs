@@ -16,7 +16,9 @@ use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
-use crate::annotations::{INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS};
+use crate::annotations::{
+    CONFIG_VOLUME, INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS,
+};
 use crate::lookup::ServiceLookup;
 use crate::settings::{NativeSidecarMode, ProxyResources, Settings};
 use crate::upstreams::{self, UpstreamRef};
