@@ -2,6 +2,8 @@
 //! talk to them over loopback the way their real clients do.
 //!
 //! # Layout
+//! - `backend`: the tonic test backend (every call kind, its id in replies, delays, errors).
+//! - `dns`: a test DNS server whose records tests change.
 //! - `bench`: percentiles and process CPU for the benchmarks.
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
@@ -9,8 +11,10 @@
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod bench;
 pub mod bins;
+pub mod dns;
 pub mod fixtures;
 pub mod https;
 pub mod webhook;

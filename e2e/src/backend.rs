@@ -1,0 +1,254 @@
+//! The test gRPC backend (tonic): every kind of call, its id in every reply, delays and errors on
+//! request, `grpc.health.v1`, and counts of what it saw (calls, cancellations).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub mod proto {
+    tonic::include_proto!("fanout.test.v1");
+}
+
+use proto::test_server::{Test, TestServer};
+use proto::{EchoReply, EchoRequest, StatsReply, StatsRequest, StreamRequest};
+
+/// How a backend behaves, beyond what each request asks.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Added to every call.
+    pub delay: Duration,
+    /// Share of unary calls (0–100) answered UNAVAILABLE, in trailers.
+    pub fail_percent: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub calls: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub deadline_exceeded: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Backend {
+    id: String,
+    behaviour: Behaviour,
+    stats: Arc<Stats>,
+    seq: Arc<AtomicU64>,
+}
+
+/// Counts a call as cancelled if it is dropped before it finished (the client reset it).
+struct CallGuard {
+    stats: Arc<Stats>,
+    finished: bool,
+}
+
+impl CallGuard {
+    fn new(stats: &Arc<Stats>) -> Self {
+        stats.calls.fetch_add(1, Ordering::SeqCst);
+        Self {
+            stats: stats.clone(),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Metadata keys starting with `x-echo-` come back in the response headers.
+fn echo_metadata<T>(request: &Request<T>, response: &mut tonic::metadata::MetadataMap) {
+    for key_value in request.metadata().iter() {
+        if let tonic::metadata::KeyAndValueRef::Ascii(key, value) = key_value
+            && key.as_str().starts_with("x-echo-")
+        {
+            response.insert(key.clone(), value.clone());
+        }
+    }
+}
+
+impl Backend {
+    pub fn new(id: impl Into<String>, behaviour: Behaviour) -> Self {
+        Self {
+            id: id.into(),
+            behaviour,
+            stats: Arc::default(),
+            seq: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    fn reply(&self, payload: Vec<u8>) -> EchoReply {
+        EchoReply {
+            backend: self.id.clone(),
+            payload,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    async fn answer(&self, message: EchoRequest) -> Result<EchoReply, Status> {
+        let delay = self.behaviour.delay + Duration::from_millis(message.delay_ms.into());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if message.fail_code != 0 {
+            return Err(Status::new(message.fail_code.into(), message.fail_message));
+        }
+        if self.behaviour.fail_percent > 0 && fastrand::u32(0..100) < self.behaviour.fail_percent {
+            return Err(Status::unavailable(format!("{} fails on purpose", self.id)));
+        }
+        let payload = if message.reply_bytes > 0 {
+            vec![b'r'; message.reply_bytes as usize]
+        } else {
+            message.payload
+        };
+        Ok(self.reply(payload))
+    }
+
+    /// A tonic server for this backend (with `grpc.health.v1`) until `shutdown` resolves; a
+    /// graceful stop sends GOAWAY and lets calls in flight finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<TestServer<Backend>>().await;
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(
+                TestServer::new(self)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+    }
+
+    /// Starts serving on `addr` in this runtime; returns the bound address.
+    pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(self.serve(listener, std::future::pending()));
+        Ok(addr)
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Test for Backend {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        let mut headers = tonic::metadata::MetadataMap::new();
+        echo_metadata(&request, &mut headers);
+        let result = self.answer(request.into_inner()).await;
+        guard.finish();
+        let mut response = Response::new(result?);
+        *response.metadata_mut() = headers;
+        Ok(response)
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        let message = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let backend = self.clone();
+        tokio::spawn(async move {
+            for _ in 0..message.count {
+                if message.interval_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(message.interval_ms.into())).await;
+                }
+                let reply = backend.reply(vec![b's'; message.reply_bytes as usize]);
+                if tx.send(Ok(reply)).await.is_err() {
+                    return; // the client went away: the guard counts a cancellation
+                }
+            }
+            guard.finish();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        let mut stream = request.into_inner();
+        let (mut count, mut bytes) = (0u64, 0u64);
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            count += 1;
+            bytes += message.payload.len() as u64;
+        }
+        guard.finish();
+        let mut reply = self.reply(Vec::new());
+        reply.count = count;
+        reply.bytes = bytes;
+        Ok(Response::new(reply))
+    }
+
+    type BidiStream = ReplyStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        let mut stream = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let backend = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = stream.next().await {
+                let reply = match message {
+                    Ok(message) => backend.answer(message).await,
+                    Err(status) => Err(status),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+            guard.finish();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsReply>, Status> {
+        Ok(Response::new(StatsReply {
+            backend: self.id.clone(),
+            calls: self.stats.calls.load(Ordering::SeqCst),
+            cancelled: self.stats.cancelled.load(Ordering::SeqCst),
+            deadline_exceeded: self.stats.deadline_exceeded.load(Ordering::SeqCst),
+        }))
+    }
+}

@@ -1,0 +1,48 @@
+//! `fanout-test-backend --listen ADDR --id NAME`: the tonic test backend as a process. SIGTERM
+//! stops it gracefully (GOAWAY, calls in flight finish).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use fanout_e2e::backend::{Backend, Behaviour};
+
+#[derive(Parser)]
+#[command(name = "fanout-test-backend")]
+struct Args {
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    id: String,
+    /// Delay added to every call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Share of unary calls (0-100) answered UNAVAILABLE.
+    #[arg(long, default_value_t = 0)]
+    fail_percent: u32,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let backend = Backend::new(
+        args.id.clone(),
+        Behaviour {
+            delay: Duration::from_millis(args.delay_ms),
+            fail_percent: args.fail_percent,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    eprintln!(
+        "fanout-test-backend {} listening on {}",
+        args.id,
+        listener.local_addr()?
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    backend
+        .serve(listener, async move {
+            term.recv().await;
+        })
+        .await?;
+    Ok(())
+}
