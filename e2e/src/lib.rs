@@ -7,6 +7,7 @@
 //! - `bench`: percentiles and process CPU for the benchmarks.
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
+//! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]
@@ -17,4 +18,5 @@ pub mod bins;
 pub mod dns;
 pub mod fixtures;
 pub mod https;
+pub mod proxy;
 pub mod webhook;

@@ -75,17 +75,7 @@ impl WebhookProcess {
 
     /// Resident memory of the process now and at its peak, in KiB (VmRSS, VmHWM).
     pub fn rss_kib(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        crate::bench::rss_kib(self.pid())
     }
 }
 

@@ -1,10 +1,29 @@
 //! The fanout proxy: spreads every gRPC call over all healthy endpoints of an upstream.
 //!
 //! # Layout
-//! - `check`: reading and validating the config file (`fanout-proxy check`).
-//!
-//! The balancing data path (`run`) and the start-up probe (`wait`) come with the proxy issue;
-//! this crate so far holds what the webhook's rendered configs are checked with.
+//! - `cli`: `run`, `check`, `wait`; start-up, and the SIGTERM drain.
+//! - `check`: reading and validating the config file.
+//! - `forward`: the h2c listener per upstream and the per-stream forwarding.
+//! - `body`: request and response bodies on the data path, with per-stream accounting.
+//! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
+//! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
+//! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
+//! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
+//! - `dns`: the DNS client of discovery.
+//! - `admin`: `/live`, `/ready`, `/metrics`, `/endpoints`, `POST /shutdown`.
+//! - `metrics`: Prometheus metrics.
+//! - `wait`: the postStart helper.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod balance;
+pub mod body;
 pub mod check;
+pub mod cli;
+pub mod dns;
+pub mod endpoint;
+pub mod forward;
+pub mod grpc;
+pub mod metrics;
+pub mod upstream;
+pub mod wait;

@@ -1,0 +1,199 @@
+//! The seed scenario: four gateway connections, ten backends behind DNS. Without fanout a
+//! ClusterIP Service would pin each connection to one backend; through fanout every call is
+//! balanced on its own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fanout_e2e::backend::Behaviour;
+use fanout_e2e::backend::proto::EchoRequest;
+use fanout_e2e::backend::proto::test_client::TestClient;
+use fanout_e2e::dns::DnsServer;
+use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip, spawn_backends};
+use fanout_proxy_config::{Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
+use futures::StreamExt;
+use tonic::transport::Channel;
+
+const NAME: &str = "app.shop.svc.cluster.local";
+
+struct Fleet {
+    proxy: ProxyProcess,
+    dns: DnsServer,
+    local: SocketAddr,
+    port: u16,
+}
+
+async fn fleet(backends: usize, refresh: Duration) -> Fleet {
+    let (port, _) = spawn_backends(backends, Behaviour::default()).await;
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ips: Vec<_> = (0..backends).map(pod_ip).collect();
+    dns.set(NAME, &ips);
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut discovery = DnsDiscovery::new(NAME, port);
+    discovery.nameservers = vec![dns.addr];
+    discovery.refresh = refresh;
+    let upstream = UpstreamConfig::new("app.shop", local, Discovery::Dns(discovery));
+    let mut config = ProxyConfig::new(vec![upstream]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    wait_for_ready_endpoints(&proxy, backends).await;
+    Fleet {
+        proxy,
+        dns,
+        local,
+        port,
+    }
+}
+
+async fn wait_for_ready_endpoints(proxy: &ProxyProcess, count: usize) {
+    for _ in 0..200 {
+        let (_, body) = proxy.admin_get("/endpoints").await.unwrap();
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let ready = state["upstreams"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["state"] == "ready")
+            .count();
+        if ready >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "fewer than {count} endpoints ready: {}",
+        proxy.admin_get("/endpoints").await.unwrap().1
+    );
+}
+
+/// One HTTP/2 connection, as one gateway pod's gRPC client keeps.
+async fn client(addr: SocketAddr) -> TestClient<Channel> {
+    TestClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+/// `calls` unary calls spread over `clients` connections, `concurrency` in flight on each;
+/// how many each backend answered.
+async fn drive(
+    addr: SocketAddr,
+    clients: usize,
+    calls: usize,
+    concurrency: usize,
+) -> HashMap<String, usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let client = client(addr).await;
+        tasks.push(tokio::spawn(async move {
+            futures::stream::iter(0..calls / clients)
+                .map(|_| {
+                    let mut client = client.clone();
+                    async move {
+                        client
+                            .unary(EchoRequest::default())
+                            .await
+                            .unwrap()
+                            .into_inner()
+                            .backend
+                    }
+                })
+                .buffer_unordered(concurrency)
+                .collect::<Vec<String>>()
+                .await
+        }));
+    }
+    let mut counts = HashMap::new();
+    for task in tasks {
+        for backend in task.await.unwrap() {
+            *counts.entry(backend).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_connections_spread_over_all_ten_backends() {
+    let fleet = fleet(10, Duration::from_secs(1)).await;
+    let counts = drive(fleet.local, 4, 10_000, 8).await;
+    let total: usize = counts.values().sum();
+    assert_eq!(total, 10_000);
+    assert_eq!(counts.len(), 10, "every backend serves: {counts:?}");
+    let max = *counts.values().max().unwrap() as f64;
+    let min = *counts.values().min().unwrap() as f64;
+    assert!(
+        max <= 1.2 * min,
+        "busiest {max} vs least busy {min}: {counts:?}"
+    );
+    let (_, metrics) = fleet.proxy.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("fanout_proxy_requests_total{upstream=\"app.shop\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("grpc_status=\"0\""), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_added_to_dns_get_calls_within_one_refresh() {
+    let refresh = Duration::from_millis(500);
+    let fleet = fleet(3, refresh).await;
+    let (port, _) = (fleet.port, ());
+    // Three more pods come up on the same port: the Deployment scaled from 3 to 6.
+    let listeners: Vec<_> =
+        futures::future::join_all((3..6).map(|n| tokio::net::TcpListener::bind((pod_ip(n), port))))
+            .await
+            .into_iter()
+            .map(|l| l.expect("backend port free on the new address"))
+            .collect();
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let backend =
+            fanout_e2e::backend::Backend::new(format!("backend-{}", n + 3), Behaviour::default());
+        tokio::spawn(backend.serve(listener, std::future::pending()));
+    }
+    let before = drive(fleet.local, 4, 400, 4).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    fleet.dns.set(NAME, &(0..6).map(pod_ip).collect::<Vec<_>>());
+    // Within one refresh interval (plus connect time) the new backends take calls.
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    let after = drive(fleet.local, 4, 1200, 4).await;
+    assert_eq!(
+        after.len(),
+        6,
+        "new backends serve after one refresh: {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoint_is_unavailable_naming_the_upstream() {
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut discovery = DnsDiscovery::new("ghost.shop.svc.cluster.local", 50051);
+    discovery.nameservers = vec![dns.addr];
+    let mut upstream = UpstreamConfig::new("ghost.shop", local, Discovery::Dns(discovery));
+    upstream.timeouts.connect = Duration::from_millis(200);
+    let mut config = ProxyConfig::new(vec![upstream]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut client = client(local).await;
+    let started = std::time::Instant::now();
+    let status = client.unary(EchoRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("upstream ghost.shop"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let (code, body) = proxy.admin_get("/ready").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("ghost.shop") && body.contains("no A or AAAA records"),
+        "{body}"
+    );
+}

@@ -1,0 +1,123 @@
+//! The admin server on `0.0.0.0:15020`: `/live`, `/ready`, `/metrics`, `/endpoints`, and
+//! `POST /shutdown` from loopback peers only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::metrics::{EndpointStateLabels, Metrics};
+use crate::upstream::Upstream;
+
+pub struct Admin {
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub metrics: Arc<Metrics>,
+    /// Notified by `POST /shutdown`.
+    pub shutdown: Arc<Notify>,
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+impl Admin {
+    pub fn handle(&self, request: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
+            (&Method::GET, "/ready") => self.ready(),
+            (&Method::GET, "/metrics") => {
+                self.update_gauges();
+                reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
+            (&Method::GET, "/endpoints") => {
+                let upstreams: Vec<_> = self.upstreams.iter().map(|u| u.state_json()).collect();
+                let body = serde_json::to_vec_pretty(&json!({ "upstreams": upstreams }))
+                    .unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body)
+            }
+            (&Method::POST, "/shutdown") if peer.ip().is_loopback() => {
+                tracing::info!(%peer, "shutdown requested");
+                self.shutdown.notify_one();
+                reply(StatusCode::ACCEPTED, "text/plain", "draining\n")
+            }
+            (_, "/shutdown") => reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "only POST from loopback\n",
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+
+    /// 200 when every upstream has a ready endpoint, else 503 with the reasons as JSON.
+    fn ready(&self) -> Response<Full<Bytes>> {
+        let not_ready: Vec<_> = self
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                u.not_ready_reason()
+                    .map(|reason| json!({"upstream": &*u.name, "reason": reason}))
+            })
+            .collect();
+        if not_ready.is_empty() {
+            reply(StatusCode::OK, "application/json", "{\"ready\":true}\n")
+        } else {
+            let body = serde_json::to_vec(&json!({"ready": false, "not_ready": not_ready}))
+                .unwrap_or_default();
+            reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body)
+        }
+    }
+
+    fn update_gauges(&self) {
+        for upstream in &self.upstreams {
+            for (state, count) in upstream.state_counts() {
+                self.metrics
+                    .endpoints
+                    .get_or_create(&EndpointStateLabels {
+                        upstream: upstream.name.to_string(),
+                        state,
+                    })
+                    .set(count);
+            }
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = admin.handle(&request, peer);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

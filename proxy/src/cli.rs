@@ -1,0 +1,199 @@
+//! `fanout-proxy run --config FILE`, `fanout-proxy check FILE`, `fanout-proxy wait`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::admin::{self, Admin};
+use crate::forward::{self, Forwarder};
+use crate::metrics::Metrics;
+use crate::upstream::{Activity, Upstream};
+use crate::{check, wait};
+
+#[derive(Parser)]
+#[command(
+    name = "fanout-proxy",
+    version,
+    about = "Spreads every gRPC call over all endpoints of an upstream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(
+            long,
+            env = "FANOUT_PROXY_CONFIG",
+            default_value = "/etc/fanout/config.json"
+        )]
+        config: PathBuf,
+        /// Worker threads; default: up to 2, as many as there are CPUs.
+        #[arg(long, env = "FANOUT_PROXY_THREADS")]
+        threads: Option<usize>,
+    },
+    /// Validate a config file: exit 0, or one line per fault and exit 1.
+    Check { file: PathBuf },
+    /// Return once the proxy's admin endpoint answers `/live` (for a postStart hook).
+    Wait {
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: SocketAddr,
+        #[arg(long, default_value = "60s", value_parser = fanout_proxy_config::duration::parse)]
+        timeout: Duration,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FANOUT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+pub fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { file } => match check::load(&file) {
+            Ok(config) => {
+                let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+                println!("{}: ok, upstreams {}", file.display(), names.join(", "));
+                ExitCode::SUCCESS
+            }
+            Err(lines) => fail(lines),
+        },
+        Command::Wait { admin, timeout } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime.map(|rt| rt.block_on(wait::until_live(admin, timeout))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => fail(vec![format!("fanout-proxy wait: {e}")]),
+                Err(e) => fail(vec![format!("fanout-proxy wait: {e}")]),
+            }
+        }
+        Command::Run { config, threads } => {
+            let config_lines = check::load(&config);
+            let loaded = match config_lines {
+                Ok(loaded) => loaded,
+                Err(lines) => return fail(lines),
+            };
+            init_logging();
+            let threads = threads
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+                })
+                .max(1);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build();
+            match runtime.map(|rt| rt.block_on(run(loaded))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => fail(vec![format!("fanout-proxy: {e}")]),
+                Err(e) => fail(vec![format!("fanout-proxy: {e}")]),
+            }
+        }
+    }
+}
+
+fn fail(lines: Vec<String>) -> ExitCode {
+    for line in lines {
+        eprintln!("{line}");
+    }
+    ExitCode::FAILURE
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({what}): {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError {
+        addr,
+        what: what.to_string(),
+        source,
+    })
+}
+
+/// Serves until SIGTERM or `POST /shutdown`, then drains.
+pub async fn run(config: fanout_proxy_config::ProxyConfig) -> Result<(), BindError> {
+    let metrics = Arc::new(Metrics::default());
+    let activity = Arc::new(Activity::default());
+    let shutdown = Arc::new(Notify::new());
+    // Bind everything first: a port in use must stop the start, not half of it.
+    let admin_listener = bind(config.admin.listen, "admin").await?;
+    let mut listeners = Vec::new();
+    for upstream in &config.upstreams {
+        listeners.push(bind(upstream.listen, &format!("upstream {}", upstream.name)).await?);
+    }
+    let mut upstreams = Vec::new();
+    for (upstream_config, listener) in config.upstreams.iter().cloned().zip(listeners) {
+        let upstream = Upstream::start(upstream_config);
+        tracing::info!(upstream = %upstream.name, listen = %upstream.config.listen, "serving");
+        let forwarder = Arc::new(Forwarder {
+            upstream: upstream.clone(),
+            metrics: metrics.clone(),
+            activity: activity.clone(),
+        });
+        tokio::spawn(forward::serve(listener, forwarder));
+        upstreams.push(upstream);
+    }
+    let admin = Arc::new(Admin {
+        upstreams,
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(listen = %config.admin.listen, "admin serving");
+    tokio::spawn(admin::serve(admin_listener, admin));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| BindError {
+            addr: config.admin.listen,
+            what: "SIGTERM handler".into(),
+            source,
+        })?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+        () = shutdown.notified() => tracing::info!("shutdown requested: draining"),
+    }
+    drain(&activity, config.drain.quiet, config.drain.deadline).await;
+    Ok(())
+}
+
+/// Keeps serving (new connections too) until no stream was active for `quiet`, or `deadline`.
+async fn drain(activity: &Activity, quiet: Duration, deadline: Duration) {
+    let started = Instant::now();
+    loop {
+        if activity.idle_for() >= quiet {
+            tracing::info!(waited = ?started.elapsed(), "drained: no active streams");
+            return;
+        }
+        if started.elapsed() >= deadline {
+            tracing::warn!(active = activity.active(), "drain deadline passed; exiting");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

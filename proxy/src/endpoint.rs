@@ -1,0 +1,298 @@
+//! One endpoint (a pod): its HTTP/2 connection, kept up by a task that reconnects with backoff,
+//! and its load (streams outstanding, peak-EWMA latency) for the balancer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+
+/// Latency samples decay with this time constant (as in Finagle and Linkerd).
+const EWMA_DECAY: Duration = Duration::from_secs(1);
+/// A new endpoint's latency before any sample: low, so it is tried soon.
+const INITIAL_RTT: Duration = Duration::from_millis(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Peak-EWMA: jumps up to a slower sample at once, decays towards faster ones.
+#[derive(Debug)]
+struct PeakEwma {
+    estimate_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    fn decay(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.estimate_ns {
+            self.estimate_ns = rtt;
+        } else {
+            let decay = self.decay(now);
+            self.estimate_ns = self.estimate_ns * decay + rtt * (1.0 - decay);
+        }
+        self.stamp = now;
+    }
+
+    /// The estimate now: without new samples it decays towards zero, so an endpoint avoided
+    /// after a slow spell is tried again (and measured) before long.
+    fn estimate(&self, now: Instant) -> f64 {
+        self.estimate_ns * self.decay(now)
+    }
+}
+
+/// Why an endpoint is not taking calls, for `/endpoints` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    Connecting,
+    /// Connecting failed; retrying after a backoff.
+    Failing,
+    /// Gone from discovery; finishing its streams.
+    Removed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ready => "ready",
+            State::Connecting => "connecting",
+            State::Failing => "failing",
+            State::Removed => "removed",
+        }
+    }
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Stable text of `addr` for metric labels.
+    pub label: String,
+    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    outstanding: AtomicUsize,
+    ewma: Mutex<PeakEwma>,
+    connect_failures: AtomicU32,
+    removed: AtomicBool,
+    /// Wakes the connection task when the endpoint is removed or goes idle.
+    wake: Notify,
+}
+
+/// Signals from endpoints to their upstream.
+pub trait Events: Send + Sync + 'static {
+    /// An endpoint became ready or stopped being ready.
+    fn changed(&self);
+    /// A connection failed or closed: discovery should look again now.
+    fn connection_lost(&self);
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            label: addr.to_string(),
+            sender: Mutex::new(None),
+            outstanding: AtomicUsize::new(0),
+            ewma: Mutex::new(PeakEwma {
+                estimate_ns: INITIAL_RTT.as_nanos() as f64,
+                stamp: Instant::now(),
+            }),
+            connect_failures: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
+            wake: Notify::new(),
+        })
+    }
+
+    /// A sender for a new stream, if the connection is up and not going away.
+    pub fn sender(&self) -> Option<SendRequest<RequestBody>> {
+        let guard = self.sender.lock().ok()?;
+        guard.as_ref().filter(|s| s.is_ready()).cloned()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.removed.load(Ordering::Relaxed)
+            && self
+                .sender
+                .lock()
+                .map(|s| s.as_ref().is_some_and(|s| s.is_ready()))
+                .unwrap_or(false)
+    }
+
+    pub fn state(&self) -> State {
+        if self.removed.load(Ordering::Relaxed) {
+            State::Removed
+        } else if self.is_ready() {
+            State::Ready
+        } else if self.connect_failures.load(Ordering::Relaxed) > 0 {
+            State::Failing
+        } else {
+            State::Connecting
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub fn stream_started(&self) {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stream_ended(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::Relaxed) == 1
+            && self.removed.load(Ordering::Relaxed)
+        {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn observe_rtt(&self, rtt: Duration) {
+        if let Ok(mut ewma) = self.ewma.lock() {
+            ewma.observe(rtt, Instant::now());
+        }
+    }
+
+    /// The latency estimate now, decayed for the time since the last sample.
+    pub fn rtt_estimate(&self) -> Duration {
+        Duration::from_nanos(self.rtt_estimate_ns() as u64)
+    }
+
+    /// The peak-EWMA latency estimate now, in nanoseconds.
+    pub fn rtt_estimate_ns(&self) -> f64 {
+        self.ewma
+            .lock()
+            .map(|e| e.estimate(Instant::now()))
+            .unwrap_or(0.0)
+    }
+
+    /// Takes the endpoint out of balancing; its connection closes once its streams are done.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// Keeps a connection up until the endpoint is removed and idle.
+    pub async fn run(self: Arc<Self>, connect_timeout: Duration, events: Arc<dyn Events>) {
+        let mut backoff = BACKOFF_MIN;
+        while !self.is_removed() {
+            match connect(self.addr, connect_timeout).await {
+                Ok((sender, connection)) => {
+                    backoff = BACKOFF_MIN;
+                    self.connect_failures.store(0, Ordering::Relaxed);
+                    if let Ok(mut slot) = self.sender.lock() {
+                        *slot = Some(sender);
+                    }
+                    events.changed();
+                    tokio::pin!(connection);
+                    loop {
+                        tokio::select! {
+                            result = &mut connection => {
+                                if let Err(e) = result {
+                                    tracing::debug!(endpoint = %self.addr, error = %e, "connection ended");
+                                }
+                                break;
+                            }
+                            () = self.wake.notified() => {
+                                if self.is_removed() && self.outstanding() == 0 {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    if let Ok(mut slot) = self.sender.lock() {
+                        *slot = None;
+                    }
+                    events.changed();
+                    if !self.is_removed() {
+                        events.connection_lost();
+                    }
+                }
+                Err(e) => {
+                    let failures = self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if failures == 1 {
+                        tracing::info!(endpoint = %self.addr, error = %e, "cannot connect");
+                        events.changed();
+                    }
+                    events.connection_lost();
+                    let jitter =
+                        Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff + jitter) => {}
+                        () = self.wake.notified() => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("connect: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("HTTP/2 handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+}
+
+type Connection =
+    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>;
+
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(SendRequest<RequestBody>, Connection), ConnectError> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
+        let _ = stream.set_nodelay(true);
+        hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let start = Instant::now();
+        let mut ewma = PeakEwma {
+            estimate_ns: 1e6,
+            stamp: start,
+        };
+        ewma.observe(Duration::from_millis(10), start);
+        assert_eq!(ewma.estimate_ns, 10e6, "a slower sample is taken at once");
+        ewma.observe(Duration::from_millis(1), start + Duration::from_secs(10));
+        let expected = 10e6 * (-1f64).exp() + 1e6 * (1.0 - (-1f64).exp());
+        assert!(
+            (ewma.estimate_ns - expected).abs() < 1.0,
+            "{}",
+            ewma.estimate_ns
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! Prometheus metrics of the proxy.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub upstream: String,
+    pub endpoint: String,
+    /// The call's grpc-status, or `none` when it ended without one (reset, proxy error).
+    pub grpc_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    pub upstream: String,
+    pub state: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<UpstreamLabels, Histogram>,
+    pub endpoints: Family<EndpointStateLabels, Gauge>,
+    retries: Family<UpstreamLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "fanout_proxy_requests",
+            "Calls forwarded, by endpoint and grpc-status",
+            requests.clone(),
+        );
+        let duration = Family::<UpstreamLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "fanout_proxy_request_duration_seconds",
+            "Time from a call's arrival to its end",
+            duration.clone(),
+        );
+        let endpoints = Family::<EndpointStateLabels, Gauge>::default();
+        registry.register(
+            "fanout_proxy_endpoints",
+            "Endpoints of each upstream by state",
+            endpoints.clone(),
+        );
+        let retries = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "fanout_proxy_retries",
+            "Calls sent again to another endpoint",
+            retries.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            endpoints,
+            retries,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn record_request(
+        &self,
+        upstream: &str,
+        endpoint: &str,
+        status: Option<u16>,
+        elapsed: Duration,
+    ) {
+        let grpc_status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
+        self.requests
+            .get_or_create(&RequestLabels {
+                upstream: upstream.to_string(),
+                endpoint: endpoint.to_string(),
+                grpc_status,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_retry(&self, upstream: &str) {
+        self.retries
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}

@@ -1,0 +1,293 @@
+//! One upstream: discovery keeps its endpoint set current; each endpoint keeps its connection;
+//! [`Upstream::pick`] chooses an endpoint for each stream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fanout_proxy_config::{Discovery, UpstreamConfig};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::balance::Picker;
+use crate::dns;
+use crate::endpoint::{Endpoint, Events, State};
+
+/// Streams in flight across the proxy, and when that last changed: the drain waits on it.
+pub struct Activity {
+    active: AtomicUsize,
+    last_change: Mutex<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            last_change: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    pub fn started(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ended(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut t) = self.last_change.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// How long no stream has been active; zero while one is.
+    pub fn idle_for(&self) -> Duration {
+        if self.active() > 0 {
+            return Duration::ZERO;
+        }
+        self.last_change
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    picker: Picker,
+    /// An endpoint became ready or the set changed: wakes streams waiting for an endpoint.
+    changed: Notify,
+    resolve_now: Notify,
+    /// Discovery has produced a first answer (or failed its first try).
+    discovered: AtomicBool,
+    last_discovery_error: Mutex<Option<String>>,
+}
+
+struct UpstreamEvents(std::sync::Weak<Upstream>);
+
+impl Events for UpstreamEvents {
+    fn changed(&self) {
+        if let Some(upstream) = self.0.upgrade() {
+            upstream.changed.notify_waiters();
+        }
+    }
+
+    fn connection_lost(&self) {
+        if let Some(upstream) = self.0.upgrade() {
+            upstream.resolve_now.notify_one();
+        }
+    }
+}
+
+impl Upstream {
+    /// Starts discovery for `config`; endpoints connect as they are found.
+    pub fn start(config: UpstreamConfig) -> Arc<Self> {
+        let upstream = Arc::new(Self {
+            name: config.name.as_str().into(),
+            picker: Picker::new(config.balancer),
+            config,
+            endpoints: RwLock::new(Arc::new(Vec::new())),
+            changed: Notify::new(),
+            resolve_now: Notify::new(),
+            discovered: AtomicBool::new(false),
+            last_discovery_error: Mutex::new(None),
+        });
+        tokio::spawn(discover(upstream.clone()));
+        upstream
+    }
+
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.read().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the endpoint set: new addresses connect, gone ones drain and close.
+    pub fn set_addresses(self: &Arc<Self>, addrs: &[SocketAddr]) {
+        let current = self.endpoints();
+        let mut by_addr: HashMap<SocketAddr, Arc<Endpoint>> =
+            current.iter().map(|e| (e.addr, e.clone())).collect();
+        let mut next = Vec::with_capacity(addrs.len());
+        let mut added = Vec::new();
+        for addr in addrs {
+            match by_addr.remove(addr) {
+                Some(existing) => next.push(existing),
+                None => {
+                    let endpoint = Endpoint::new(*addr);
+                    added.push(endpoint.clone());
+                    next.push(endpoint);
+                }
+            }
+        }
+        if added.is_empty() && by_addr.is_empty() {
+            return;
+        }
+        for gone in by_addr.values() {
+            gone.remove();
+        }
+        tracing::info!(upstream = %self.name, added = added.len(), removed = by_addr.len(),
+            endpoints = next.len(), "endpoints changed");
+        if let Ok(mut slot) = self.endpoints.write() {
+            *slot = Arc::new(next);
+        }
+        let events: Arc<dyn Events> = Arc::new(UpstreamEvents(Arc::downgrade(self)));
+        for endpoint in added {
+            tokio::spawn(endpoint.run(self.config.timeouts.connect, events.clone()));
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// An endpoint for a new stream, waiting up to `wait` for one to become ready.
+    pub async fn pick(&self, wait: Duration) -> Option<Arc<Endpoint>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(endpoint) = self.picker.pick(&self.endpoints()) {
+                return Some(endpoint);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Picks again, avoiding `avoid` when another endpoint is ready.
+    pub fn pick_other(&self, avoid: &Endpoint) -> Option<Arc<Endpoint>> {
+        let others: Vec<Arc<Endpoint>> = self
+            .endpoints()
+            .iter()
+            .filter(|e| e.addr != avoid.addr)
+            .cloned()
+            .collect();
+        self.picker.pick(&others)
+    }
+
+    pub fn has_ready_endpoint(&self) -> bool {
+        self.endpoints().iter().any(|e| e.is_ready())
+    }
+
+    /// Why the upstream is not ready, for `/ready`.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.has_ready_endpoint() {
+            return None;
+        }
+        let endpoints = self.endpoints();
+        Some(if endpoints.is_empty() {
+            match self
+                .last_discovery_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+            {
+                Some(error) => format!("no endpoints: {error}"),
+                None if !self.discovered.load(Ordering::Relaxed) => "discovering endpoints".into(),
+                None => "discovery found no endpoints".into(),
+            }
+        } else {
+            format!("none of {} endpoints is connected", endpoints.len())
+        })
+    }
+
+    pub fn state_json(&self) -> Value {
+        let endpoints: Vec<Value> = self
+            .endpoints()
+            .iter()
+            .map(|e| {
+                json!({
+                    "address": e.label,
+                    "state": e.state().as_str(),
+                    "outstanding": e.outstanding(),
+                    "rtt_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
+                })
+            })
+            .collect();
+        json!({
+            "name": &*self.name,
+            "listen": self.config.listen.to_string(),
+            "ready": self.has_ready_endpoint(),
+            "endpoints": endpoints,
+        })
+    }
+
+    /// Endpoint counts by state, for the `fanout_proxy_endpoints` gauge.
+    pub fn state_counts(&self) -> HashMap<&'static str, i64> {
+        let mut counts: HashMap<&'static str, i64> = [
+            State::Ready,
+            State::Connecting,
+            State::Failing,
+            State::Removed,
+        ]
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        for endpoint in self.endpoints().iter() {
+            *counts.entry(endpoint.state().as_str()).or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// Keeps the endpoint set current.
+async fn discover(upstream: Arc<Upstream>) {
+    match upstream.config.discovery.clone() {
+        Discovery::Static(addrs) => {
+            upstream.set_addresses(&addrs);
+            upstream.discovered.store(true, Ordering::Relaxed);
+        }
+        Discovery::Dns(dns) => {
+            let nameservers = if dns.nameservers.is_empty() {
+                dns::system_nameservers()
+            } else {
+                dns.nameservers.clone()
+            };
+            let query_timeout = dns
+                .refresh
+                .clamp(Duration::from_millis(200), Duration::from_secs(2));
+            // Re-resolving on every connection failure is bounded to this rate.
+            let min_interval = Duration::from_millis(200).min(dns.refresh);
+            loop {
+                let started = Instant::now();
+                let answer = dns::resolve(&dns.name, &nameservers, query_timeout).await;
+                let error = match answer {
+                    Ok(dns::Answer::Found(ips)) => {
+                        let addrs: Vec<SocketAddr> = ips
+                            .into_iter()
+                            .map(|ip| SocketAddr::new(ip, dns.port))
+                            .collect();
+                        upstream.set_addresses(&addrs);
+                        None
+                    }
+                    Ok(dns::Answer::NotFound) => {
+                        upstream.set_addresses(&[]);
+                        Some(format!("{} has no A or AAAA records", dns.name))
+                    }
+                    Err(e) => {
+                        // Keep the last good set: a DNS outage must not take the endpoints away.
+                        tracing::warn!(upstream = %upstream.name, error = %e,
+                            "DNS lookup failed; keeping the last endpoints");
+                        Some(e.to_string())
+                    }
+                };
+                *upstream
+                    .last_discovery_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = error;
+                upstream.discovered.store(true, Ordering::Relaxed);
+                upstream.changed.notify_waiters();
+                tokio::select! {
+                    () = tokio::time::sleep(dns.refresh) => {}
+                    () = upstream.resolve_now.notified() => {
+                        tokio::time::sleep_until(started + min_interval).await;
+                    }
+                }
+            }
+        }
+    }
+}
