@@ -8,6 +8,7 @@
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
 //! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
+//! - `raw`: a bare HTTP/2 gRPC client that reports exactly what came back.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]
@@ -19,4 +20,5 @@ pub mod dns;
 pub mod fixtures;
 pub mod https;
 pub mod proxy;
+pub mod raw;
 pub mod webhook;

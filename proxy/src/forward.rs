@@ -18,6 +18,9 @@ use crate::grpc;
 use crate::metrics::Metrics;
 use crate::upstream::{Activity, Upstream};
 
+/// Added to the deadline passed upstream; see [`Forwarder::forward`].
+const DEADLINE_SLACK: Duration = Duration::from_millis(20);
+
 /// What every stream of one upstream needs.
 pub struct Forwarder {
     pub upstream: Arc<Upstream>,
@@ -90,6 +93,16 @@ impl Forwarder {
 
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream_uri(&parts.uri, parts.headers.get(http::header::HOST));
+        if let Some(deadline) = deadline {
+            // The proxy enforces the deadline itself (and cancels upstream when it passes); the
+            // backend gets a little longer so that the client reliably sees DEADLINE_EXCEEDED
+            // rather than whatever a backend answers when its own timer fires at the same time.
+            let upstream_timeout =
+                deadline.saturating_duration_since(Instant::now()) + DEADLINE_SLACK;
+            parts
+                .headers
+                .insert("grpc-timeout", grpc::format_timeout(upstream_timeout));
+        }
         let mut request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
 
         // A stream the connection never took (it was closing) provably was not processed: it

@@ -30,6 +30,17 @@ pub fn parse_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// A `grpc-timeout` value for `timeout`, in the finest unit that fits in 8 digits.
+pub fn format_timeout(timeout: Duration) -> HeaderValue {
+    let millis = timeout.as_millis();
+    let text = if millis < 100_000_000 {
+        format!("{}m", millis.max(1))
+    } else {
+        format!("{}S", timeout.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&text).expect("digits and a unit are a valid header value")
+}
+
 /// The `grpc-status` of a header block (trailers, or the headers of a Trailers-Only answer).
 pub fn status_of(headers: &HeaderMap) -> Option<u16> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
@@ -87,6 +98,13 @@ mod tests {
         assert_eq!(timeout("123456789m"), None, "at most 8 digits");
         assert_eq!(timeout("5x"), None);
         assert_eq!(timeout("m"), None);
+    }
+
+    #[test]
+    fn formats_grpc_timeouts() {
+        assert_eq!(format_timeout(Duration::from_millis(250)), "250m");
+        assert_eq!(format_timeout(Duration::ZERO), "1m");
+        assert_eq!(format_timeout(Duration::from_secs(200_000)), "200000S");
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! Every kind of gRPC call through the proxy arrives as the client and backend sent it:
+//! messages, metadata, status codes, trailers, cancellation and deadlines.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fanout_e2e::backend::proto::test_client::TestClient;
+use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
+use fanout_e2e::backend::{Backend, Behaviour, Stats};
+use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip};
+use fanout_e2e::raw;
+use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// One backend on 127.0.0.2 behind a proxy with static discovery.
+async fn setup() -> (ProxyProcess, TestClient<Channel>, Arc<Stats>) {
+    let backend = Backend::new("backend-0", Behaviour::default());
+    let stats = backend.stats();
+    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "app.shop",
+        local,
+        Discovery::Static(vec![addr]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{local}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = TestClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    (proxy, client, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_with_large_messages_and_metadata() {
+    let (_proxy, mut client, _) = setup().await;
+    let payload = vec![7u8; 3 << 20];
+    let mut request = tonic::Request::new(EchoRequest {
+        payload: payload.clone(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-echo-trace", "abc-123".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-other", "dropped-by-backend".parse().unwrap());
+    let response = client.unary(request).await.unwrap();
+    assert_eq!(response.metadata().get("x-echo-trace").unwrap(), "abc-123");
+    let reply = response.into_inner();
+    assert_eq!(reply.backend, "backend-0");
+    assert_eq!(reply.payload, payload, "a 3 MiB message arrives whole");
+
+    let reply = client
+        .unary(EchoRequest {
+            reply_bytes: 2 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload.len(), 2 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_codes_and_messages_arrive_unchanged() {
+    let (_proxy, mut client, _) = setup().await;
+    for (code, message) in [
+        (Code::NotFound, "no such thing"),
+        (Code::PermissionDenied, "nope: ünïcödé % sign"),
+        (Code::Unavailable, "busy"),
+        (Code::Internal, "boom"),
+        (Code::FailedPrecondition, ""),
+    ] {
+        let status = client
+            .unary(EchoRequest {
+                fail_code: code as i32,
+                fail_message: message.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code);
+        assert_eq!(status.message(), message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streaming_client_streaming_and_bidi() {
+    let (_proxy, mut client, _) = setup().await;
+    let stream = client
+        .server_stream(StreamRequest {
+            count: 1000,
+            interval_ms: 0,
+            reply_bytes: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let replies: Vec<_> = stream.collect::<Result<Vec<_>, _>>().await.unwrap();
+    assert_eq!(replies.len(), 1000);
+
+    let messages = (0..500).map(|i| EchoRequest {
+        payload: vec![1; i],
+        ..Default::default()
+    });
+    let reply = client
+        .client_stream(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.count, 500);
+    assert_eq!(reply.bytes, (0..500u64).sum::<u64>());
+
+    // 10,000 messages each way on one stream, interleaved under flow control.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let sender = tokio::spawn(async move {
+        for i in 0..10_000u32 {
+            let message = EchoRequest {
+                payload: i.to_be_bytes().to_vec(),
+                ..Default::default()
+            };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0u32;
+    while let Some(reply) = replies.next().await {
+        let reply = reply.unwrap();
+        assert_eq!(
+            reply.payload,
+            n.to_be_bytes().to_vec(),
+            "in order, unchanged"
+        );
+        n += 1;
+    }
+    sender.await.unwrap();
+    assert_eq!(n, 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_is_cancelled_at_the_backend() {
+    let (_proxy, mut client, stats) = setup().await;
+    let call = tokio::spawn(async move {
+        client
+            .server_stream(StreamRequest {
+                count: 100_000,
+                interval_ms: 10,
+                reply_bytes: 10,
+            })
+            .await
+            .map(|r| r.into_inner())
+    });
+    let mut stream = call.await.unwrap().unwrap();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream); // the client resets the stream
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.cancelled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the backend never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh setup's proxy listener, for the raw client.
+async fn setup_raw() -> (ProxyProcess, SocketAddr, Arc<Stats>) {
+    let backend = Backend::new("backend-0", Behaviour::default());
+    let stats = backend.stats();
+    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "app.shop",
+        local,
+        Discovery::Static(vec![addr]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    (ProxyProcess::start(&config).await.unwrap(), local, stats)
+}
+
+async fn wait_for_cancellations(stats: &Stats, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.cancelled.load(Ordering::SeqCst) < count {
+        assert!(
+            Instant::now() < deadline,
+            "the backend's call was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_deadline_is_deadline_exceeded() {
+    let (_proxy, local, stats) = setup_raw().await;
+    let started = Instant::now();
+    let request = EchoRequest {
+        delay_ms: 2_000,
+        ..Default::default()
+    };
+    let response = raw::unary(
+        local,
+        "/fanout.test.v1.Test/Unary",
+        &request,
+        &[("grpc-timeout", "200m")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        response.grpc_status(),
+        Some(4),
+        "DEADLINE_EXCEEDED: {response:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_for_cancellations(&stats, 1).await;
+
+    // Within its deadline, a call is untouched.
+    let response = raw::unary(
+        local,
+        "/fanout.test.v1.Test/Unary",
+        &EchoRequest::default(),
+        &[("grpc-timeout", "5S")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.grpc_status(), Some(0), "{response:?}");
+    assert_eq!(response.messages.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passing_mid_stream_ends_the_stream_and_the_backend_call() {
+    let (_proxy, mut client, stats) = setup().await;
+    let mut request = tonic::Request::new(StreamRequest {
+        count: 1000,
+        interval_ms: 20,
+        reply_bytes: 1,
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let mut stream = client.server_stream(request).await.unwrap().into_inner();
+    let mut received = 0;
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(_)) => received += 1,
+            Some(Err(status)) => break status,
+            None => panic!("stream ended without a status"),
+        }
+    };
+    assert!(received > 0);
+    // tonic's client enforces grpc-timeout too and reports its own timer as CANCELLED
+    // "Timeout expired"; the proxy's answer is DEADLINE_EXCEEDED (checked with the raw client).
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    wait_for_cancellations(&stats, 1).await;
+}

@@ -1,0 +1,191 @@
+//! The proxy process: refusing bad configs, `wait`, `/ready`, and draining on SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fanout_e2e::backend::proto::StreamRequest;
+use fanout_e2e::backend::proto::test_client::TestClient;
+use fanout_e2e::backend::{Backend, Behaviour};
+use fanout_e2e::bins;
+use fanout_e2e::proxy::{ProxyProcess, admin_request, free_port, pod_ip};
+use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
+use tokio_stream::StreamExt;
+
+fn proxy_bin() -> std::path::PathBuf {
+    bins::path("fanout-proxy", "fanout-proxy")
+}
+
+#[test]
+fn a_bad_config_is_refused_at_start_with_one_line_per_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.json");
+    std::fs::write(
+        &file,
+        r#"{"version":1,"upstreams":[{"name":"a","listen":"127.0.0.1:0","balancer":"fastest",
+            "discovery":{"dns":{"name":"a.b","port":70000}}}],"admin":{"listn":"x"}}"#,
+    )
+    .unwrap();
+    for args in [vec!["run", "--config"], vec!["check"]] {
+        let output = Command::new(proxy_bin())
+            .args(&args)
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let lines: Vec<&str> = stderr.lines().collect();
+        let path = file.display().to_string();
+        assert_eq!(
+            lines,
+            [
+                format!("{path}: admin.listn: unknown field"),
+                format!("{path}: upstreams[0].listen: 127.0.0.1:0 needs a fixed port, not 0"),
+                format!("{path}: upstreams[0].discovery.dns.port: must be 1..=65535, got 70000"),
+                format!(
+                    "{path}: upstreams[0].balancer: unknown balancer \"fastest\"; use one of peak_ewma, round_robin, least_request"
+                ),
+            ],
+            "{args:?}"
+        );
+    }
+    let output = Command::new(proxy_bin())
+        .args(["run", "--config", "/nonexistent/config.json"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("/nonexistent/config.json: cannot read")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "a",
+        taken.local_addr().unwrap(),
+        Discovery::Static(vec!["127.0.0.2:1".parse().unwrap()]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let err = ProxyProcess::start(&config)
+        .await
+        .err()
+        .expect("must not start");
+    assert!(err.to_string().contains("exited at start"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_once_the_proxy_is_live() {
+    let admin = free_port();
+    let started = Instant::now();
+    let output = Command::new(proxy_bin())
+        .args([
+            "wait",
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+            "--timeout",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "no proxy: wait gives up");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("was not live within"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "a",
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        Discovery::Static(vec!["127.0.0.2:1".parse().unwrap()]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{admin}").parse().unwrap();
+    let _proxy = ProxyProcess::start(&config).await.unwrap();
+    let status = Command::new(proxy_bin())
+        .args([
+            "wait",
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+            "--timeout",
+            "5s",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_long_stream_lets_it_finish_then_exits_0() {
+    let backend = Backend::new("backend-0", Behaviour::default());
+    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "app.shop",
+        local,
+        Discovery::Static(vec![addr]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.drain.quiet = Duration::from_millis(500);
+    config.drain.deadline = Duration::from_secs(20);
+    let mut proxy = ProxyProcess::start(&config).await.unwrap();
+    assert_eq!(proxy.admin_get("/ready").await.unwrap().0, 200);
+
+    let mut client = TestClient::connect(format!("http://{local}"))
+        .await
+        .unwrap();
+    // 40 replies, 50 ms apart: two seconds of stream.
+    let mut stream = client
+        .server_stream(StreamRequest {
+            count: 40,
+            interval_ms: 50,
+            reply_bytes: 8,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    proxy.terminate();
+    let signalled = Instant::now();
+
+    // While draining the proxy still takes new connections and calls.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut late = TestClient::connect(format!("http://{local}"))
+        .await
+        .unwrap();
+    late.unary(fanout_e2e::backend::proto::EchoRequest::default())
+        .await
+        .unwrap();
+
+    let mut received = 1;
+    while let Some(reply) = stream.next().await {
+        reply.expect("the stream completes through the drain");
+        received += 1;
+    }
+    assert_eq!(received, 40);
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_accepted_from_loopback_and_ends_the_proxy() {
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "a",
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        Discovery::Static(vec!["127.0.0.2:1".parse().unwrap()]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.drain.quiet = Duration::from_millis(100);
+    let mut proxy = ProxyProcess::start(&config).await.unwrap();
+    let (status, _) = admin_request(proxy.admin, "GET", "/shutdown")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "only POST");
+    let (status, _) = admin_request(proxy.admin, "POST", "/shutdown")
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(5)).await, Some(0));
+}
