@@ -30,16 +30,30 @@ pub async fn spawn_backends(
     count: usize,
     behaviour: Behaviour,
 ) -> (u16, Vec<std::sync::Arc<Stats>>) {
+    spawn_backends_on(count, 0, behaviour).await
+}
+
+/// As [`spawn_backends`], on `port` if it is free on every address (0: any port).
+pub async fn spawn_backends_on(
+    count: usize,
+    port: u16,
+    behaviour: Behaviour,
+) -> (u16, Vec<std::sync::Arc<Stats>>) {
+    let mut wanted = port;
     'attempt: for _ in 0..20 {
-        let first = tokio::net::TcpListener::bind((pod_ip(0), 0))
-            .await
-            .expect("bind 127.0.0.2");
+        let Ok(first) = tokio::net::TcpListener::bind((pod_ip(0), wanted)).await else {
+            wanted = 0;
+            continue;
+        };
         let port = first.local_addr().unwrap().port();
         let mut listeners = vec![first];
         for n in 1..count {
             match tokio::net::TcpListener::bind((pod_ip(n), port)).await {
                 Ok(listener) => listeners.push(listener),
-                Err(_) => continue 'attempt,
+                Err(_) => {
+                    wanted = 0;
+                    continue 'attempt;
+                }
             }
         }
         let mut stats = Vec::new();

@@ -16,6 +16,12 @@ use crate::body::RequestBody;
 
 /// Latency samples decay with this time constant (as in Finagle and Linkerd).
 const EWMA_DECAY: Duration = Duration::from_secs(1);
+/// How far one slower sample moves the estimate up. Not all the way (a pure peak): one
+/// scheduling hiccup would then push an endpoint out of rotation for a second, skewing load
+/// between identical endpoints; three or four slow samples in a row do it.
+const RISE_WEIGHT: f64 = 0.3;
+/// Faster samples move the estimate down at least this much each.
+const FALL_WEIGHT_MIN: f64 = 0.05;
 /// A new endpoint's latency before any sample: low, so it is tried soon.
 const INITIAL_RTT: Duration = Duration::from_millis(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -36,12 +42,13 @@ impl PeakEwma {
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        if rtt > self.estimate_ns {
-            self.estimate_ns = rtt;
+        let current = self.estimate(now);
+        let weight = if rtt > current {
+            RISE_WEIGHT
         } else {
-            let decay = self.decay(now);
-            self.estimate_ns = self.estimate_ns * decay + rtt * (1.0 - decay);
-        }
+            1.0 - self.decay(now)
+        };
+        self.estimate_ns = current + (rtt - current) * weight.max(FALL_WEIGHT_MIN);
         self.stamp = now;
     }
 
@@ -279,20 +286,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peak_ewma_jumps_up_and_decays_down() {
+    fn slow_samples_raise_the_estimate_and_it_decays_back() {
         let start = Instant::now();
         let mut ewma = PeakEwma {
             estimate_ns: 1e6,
             stamp: start,
         };
         ewma.observe(Duration::from_millis(10), start);
-        assert_eq!(ewma.estimate_ns, 10e6, "a slower sample is taken at once");
-        ewma.observe(Duration::from_millis(1), start + Duration::from_secs(10));
-        let expected = 10e6 * (-1f64).exp() + 1e6 * (1.0 - (-1f64).exp());
+        assert!((ewma.estimate(start) - (1e6 + 9e6 * RISE_WEIGHT)).abs() < 1.0);
+        for _ in 0..5 {
+            ewma.observe(Duration::from_millis(10), start);
+        }
         assert!(
-            (ewma.estimate_ns - expected).abs() < 1.0,
-            "{}",
-            ewma.estimate_ns
+            ewma.estimate(start) > 8e6,
+            "a run of slow samples shows: {}",
+            ewma.estimate(start)
         );
+        // Unsampled, the estimate decays (so the endpoint is tried again).
+        let later = start + EWMA_DECAY;
+        assert!((ewma.estimate(later) - ewma.estimate(start) * (-1f64).exp()).abs() < 1.0);
+        // Fast samples bring it down.
+        for i in 0..50 {
+            ewma.observe(Duration::from_millis(1), later + Duration::from_millis(i));
+        }
+        assert!(ewma.estimate(later + Duration::from_millis(50)) < 1.5e6);
     }
 }
