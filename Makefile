@@ -29,13 +29,16 @@ fmt:
 golden:
 	UPDATE_GOLDEN=1 $(CARGO) test -p fanout-webhook --test golden
 
+## Backends, DNS and the proxy with a config the webhook rendered; prints the balance table.
 demo:
-	$(CARGO) build --workspace --bins
-	$(CARGO) run --quiet -p fanout-e2e --bin fanout-demo
+	$(CARGO) build --release --workspace --bins
+	./target/release/fanout-demo
 
+## Tables under target/bench/. h2load (Debian nghttp2-client) is used when installed.
 bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook
+	./target/release/fanout-bench proxy
 
 ## A CA and serving certificate for running the webhook by hand.
 certs:

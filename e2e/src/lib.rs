@@ -7,6 +7,7 @@
 //! - `bench`: percentiles and process CPU for the benchmarks.
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
+//! - `load`: a bare HTTP/2 gRPC load generator (saturation and fixed rate).
 //! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
 //! - `raw`: a bare HTTP/2 gRPC client that reports exactly what came back.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
@@ -19,6 +20,7 @@ pub mod bins;
 pub mod dns;
 pub mod fixtures;
 pub mod https;
+pub mod load;
 pub mod proxy;
 pub mod raw;
 pub mod webhook;

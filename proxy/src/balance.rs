@@ -22,18 +22,20 @@ impl Picker {
 
     /// An endpoint among the ready ones, or `None` when none is ready.
     pub fn pick(&self, endpoints: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
-        let ready: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| e.is_ready()).collect();
-        match ready.len() {
-            0 => None,
-            1 => Some(ready[0].clone()),
-            n => Some(
-                match self.kind {
-                    Balancer::RoundRobin => ready[self.next.fetch_add(1, Ordering::Relaxed) % n],
-                    Balancer::LeastRequest => p2c(&ready, |a, b| b.outstanding() < a.outstanding()),
-                    Balancer::PeakEwma => p2c(&ready, peak_ewma_prefers_second),
-                }
-                .clone(),
-            ),
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        match self.kind {
+            Balancer::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &endpoints[(start + i) % n])
+                    .find(|e| e.is_ready())
+                    .cloned()
+            }
+            Balancer::LeastRequest => p2c(endpoints, |a, b| b.outstanding() < a.outstanding()),
+            Balancer::PeakEwma => p2c(endpoints, peak_ewma_prefers_second),
         }
     }
 }
@@ -54,17 +56,39 @@ fn peak_ewma_prefers_second(a: &Endpoint, b: &Endpoint) -> bool {
     }
 }
 
-/// Power of two choices: two distinct endpoints at random; the second wins if preferred.
-fn p2c<'a>(
-    ready: &[&'a Arc<Endpoint>],
+/// Power of two choices: two distinct ready endpoints at random; the second wins if
+/// preferred. Draws from the whole set first (no allocation on the hot path) and falls back to
+/// the list of ready ones when draws keep hitting endpoints that are not.
+fn p2c(
+    endpoints: &[Arc<Endpoint>],
     prefers_second: impl Fn(&Endpoint, &Endpoint) -> bool,
-) -> &'a Arc<Endpoint> {
-    let n = ready.len();
-    let a = fastrand::usize(..n);
-    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-    if prefers_second(ready[a], ready[b]) {
-        ready[b]
-    } else {
-        ready[a]
+) -> Option<Arc<Endpoint>> {
+    let n = endpoints.len();
+    let choose = |a: &Arc<Endpoint>, b: &Arc<Endpoint>| {
+        Some(if prefers_second(a, b) {
+            b.clone()
+        } else {
+            a.clone()
+        })
+    };
+    if n == 1 {
+        return endpoints[0].is_ready().then(|| endpoints[0].clone());
+    }
+    for _ in 0..4 {
+        let a = fastrand::usize(..n);
+        let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+        if endpoints[a].is_ready() && endpoints[b].is_ready() {
+            return choose(&endpoints[a], &endpoints[b]);
+        }
+    }
+    let ready: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| e.is_ready()).collect();
+    match ready.len() {
+        0 => None,
+        1 => Some(ready[0].clone()),
+        m => {
+            let a = fastrand::usize(..m);
+            let b = (a + 1 + fastrand::usize(..m - 1)) % m;
+            choose(ready[a], ready[b])
+        }
     }
 }

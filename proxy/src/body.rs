@@ -14,6 +14,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::endpoint::Endpoint;
 use crate::grpc;
 use crate::metrics::Metrics;
@@ -27,6 +29,7 @@ pub struct StreamGuard {
     pub endpoint: Arc<Endpoint>,
     pub upstream: Arc<str>,
     pub metrics: Arc<Metrics>,
+    pub duration: Histogram,
     pub activity: Arc<Activity>,
     pub started: Instant,
     /// The call's grpc-status once known; `None` at drop means it ended without one.
@@ -38,6 +41,7 @@ impl StreamGuard {
         endpoint: Arc<Endpoint>,
         upstream: Arc<str>,
         metrics: Arc<Metrics>,
+        duration: Histogram,
         activity: Arc<Activity>,
     ) -> Self {
         endpoint.stream_started();
@@ -46,6 +50,7 @@ impl StreamGuard {
             endpoint,
             upstream,
             metrics,
+            duration,
             activity,
             started: Instant::now(),
             status: None,

@@ -12,7 +12,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::body::RequestBody;
+use crate::metrics::Metrics;
 
 /// Latency samples decay with this time constant (as in Finagle and Linkerd).
 const EWMA_DECAY: Duration = Duration::from_secs(1);
@@ -90,6 +93,8 @@ pub struct Endpoint {
     ewma: Mutex<PeakEwma>,
     connect_failures: AtomicU32,
     removed: AtomicBool,
+    /// `fanout_proxy_requests_total` counters of this endpoint by grpc-status, kept at hand.
+    counters: Mutex<Vec<(Option<u16>, Counter)>>,
     /// Wakes the connection task when the endpoint is removed or goes idle.
     wake: Notify,
 }
@@ -115,6 +120,7 @@ impl Endpoint {
             }),
             connect_failures: AtomicU32::new(0),
             removed: AtomicBool::new(false),
+            counters: Mutex::new(Vec::new()),
             wake: Notify::new(),
         })
     }
@@ -160,6 +166,20 @@ impl Endpoint {
         {
             self.wake.notify_one();
         }
+    }
+
+    /// Counts a finished call in `fanout_proxy_requests_total`.
+    pub fn count_request(&self, status: Option<u16>, metrics: &Metrics, upstream: &str) {
+        let Ok(mut counters) = self.counters.lock() else {
+            return;
+        };
+        if let Some((_, counter)) = counters.iter().find(|(s, _)| *s == status) {
+            counter.inc();
+            return;
+        }
+        let counter = metrics.requests_counter(upstream, &self.label, status);
+        counter.inc();
+        counters.push((status, counter));
     }
 
     pub fn observe_rtt(&self, rtt: Duration) {

@@ -17,6 +17,7 @@ use crate::body::{ResponseBody, StreamGuard};
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::upstream::{Activity, Upstream};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Added to the deadline passed upstream; see [`Forwarder::forward`].
 const DEADLINE_SLACK: Duration = Duration::from_millis(20);
@@ -26,6 +27,7 @@ pub struct Forwarder {
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
     pub activity: Arc<Activity>,
+    duration: Histogram,
 }
 
 /// Serves h2c on `listener` until the process ends.
@@ -63,6 +65,16 @@ pub async fn serve(listener: TcpListener, forwarder: Arc<Forwarder>) {
 }
 
 impl Forwarder {
+    pub fn new(upstream: Arc<Upstream>, metrics: Arc<Metrics>, activity: Arc<Activity>) -> Self {
+        let duration = metrics.duration_histogram(&upstream.name);
+        Self {
+            upstream,
+            metrics,
+            activity,
+            duration,
+        }
+    }
+
     fn unavailable(&self, message: &str) -> Response<ResponseBody> {
         self.metrics.record_request(
             &self.upstream.name,
@@ -121,6 +133,7 @@ impl Forwarder {
                 endpoint.clone(),
                 self.upstream.name.clone(),
                 self.metrics.clone(),
+                self.duration.clone(),
                 self.activity.clone(),
             );
             guard.started = arrived;

@@ -76,6 +76,26 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The counter of calls to `endpoint` that ended with `status`; endpoints keep it, so the
+    /// per-call path builds no label sets.
+    pub fn requests_counter(&self, upstream: &str, endpoint: &str, status: Option<u16>) -> Counter {
+        self.requests
+            .get_or_create(&RequestLabels {
+                upstream: upstream.to_string(),
+                endpoint: endpoint.to_string(),
+                grpc_status: status.map_or_else(|| "none".to_string(), |s| s.to_string()),
+            })
+            .clone()
+    }
+
+    pub fn duration_histogram(&self, upstream: &str) -> Histogram {
+        self.duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .clone()
+    }
+
     pub fn record_request(
         &self,
         upstream: &str,

@@ -36,6 +36,14 @@ enum Command {
         #[arg(long, default_value = "target/bench/webhook.md")]
         out: PathBuf,
     },
+    /// Benchmark the proxy against a direct connection, with the same backends and load.
+    Proxy {
+        /// Seconds of each saturation and fixed-rate run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value = "target/bench/proxy.md")]
+        out: PathBuf,
+    },
 }
 
 const SERVER_NAME: &str = "fanout-webhook.fanout-system.svc";
@@ -49,8 +57,13 @@ async fn main() -> anyhow::Result<()> {
             connections,
             out,
         } => webhook(reviews, throughput_reviews, connections, out).await,
+        Command::Proxy { seconds, out } => {
+            proxy_bench::run(Duration::from_secs(seconds), out).await
+        }
     }
 }
+
+mod proxy_bench;
 
 async fn webhook(
     reviews: usize,
