@@ -189,3 +189,87 @@ async fn shutdown_is_accepted_from_loopback_and_ends_the_proxy() {
     assert_eq!(status, 202);
     assert_eq!(proxy.wait_exit(Duration::from_secs(5)).await, Some(0));
 }
+
+async fn first_backend(addr: SocketAddr) -> Option<String> {
+    let mut client = TestClient::connect(format!("http://{addr}")).await.ok()?;
+    let reply = client
+        .unary(fanout_e2e::backend::proto::EchoRequest::default())
+        .await
+        .ok()?;
+    Some(reply.into_inner().backend)
+}
+
+/// Polls until calls to `addr` are answered by `backend`.
+async fn until_answered_by(addr: SocketAddr, backend: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first_backend(addr).await.as_deref() != Some(backend) {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never answered by {backend}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_file_is_applied_without_a_restart() {
+    let a = Backend::new("backend-a", Behaviour::default())
+        .spawn(SocketAddr::new(pod_ip(0), 0))
+        .await
+        .unwrap();
+    let b = Backend::new("backend-b", Behaviour::default())
+        .spawn(SocketAddr::new(pod_ip(1), 0))
+        .await
+        .unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+        "app.shop",
+        local,
+        Discovery::Static(vec![a]),
+    )]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    // Written aside and renamed, as the kubelet swaps downward API files.
+    let write = |config: &str| {
+        std::fs::write(dir.path().join("next.json"), config).unwrap();
+        std::fs::rename(dir.path().join("next.json"), &path).unwrap();
+    };
+    write(&config.to_json_pretty());
+    let proxy = ProxyProcess::start_file(path.clone(), config.admin.listen)
+        .await
+        .unwrap();
+    assert_eq!(first_backend(local).await.as_deref(), Some("backend-a"));
+
+    // The upstream moves to another endpoint, and a second upstream appears.
+    let second: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.upstreams[0].discovery = Discovery::Static(vec![b]);
+    config.upstreams.push(UpstreamConfig::new(
+        "other.shop",
+        second,
+        Discovery::Static(vec![a]),
+    ));
+    write(&config.to_json_pretty());
+    until_answered_by(local, "backend-b").await;
+    until_answered_by(second, "backend-a").await;
+    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+    assert!(endpoints.contains("other.shop"), "{endpoints}");
+
+    // A broken file is refused; the running config stays.
+    write("{\"version\": 1, \"upstreams\": [");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(first_backend(local).await.as_deref(), Some("backend-b"));
+
+    // An upstream dropped from the config stops listening.
+    config.upstreams.pop();
+    write(&config.to_json_pretty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(second).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "removed upstream still listening"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first_backend(local).await.as_deref(), Some("backend-b"));
+}

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -18,7 +18,8 @@ use crate::metrics::{EndpointStateLabels, Metrics};
 use crate::upstream::Upstream;
 
 pub struct Admin {
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// Replaced when a config reload changes the upstreams.
+    pub upstreams: RwLock<Vec<Arc<Upstream>>>,
     pub metrics: Arc<Metrics>,
     /// Notified by `POST /shutdown`.
     pub shutdown: Arc<Notify>,
@@ -37,6 +38,13 @@ fn reply(
 }
 
 impl Admin {
+    fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn handle(&self, request: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
@@ -50,7 +58,7 @@ impl Admin {
                 )
             }
             (&Method::GET, "/endpoints") => {
-                let upstreams: Vec<_> = self.upstreams.iter().map(|u| u.state_json()).collect();
+                let upstreams: Vec<_> = self.upstreams().iter().map(|u| u.state_json()).collect();
                 let body = serde_json::to_vec_pretty(&json!({ "upstreams": upstreams }))
                     .unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body)
@@ -72,7 +80,7 @@ impl Admin {
     /// 200 when every upstream has a ready endpoint, else 503 with the reasons as JSON.
     fn ready(&self) -> Response<Full<Bytes>> {
         let not_ready: Vec<_> = self
-            .upstreams
+            .upstreams()
             .iter()
             .filter_map(|u| {
                 u.not_ready_reason()
@@ -89,7 +97,7 @@ impl Admin {
     }
 
     fn update_gauges(&self) {
-        for upstream in &self.upstreams {
+        for upstream in &self.upstreams() {
             for (state, count) in upstream.state_counts() {
                 self.metrics
                     .endpoints

@@ -4,18 +4,19 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fanout_proxy_config::ProxyConfig;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::admin::{self, Admin};
-use crate::forward::{self, Forwarder};
 use crate::metrics::Metrics;
-use crate::upstream::{Activity, Upstream};
+use crate::serving::Serving;
+use crate::upstream::Activity;
 use crate::{check, wait};
 
 #[derive(Parser)]
@@ -105,7 +106,7 @@ pub fn main() -> ExitCode {
                     .enable_all()
                     .build()
             };
-            match runtime.map(|rt| rt.block_on(run(loaded))) {
+            match runtime.map(|rt| rt.block_on(run(config, loaded))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => fail(vec![format!("fanout-proxy: {e}")]),
                 Err(e) => fail(vec![format!("fanout-proxy: {e}")]),
@@ -130,7 +131,7 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BindError> {
+pub(crate) async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).await.map_err(|source| BindError {
         addr,
         what: what.to_string(),
@@ -138,36 +139,20 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BindError> {
     })
 }
 
-/// Serves until SIGTERM or `POST /shutdown`, then drains.
-pub async fn run(config: fanout_proxy_config::ProxyConfig) -> Result<(), BindError> {
+/// Serves until SIGTERM or `POST /shutdown`, then drains; follows changes of the config file.
+pub async fn run(path: PathBuf, mut config: ProxyConfig) -> Result<(), BindError> {
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());
     let shutdown = Arc::new(Notify::new());
-    // Bind everything first: a port in use must stop the start, not half of it.
     let admin_listener = bind(config.admin.listen, "admin").await?;
-    let mut listeners = Vec::new();
-    for upstream in &config.upstreams {
-        listeners.push(bind(upstream.listen, &format!("upstream {}", upstream.name)).await?);
-    }
-    let mut upstreams = Vec::new();
-    for (upstream_config, listener) in config.upstreams.iter().cloned().zip(listeners) {
-        let upstream = Upstream::start(upstream_config);
-        tracing::info!(upstream = %upstream.name, listen = %upstream.config.listen, "serving");
-        let forwarder = Arc::new(Forwarder::new(
-            upstream.clone(),
-            metrics.clone(),
-            activity.clone(),
-        ));
-        tokio::spawn(forward::serve(listener, forwarder));
-        upstreams.push(upstream);
-    }
+    let mut serving = Serving::start(&config, metrics.clone(), activity.clone()).await?;
     let admin = Arc::new(Admin {
-        upstreams,
+        upstreams: RwLock::new(serving.upstreams()),
         metrics,
         shutdown: shutdown.clone(),
     });
     tracing::info!(listen = %config.admin.listen, "admin serving");
-    tokio::spawn(admin::serve(admin_listener, admin));
+    tokio::spawn(admin::serve(admin_listener, admin.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| BindError {
@@ -175,14 +160,45 @@ pub async fn run(config: fanout_proxy_config::ProxyConfig) -> Result<(), BindErr
             what: "SIGTERM handler".into(),
             source,
         })?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
-        () = shutdown.notified() => tracing::info!("shutdown requested: draining"),
+    let mut last_text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut poll = tokio::time::interval(RELOAD_POLL);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt: draining"); break }
+            () = shutdown.notified() => { tracing::info!("shutdown requested: draining"); break }
+            _ = poll.tick() => {
+                let Ok(text) = std::fs::read_to_string(&path) else { continue };
+                if text == last_text {
+                    continue;
+                }
+                last_text = text;
+                match ProxyConfig::from_json(&last_text) {
+                    Ok(new) => {
+                        if new.admin.listen != config.admin.listen {
+                            tracing::warn!("admin.listen changed; it takes effect at the next start");
+                        }
+                        tracing::info!("config changed; applying");
+                        serving.apply(&new).await;
+                        serving.publish(&admin);
+                        config = new;
+                    }
+                    Err(e) => {
+                        for line in e.lines() {
+                            tracing::warn!(fault = %line, "changed config refused; keeping the running one");
+                        }
+                    }
+                }
+            }
+        }
     }
     drain(&activity, config.drain.quiet, config.drain.deadline).await;
     Ok(())
 }
+
+/// How often the config file is checked. The kubelet rewrites downward API files within
+/// about a minute of an annotation change, so a second is plenty.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
 
 /// Keeps serving (new connections too) until no stream was active for `quiet`, or `deadline`.
 async fn drain(activity: &Activity, quiet: Duration, deadline: Duration) {

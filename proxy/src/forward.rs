@@ -2,7 +2,7 @@
 //! endpoint — headers, data under HTTP/2 flow control, trailers, resets both ways.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -24,7 +24,8 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(20);
 
 /// What every stream of one upstream needs.
 pub struct Forwarder {
-    pub upstream: Arc<Upstream>,
+    /// Swapped when a config reload changes the upstream; streams in flight keep the old one.
+    upstream: RwLock<Arc<Upstream>>,
     pub metrics: Arc<Metrics>,
     pub activity: Arc<Activity>,
     duration: Histogram,
@@ -65,19 +66,31 @@ pub async fn serve(listener: TcpListener, forwarder: Arc<Forwarder>) {
 }
 
 impl Forwarder {
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.upstream
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New streams go to `upstream` from now on.
+    pub fn replace_upstream(&self, upstream: Arc<Upstream>) {
+        *self.upstream.write().unwrap_or_else(|e| e.into_inner()) = upstream;
+    }
+
     pub fn new(upstream: Arc<Upstream>, metrics: Arc<Metrics>, activity: Arc<Activity>) -> Self {
         let duration = metrics.duration_histogram(&upstream.name);
         Self {
-            upstream,
+            upstream: RwLock::new(upstream),
             metrics,
             activity,
             duration,
         }
     }
 
-    fn unavailable(&self, message: &str) -> Response<ResponseBody> {
+    fn unavailable(&self, upstream: &Upstream, message: &str) -> Response<ResponseBody> {
         self.metrics.record_request(
-            &self.upstream.name,
+            &upstream.name,
             "none",
             Some(grpc::UNAVAILABLE),
             Duration::ZERO,
@@ -86,21 +99,21 @@ impl Forwarder {
     }
 
     pub async fn forward(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let upstream = self.upstream();
         let arrived = Instant::now();
         let deadline = grpc::parse_timeout(request.headers()).map(|t| arrived + t);
-        let connect_wait = self.upstream.config.timeouts.connect;
+        let connect_wait = upstream.config.timeouts.connect;
         let wait = deadline.map_or(connect_wait, |d| {
             connect_wait.min(d.saturating_duration_since(arrived))
         });
-        let Some(mut endpoint) = self.upstream.pick(wait).await else {
-            let reason = self
-                .upstream
+        let Some(mut endpoint) = upstream.pick(wait).await else {
+            let reason = upstream
                 .not_ready_reason()
                 .unwrap_or_else(|| "no endpoint is ready".into());
-            return self.unavailable(&format!(
-                "fanout: upstream {}: {reason}",
-                self.upstream.name
-            ));
+            return self.unavailable(
+                &upstream,
+                &format!("fanout: upstream {}: {reason}", upstream.name),
+            );
         };
 
         let (mut parts, body) = request.into_parts();
@@ -121,7 +134,7 @@ impl Forwarder {
         // goes to another endpoint, once per endpoint, at most a few times.
         for attempt in 0..3 {
             let Some(mut sender) = endpoint.sender() else {
-                match self.upstream.pick_other(&endpoint) {
+                match upstream.pick_other(&endpoint) {
                     Some(other) => {
                         endpoint = other;
                         continue;
@@ -131,7 +144,7 @@ impl Forwarder {
             };
             let mut guard = StreamGuard::new(
                 endpoint.clone(),
-                self.upstream.name.clone(),
+                upstream.name.clone(),
                 self.metrics.clone(),
                 self.duration.clone(),
                 self.activity.clone(),
@@ -168,16 +181,16 @@ impl Forwarder {
                 Err(mut error) => {
                     let message = format!(
                         "fanout: upstream {} endpoint {}: {}",
-                        self.upstream.name,
+                        upstream.name,
                         endpoint.addr,
                         error.error()
                     );
                     match error.take_message() {
                         Some(unsent) if attempt < 2 => {
                             drop(guard);
-                            self.metrics.record_retry(&self.upstream.name);
+                            self.metrics.record_retry(&upstream.name);
                             request = unsent;
-                            if let Some(other) = self.upstream.pick_other(&endpoint) {
+                            if let Some(other) = upstream.pick_other(&endpoint) {
                                 endpoint = other;
                             }
                         }
@@ -189,10 +202,13 @@ impl Forwarder {
                 }
             }
         }
-        self.unavailable(&format!(
-            "fanout: upstream {}: no endpoint took the call",
-            self.upstream.name
-        ))
+        self.unavailable(
+            &upstream,
+            &format!(
+                "fanout: upstream {}: no endpoint took the call",
+                upstream.name
+            ),
+        )
     }
 }
 

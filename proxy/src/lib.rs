@@ -3,6 +3,7 @@
 //! # Layout
 //! - `cli`: `run`, `check`, `wait`; start-up, and the SIGTERM drain.
 //! - `check`: reading and validating the config file.
+//! - `serving`: the upstreams being served, and applying a changed config file.
 //! - `forward`: the h2c listener per upstream and the per-stream forwarding.
 //! - `body`: request and response bodies on the data path, with per-stream accounting.
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
@@ -25,5 +26,6 @@ pub mod endpoint;
 pub mod forward;
 pub mod grpc;
 pub mod metrics;
+pub mod serving;
 pub mod upstream;
 pub mod wait;

@@ -70,6 +70,7 @@ pub struct Upstream {
     /// Discovery has produced a first answer (or failed its first try).
     discovered: AtomicBool,
     last_discovery_error: Mutex<Option<String>>,
+    discovery_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 struct UpstreamEvents(std::sync::Weak<Upstream>);
@@ -100,9 +101,30 @@ impl Upstream {
             resolve_now: Notify::new(),
             discovered: AtomicBool::new(false),
             last_discovery_error: Mutex::new(None),
+            discovery_task: Mutex::new(None),
         });
-        tokio::spawn(discover(upstream.clone()));
+        let task = tokio::spawn(discover(upstream.clone()));
+        *upstream
+            .discovery_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         upstream
+    }
+
+    /// Ends discovery and removes every endpoint; their connections close once their streams
+    /// are done. For an upstream a config reload replaced or dropped.
+    pub fn stop(&self) {
+        if let Some(task) = self
+            .discovery_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        for endpoint in self.endpoints().iter() {
+            endpoint.remove();
+        }
     }
 
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {

@@ -1,0 +1,134 @@
+//! The upstreams being served, and config reloads: the downward API rewrites the config file
+//! when the pod's annotation changes, and the proxy follows without a restart. Unchanged
+//! upstreams are untouched; a changed one gets a fresh endpoint set while streams in flight
+//! finish on the old one; a removed one stops listening.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fanout_proxy_config::{ProxyConfig, UpstreamConfig};
+use tokio::task::AbortHandle;
+
+use crate::admin::Admin;
+use crate::cli::{BindError, bind};
+use crate::forward::{self, Forwarder};
+use crate::metrics::Metrics;
+use crate::upstream::{Activity, Upstream};
+
+struct Entry {
+    config: UpstreamConfig,
+    forwarder: Arc<Forwarder>,
+    listener: AbortHandle,
+}
+
+pub struct Serving {
+    entries: HashMap<String, Entry>,
+    order: Vec<String>,
+    metrics: Arc<Metrics>,
+    activity: Arc<Activity>,
+}
+
+impl Serving {
+    /// Binds every listener first (a port in use stops the start, not half of it), then serves.
+    pub async fn start(
+        config: &ProxyConfig,
+        metrics: Arc<Metrics>,
+        activity: Arc<Activity>,
+    ) -> Result<Self, BindError> {
+        let mut listeners = Vec::new();
+        for upstream in &config.upstreams {
+            listeners.push(bind(upstream.listen, &format!("upstream {}", upstream.name)).await?);
+        }
+        let mut serving = Self {
+            entries: HashMap::new(),
+            order: Vec::new(),
+            metrics,
+            activity,
+        };
+        for (upstream, listener) in config.upstreams.iter().zip(listeners) {
+            serving.add(upstream.clone(), listener);
+        }
+        Ok(serving)
+    }
+
+    fn add(&mut self, config: UpstreamConfig, listener: tokio::net::TcpListener) {
+        let upstream = Upstream::start(config.clone());
+        tracing::info!(upstream = %upstream.name, listen = %config.listen, "serving");
+        let forwarder = Arc::new(Forwarder::new(
+            upstream,
+            self.metrics.clone(),
+            self.activity.clone(),
+        ));
+        let listener = tokio::spawn(forward::serve(listener, forwarder.clone())).abort_handle();
+        self.order.push(config.name.clone());
+        self.entries.insert(
+            config.name.clone(),
+            Entry {
+                config,
+                forwarder,
+                listener,
+            },
+        );
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(entry) = self.entries.remove(name) {
+            entry.listener.abort();
+            entry.forwarder.upstream().stop();
+            tracing::info!(upstream = name, "upstream removed");
+        }
+        self.order.retain(|n| n != name);
+    }
+
+    /// The upstreams in config order, for the admin server.
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.order
+            .iter()
+            .filter_map(|n| self.entries.get(n))
+            .map(|e| e.forwarder.upstream())
+            .collect()
+    }
+
+    /// Moves to `config`. A listener that cannot be bound leaves that upstream as it was.
+    pub async fn apply(&mut self, config: &ProxyConfig) {
+        let wanted: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        for name in self.order.clone() {
+            if !wanted.contains(&name.as_str()) {
+                self.remove(&name);
+            }
+        }
+        for upstream in &config.upstreams {
+            let current = self
+                .entries
+                .get(&upstream.name)
+                .map(|e| (e.config.clone(), e.forwarder.clone()));
+            match current {
+                Some((old, _)) if old == *upstream => {}
+                Some((old, forwarder)) if old.listen == upstream.listen => {
+                    let previous = forwarder.upstream();
+                    forwarder.replace_upstream(Upstream::start(upstream.clone()));
+                    previous.stop();
+                    if let Some(entry) = self.entries.get_mut(&upstream.name) {
+                        entry.config = upstream.clone();
+                    }
+                    tracing::info!(upstream = %upstream.name, "upstream reconfigured");
+                }
+                _ => match bind(upstream.listen, &format!("upstream {}", upstream.name)).await {
+                    Ok(listener) => {
+                        self.remove(&upstream.name);
+                        self.add(upstream.clone(), listener);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "config change not applied to this upstream")
+                    }
+                },
+            }
+        }
+        self.order
+            .sort_by_key(|n| wanted.iter().position(|w| w == n));
+    }
+
+    pub fn publish(&self, admin: &Admin) {
+        *admin.upstreams.write().unwrap_or_else(|e| e.into_inner()) = self.upstreams();
+    }
+}
