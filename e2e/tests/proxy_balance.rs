@@ -197,3 +197,29 @@ async fn no_endpoint_is_unavailable_naming_the_upstream() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_outage_keeps_the_last_endpoints_and_removed_pods_leave() {
+    let fleet = fleet(4, Duration::from_millis(200)).await;
+    fleet.dns.set_failing(true);
+    let queries = fleet.dns.queries();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(fleet.dns.queries() > queries, "the proxy keeps asking");
+    let during = drive(fleet.local, 4, 400, 4).await;
+    assert_eq!(
+        during.len(),
+        4,
+        "SERVFAIL keeps the last good set: {during:?}"
+    );
+    let (code, _) = fleet.proxy.admin_get("/ready").await.unwrap();
+    assert_eq!(code, 200);
+
+    // DNS answers again, without two of the pods: they get no more calls.
+    fleet.dns.set(NAME, &[pod_ip(0), pod_ip(1)]);
+    fleet.dns.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = drive(fleet.local, 4, 400, 4).await;
+    let mut backends: Vec<_> = after.keys().cloned().collect();
+    backends.sort();
+    assert_eq!(backends, ["backend-0", "backend-1"]);
+}
