@@ -46,6 +46,17 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Prints a results table and writes it to `out`.
+pub fn publish(table: &str, out: &std::path::Path) -> std::io::Result<()> {
+    print!("{table}");
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, table)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 pub fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }

@@ -16,19 +16,9 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// One backend on 127.0.0.2 behind a proxy with static discovery.
+/// One backend on 127.0.0.2 behind a proxy with static discovery, and a tonic client.
 async fn setup() -> (ProxyProcess, TestClient<Channel>, Arc<Stats>) {
-    let backend = Backend::new("backend-0", Behaviour::default());
-    let stats = backend.stats();
-    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
-    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
-        "app.shop",
-        local,
-        Discovery::Static(vec![addr]),
-    )]);
-    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let (proxy, local, stats) = setup_raw().await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{local}"))
         .unwrap()
         .connect()
@@ -181,7 +171,7 @@ async fn a_cancelled_call_is_cancelled_at_the_backend() {
     }
 }
 
-/// A fresh setup's proxy listener, for the raw client.
+/// One backend on 127.0.0.2 behind a proxy with static discovery; the proxy's listener.
 async fn setup_raw() -> (ProxyProcess, SocketAddr, Arc<Stats>) {
     let backend = Backend::new("backend-0", Behaviour::default());
     let stats = backend.stats();

@@ -182,12 +182,7 @@ async fn webhook(
         "| peak RSS (MiB) | {:.1} |",
         peak_rss as f64 / 1024.0
     )?;
-    print!("{table}");
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&out, &table)?;
-    eprintln!("wrote {}", out.display());
+    fanout_e2e::bench::publish(&table, &out)?;
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -190,11 +190,6 @@ pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
         "p99 added by fanout at 1,000 calls/s: {} ms.",
         ms(added_p99)
     )?;
-    print!("{table}");
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&out, &table)?;
-    eprintln!("wrote {}", out.display());
+    fanout_e2e::bench::publish(&table, &out)?;
     Ok(())
 }
