@@ -72,7 +72,8 @@ impl Drop for CallGuard {
     }
 }
 
-/// Metadata keys starting with `x-echo-` come back in the response headers.
+/// Metadata keys starting with `x-echo-` come back: in the response headers of a unary call
+/// that succeeds, in the trailers of one that fails.
 fn echo_metadata<T>(request: &Request<T>, response: &mut tonic::metadata::MetadataMap) {
     for key_value in request.metadata().iter() {
         if let tonic::metadata::KeyAndValueRef::Ascii(key, value) = key_value
@@ -168,9 +169,19 @@ impl Test for Backend {
         echo_metadata(&request, &mut headers);
         let result = self.answer(request.into_inner()).await;
         guard.finish();
-        let mut response = Response::new(result?);
-        *response.metadata_mut() = headers;
-        Ok(response)
+        match result {
+            Ok(reply) => {
+                let mut response = Response::new(reply);
+                *response.metadata_mut() = headers;
+                Ok(response)
+            }
+            // A failed call echoes the metadata in its trailers, beside grpc-status.
+            Err(status) => Err(Status::with_metadata(
+                status.code(),
+                status.message(),
+                headers,
+            )),
+        }
     }
 
     type ServerStreamStream = ReplyStream;

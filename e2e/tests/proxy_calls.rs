@@ -64,6 +64,19 @@ async fn unary_with_large_messages_and_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_codes_and_messages_arrive_unchanged() {
     let (_proxy, mut client, _) = setup().await;
+    // Trailers carry more than the status: metadata set by the backend arrives with them.
+    let mut request = tonic::Request::new(EchoRequest {
+        fail_code: Code::Aborted as i32,
+        fail_message: "conflict".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-echo-retry-after", "3".parse().unwrap());
+    let status = client.unary(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert_eq!(status.metadata().get("x-echo-retry-after").unwrap(), "3");
+
     for (code, message) in [
         (Code::NotFound, "no such thing"),
         (Code::PermissionDenied, "nope: ünïcödé % sign"),
@@ -266,4 +279,28 @@ async fn a_deadline_passing_mid_stream_ends_the_stream_and_the_backend_call() {
         "{status:?}"
     );
     wait_for_cancellations(&stats, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_in_trailers_after_messages_arrives_unchanged() {
+    let (_proxy, mut client, _) = setup().await;
+    let messages = vec![
+        EchoRequest::default(),
+        EchoRequest::default(),
+        EchoRequest {
+            fail_code: Code::FailedPrecondition as i32,
+            fail_message: "late: 100%".into(),
+            ..Default::default()
+        },
+    ];
+    let mut replies = client
+        .bidi(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replies.next().await.unwrap().unwrap().backend, "backend-0");
+    assert_eq!(replies.next().await.unwrap().unwrap().backend, "backend-0");
+    let status = replies.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(status.message(), "late: 100%");
 }
