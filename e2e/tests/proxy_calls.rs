@@ -304,3 +304,28 @@ async fn a_status_in_trailers_after_messages_arrives_unchanged() {
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(status.message(), "late: 100%");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_request_timeout_caps_calls_without_a_deadline() {
+    let backend = Backend::new("backend-0", Behaviour::default());
+    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut upstream = UpstreamConfig::new("app.shop", local, Discovery::Static(vec![addr]));
+    upstream.timeouts.request = Some(Duration::from_millis(200));
+    let mut config = ProxyConfig::new(vec![upstream]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _proxy = ProxyProcess::start(&config).await.unwrap();
+    let slow = EchoRequest {
+        delay_ms: 2_000,
+        ..Default::default()
+    };
+    let response = raw::unary(local, "/fanout.test.v1.Test/Unary", &slow, &[])
+        .await
+        .unwrap();
+    assert_eq!(response.grpc_status(), Some(4), "{response:?}");
+    let fast = EchoRequest::default();
+    let response = raw::unary(local, "/fanout.test.v1.Test/Unary", &fast, &[])
+        .await
+        .unwrap();
+    assert_eq!(response.grpc_status(), Some(0), "{response:?}");
+}

@@ -101,7 +101,15 @@ impl Forwarder {
     pub async fn forward(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         let upstream = self.upstream();
         let arrived = Instant::now();
-        let deadline = grpc::parse_timeout(request.headers()).map(|t| arrived + t);
+        // The client's deadline, capped by the upstream's own request timeout if it has one.
+        let timeout = match (
+            grpc::parse_timeout(request.headers()),
+            upstream.config.timeouts.request,
+        ) {
+            (Some(client), Some(limit)) => Some(client.min(limit)),
+            (client, limit) => client.or(limit),
+        };
+        let deadline = timeout.map(|t| arrived + t);
         let connect_wait = upstream.config.timeouts.connect;
         let wait = deadline.map_or(connect_wait, |d| {
             connect_wait.min(d.saturating_duration_since(arrived))
