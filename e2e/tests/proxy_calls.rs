@@ -329,3 +329,39 @@ async fn the_upstream_request_timeout_caps_calls_without_a_deadline() {
         .unwrap();
     assert_eq!(response.grpc_status(), Some(0), "{response:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_can_have_a_pool_of_connections() {
+    let backend = Backend::new("backend-0", Behaviour::default());
+    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut upstream = UpstreamConfig::new("app.shop", local, Discovery::Static(vec![addr]));
+    upstream.connections_per_endpoint = 3;
+    let mut config = ProxyConfig::new(vec![upstream]);
+    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = proxy.admin_get("/endpoints").await.unwrap();
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if state["upstreams"][0]["endpoints"][0]["connections"] == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never reached 3 connections: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..30 {
+        let response = raw::unary(
+            local,
+            "/fanout.test.v1.Test/Unary",
+            &EchoRequest::default(),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.grpc_status(), Some(0));
+    }
+}

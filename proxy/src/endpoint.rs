@@ -88,7 +88,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Stable text of `addr` for metric labels.
     pub label: String,
-    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    /// One slot per pooled connection; `None` while that connection is down.
+    senders: Mutex<Vec<Option<SendRequest<RequestBody>>>>,
+    next_sender: AtomicUsize,
     outstanding: AtomicUsize,
     ewma: Mutex<PeakEwma>,
     connect_failures: AtomicU32,
@@ -108,11 +110,13 @@ pub trait Events: Send + Sync + 'static {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr) -> Arc<Self> {
+    /// An endpoint that will keep `connections` HTTP/2 connections (see [`Endpoint::run`]).
+    pub fn new(addr: SocketAddr, connections: usize) -> Arc<Self> {
         Arc::new(Self {
             addr,
             label: addr.to_string(),
-            sender: Mutex::new(None),
+            senders: Mutex::new(vec![None; connections.max(1)]),
+            next_sender: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             ewma: Mutex::new(PeakEwma {
                 estimate_ns: INITIAL_RTT.as_nanos() as f64,
@@ -125,18 +129,36 @@ impl Endpoint {
         })
     }
 
-    /// A sender for a new stream, if the connection is up and not going away.
+    /// A sender for a new stream on the next connection that is up and not going away.
     pub fn sender(&self) -> Option<SendRequest<RequestBody>> {
-        let guard = self.sender.lock().ok()?;
-        guard.as_ref().filter(|s| s.is_ready()).cloned()
+        let senders = self.senders.lock().ok()?;
+        let n = senders.len();
+        let start = self.next_sender.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .filter_map(|i| senders[(start + i) % n].as_ref())
+            .find(|s| s.is_ready())
+            .cloned()
+    }
+
+    /// Connections up and taking streams.
+    pub fn connections(&self) -> usize {
+        self.senders
+            .lock()
+            .map(|s| s.iter().flatten().filter(|s| s.is_ready()).count())
+            .unwrap_or(0)
+    }
+
+    /// How many connections this endpoint keeps.
+    pub fn pool_size(&self) -> usize {
+        self.senders.lock().map(|s| s.len()).unwrap_or(1)
     }
 
     pub fn is_ready(&self) -> bool {
         !self.removed.load(Ordering::Relaxed)
             && self
-                .sender
+                .senders
                 .lock()
-                .map(|s| s.as_ref().is_some_and(|s| s.is_ready()))
+                .map(|s| s.iter().flatten().any(|s| s.is_ready()))
                 .unwrap_or(false)
     }
 
@@ -204,23 +226,28 @@ impl Endpoint {
     /// Takes the endpoint out of balancing; its connection closes once its streams are done.
     pub fn remove(&self) {
         self.removed.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
+        self.wake.notify_waiters();
     }
 
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Relaxed)
     }
 
-    /// Keeps a connection up until the endpoint is removed and idle.
-    pub async fn run(self: Arc<Self>, connect_timeout: Duration, events: Arc<dyn Events>) {
+    /// Keeps connection `slot` up until the endpoint is removed and idle.
+    pub async fn run(
+        self: Arc<Self>,
+        slot: usize,
+        connect_timeout: Duration,
+        events: Arc<dyn Events>,
+    ) {
         let mut backoff = BACKOFF_MIN;
         while !self.is_removed() {
             match connect(self.addr, connect_timeout).await {
                 Ok((sender, connection)) => {
                     backoff = BACKOFF_MIN;
                     self.connect_failures.store(0, Ordering::Relaxed);
-                    if let Ok(mut slot) = self.sender.lock() {
-                        *slot = Some(sender);
+                    if let Ok(mut senders) = self.senders.lock() {
+                        senders[slot] = Some(sender);
                     }
                     events.changed();
                     tokio::pin!(connection);
@@ -232,15 +259,17 @@ impl Endpoint {
                                 }
                                 break;
                             }
-                            () = self.wake.notified() => {
-                                if self.is_removed() && self.outstanding() == 0 {
-                                    break;
-                                }
-                            }
+                            // Woken when removed or idle; the tick covers a wake-up that came
+                            // while this task was not yet waiting.
+                            () = self.wake.notified() => {}
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        if self.is_removed() && self.outstanding() == 0 {
+                            break;
                         }
                     }
-                    if let Ok(mut slot) = self.sender.lock() {
-                        *slot = None;
+                    if let Ok(mut senders) = self.senders.lock() {
+                        senders[slot] = None;
                     }
                     events.changed();
                     if !self.is_removed() {

@@ -142,7 +142,8 @@ impl Upstream {
             match by_addr.remove(addr) {
                 Some(existing) => next.push(existing),
                 None => {
-                    let endpoint = Endpoint::new(*addr);
+                    let endpoint =
+                        Endpoint::new(*addr, self.config.connections_per_endpoint as usize);
                     added.push(endpoint.clone());
                     next.push(endpoint);
                 }
@@ -161,7 +162,13 @@ impl Upstream {
         }
         let events: Arc<dyn Events> = Arc::new(UpstreamEvents(Arc::downgrade(self)));
         for endpoint in added {
-            tokio::spawn(endpoint.run(self.config.timeouts.connect, events.clone()));
+            for slot in 0..endpoint.pool_size() {
+                tokio::spawn(endpoint.clone().run(
+                    slot,
+                    self.config.timeouts.connect,
+                    events.clone(),
+                ));
+            }
         }
         self.changed.notify_waiters();
     }
@@ -226,6 +233,7 @@ impl Upstream {
                     "address": e.label,
                     "state": e.state().as_str(),
                     "outstanding": e.outstanding(),
+                    "connections": e.connections(),
                     "rtt_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
                 })
             })
