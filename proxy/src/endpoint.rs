@@ -27,6 +27,10 @@ const RISE_WEIGHT: f64 = 0.3;
 const FALL_WEIGHT_MIN: f64 = 0.05;
 /// A new endpoint's latency before any sample: low, so it is tried soon.
 const INITIAL_RTT: Duration = Duration::from_millis(1);
+/// HTTP/2 flow-control windows on both sides of the proxy: fixed and generous, so a stream is
+/// not held back on loopback or in-cluster links, without the BDP pings of adaptive windows.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const CONNECTION_WINDOW: u32 = 4 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -318,7 +322,8 @@ async fn connect(
         let _ = stream.set_nodelay(true);
         hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .handshake(TokioIo::new(stream))

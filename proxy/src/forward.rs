@@ -36,7 +36,8 @@ pub async fn serve(listener: TcpListener, forwarder: Arc<Forwarder>) {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .adaptive_window(true)
+        .initial_stream_window_size(crate::endpoint::STREAM_WINDOW)
+        .initial_connection_window_size(crate::endpoint::CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
         .keep_alive_interval(Duration::from_secs(20));
     loop {
