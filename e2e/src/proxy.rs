@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fanout_proxy_config::ProxyConfig;
+use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
 
 use crate::backend::{Backend, Behaviour, Stats};
 use crate::bins;
@@ -17,6 +17,20 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// A config with one upstream `app.shop` listening on a free loopback port and the admin on
+/// another; `tune` adjusts the upstream. Also returns the upstream's listen address.
+pub fn loopback_config(
+    discovery: Discovery,
+    tune: impl FnOnce(&mut UpstreamConfig),
+) -> (ProxyConfig, SocketAddr) {
+    let local = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut upstream = UpstreamConfig::new("app.shop", local, discovery);
+    tune(&mut upstream);
+    let mut config = ProxyConfig::new(vec![upstream]);
+    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    (config, local)
 }
 
 /// `127.0.0.{n + 2}`: pod stand-ins start at 127.0.0.2.

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use fanout_e2e::backend::proto::test_client::TestClient;
 use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
 use fanout_e2e::backend::{Backend, Behaviour, Stats};
-use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip};
+use fanout_e2e::proxy::{ProxyProcess, loopback_config, pod_ip};
 use fanout_e2e::raw;
-use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
+use fanout_proxy_config::{Discovery, UpstreamConfig};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -186,16 +186,17 @@ async fn a_cancelled_call_is_cancelled_at_the_backend() {
 
 /// One backend on 127.0.0.2 behind a proxy with static discovery; the proxy's listener.
 async fn setup_raw() -> (ProxyProcess, SocketAddr, Arc<Stats>) {
+    start_with(|_| {}).await
+}
+
+/// As [`setup_raw`], with the upstream's config adjusted by `tune`.
+async fn start_with(
+    tune: impl FnOnce(&mut UpstreamConfig),
+) -> (ProxyProcess, SocketAddr, Arc<Stats>) {
     let backend = Backend::new("backend-0", Behaviour::default());
     let stats = backend.stats();
     let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
-    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
-        "app.shop",
-        local,
-        Discovery::Static(vec![addr]),
-    )]);
-    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (config, local) = loopback_config(Discovery::Static(vec![addr]), tune);
     (ProxyProcess::start(&config).await.unwrap(), local, stats)
 }
 
@@ -307,14 +308,8 @@ async fn a_status_in_trailers_after_messages_arrives_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_request_timeout_caps_calls_without_a_deadline() {
-    let backend = Backend::new("backend-0", Behaviour::default());
-    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
-    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut upstream = UpstreamConfig::new("app.shop", local, Discovery::Static(vec![addr]));
-    upstream.timeouts.request = Some(Duration::from_millis(200));
-    let mut config = ProxyConfig::new(vec![upstream]);
-    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _proxy = ProxyProcess::start(&config).await.unwrap();
+    let (_proxy, local, _) =
+        start_with(|upstream| upstream.timeouts.request = Some(Duration::from_millis(200))).await;
     let slow = EchoRequest {
         delay_ms: 2_000,
         ..Default::default()
@@ -332,14 +327,7 @@ async fn the_upstream_request_timeout_caps_calls_without_a_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_can_have_a_pool_of_connections() {
-    let backend = Backend::new("backend-0", Behaviour::default());
-    let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
-    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut upstream = UpstreamConfig::new("app.shop", local, Discovery::Static(vec![addr]));
-    upstream.connections_per_endpoint = 3;
-    let mut config = ProxyConfig::new(vec![upstream]);
-    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let (proxy, local, _) = start_with(|upstream| upstream.connections_per_endpoint = 3).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, body) = proxy.admin_get("/endpoints").await.unwrap();

@@ -6,7 +6,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -109,11 +108,6 @@ impl ResponseBody {
         self.inner = None;
         self.deadline = None;
     }
-}
-
-/// Time left until an optional deadline, for messages.
-pub fn remaining(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }
 
 impl Body for ResponseBody {
