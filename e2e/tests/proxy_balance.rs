@@ -223,3 +223,68 @@ async fn a_dns_outage_keeps_the_last_endpoints_and_removed_pods_leave() {
     backends.sort();
     assert_eq!(backends, ["backend-0", "backend-1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_stopping_gracefully_under_load_fails_no_calls() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (port, _) = spawn_backends(3, Behaviour::default()).await;
+    // A fourth backend that will stop gracefully (GOAWAY) while calls flow.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind((pod_ip(3), port))
+        .await
+        .unwrap();
+    let leaving = fanout_e2e::backend::Backend::new("backend-3", Behaviour::default());
+    let server = tokio::spawn(leaving.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    dns.set(NAME, &(0..4).map(pod_ip).collect::<Vec<_>>());
+    let mut discovery = DnsDiscovery::new(NAME, port);
+    discovery.nameservers = vec![dns.addr];
+    discovery.refresh = Duration::from_millis(500);
+    let (config, local) = fanout_e2e::proxy::loopback_config(Discovery::Dns(discovery), |_| {});
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    wait_for_ready_endpoints(&proxy, 4).await;
+
+    let running = Arc::new(AtomicBool::new(true));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut client = client(local).await;
+        let (running, ok, failed) = (running.clone(), ok.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                match client
+                    .unary(EchoRequest {
+                        delay_ms: 2,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(status) => {
+                        eprintln!("failed: {status:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    running.store(false, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "calls failed while a backend stopped gracefully"
+    );
+}
