@@ -288,3 +288,60 @@ async fn a_backend_stopping_gracefully_under_load_fails_no_calls() {
         "calls failed while a backend stopped gracefully"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_half_its_calls_is_ejected() {
+    let (port, _) = spawn_backends(3, Behaviour::default()).await;
+    let listener = tokio::net::TcpListener::bind((pod_ip(3), port))
+        .await
+        .unwrap();
+    let failing = fanout_e2e::backend::Backend::new(
+        "backend-3",
+        Behaviour {
+            fail_percent: 50,
+            ..Behaviour::default()
+        },
+    );
+    tokio::spawn(failing.serve(listener, std::future::pending()));
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    dns.set(NAME, &(0..4).map(pod_ip).collect::<Vec<_>>());
+    let mut discovery = DnsDiscovery::new(NAME, port);
+    discovery.nameservers = vec![dns.addr];
+    let (config, local) = fanout_e2e::proxy::loopback_config(Discovery::Dns(discovery), |u| {
+        u.ejection.consecutive_failures = 2;
+        u.ejection.base_time = Duration::from_secs(30);
+    });
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    wait_for_ready_endpoints(&proxy, 4).await;
+
+    // Every call's answerer: a reply names its backend; a failure is backend-3's.
+    let mut answered_by_failing = 0;
+    let mut failures = 0;
+    let mut client = client(local).await;
+    for _ in 0..2000 {
+        match client.unary(EchoRequest::default()).await {
+            Ok(reply) if reply.get_ref().backend == "backend-3" => answered_by_failing += 1,
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable);
+                assert!(status.message().contains("backend-3"), "{status:?}");
+                failures += 1;
+            }
+        }
+    }
+    let share = (answered_by_failing + failures) as f64 / 2000.0;
+    assert!(
+        share < 0.05,
+        "backend-3 took {:.1}% of calls ({failures} failed)",
+        share * 100.0
+    );
+    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+    assert!(endpoints.contains("\"ejected\""), "{endpoints}");
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("fanout_proxy_endpoints{upstream=\"app.shop\",state=\"ejected\"} 1"),
+        "{metrics}"
+    );
+}

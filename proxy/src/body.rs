@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use crate::endpoint::Endpoint;
 use crate::grpc;
 use crate::metrics::Metrics;
-use crate::upstream::Activity;
+use crate::upstream::{Activity, Upstream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -26,7 +26,7 @@ pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 /// One stream's accounting: outstanding count, activity for drain, metrics on drop.
 pub struct StreamGuard {
     pub endpoint: Arc<Endpoint>,
-    pub upstream: Arc<str>,
+    pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
     pub duration: Histogram,
     pub activity: Arc<Activity>,
@@ -38,7 +38,7 @@ pub struct StreamGuard {
 impl StreamGuard {
     pub fn new(
         endpoint: Arc<Endpoint>,
-        upstream: Arc<str>,
+        upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         duration: Histogram,
         activity: Arc<Activity>,
@@ -60,12 +60,13 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.endpoint.stream_ended();
-        self.metrics.record_request(
-            &self.upstream,
-            &self.endpoint.label,
-            self.status,
-            self.started.elapsed(),
-        );
+        self.endpoint
+            .count_request(self.status, &self.metrics, &self.upstream.name);
+        self.duration.observe(self.started.elapsed().as_secs_f64());
+        // A call the client cancelled says nothing about the endpoint.
+        if self.status != Some(crate::grpc::CANCELLED) {
+            self.upstream.record_outcome(&self.endpoint, self.status);
+        }
         self.activity.ended();
     }
 }

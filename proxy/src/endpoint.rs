@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::body::RequestBody;
+use crate::eject::Ejection;
 use crate::metrics::Metrics;
 
 /// Latency samples decay with this time constant (as in Finagle and Linkerd).
@@ -75,6 +76,8 @@ pub enum State {
     Failing,
     /// Gone from discovery; finishing its streams.
     Removed,
+    /// Failing calls; out of balancing for a while.
+    Ejected,
 }
 
 impl State {
@@ -84,6 +87,7 @@ impl State {
             State::Connecting => "connecting",
             State::Failing => "failing",
             State::Removed => "removed",
+            State::Ejected => "ejected",
         }
     }
 }
@@ -99,6 +103,7 @@ pub struct Endpoint {
     ewma: Mutex<PeakEwma>,
     connect_failures: AtomicU32,
     removed: AtomicBool,
+    ejection: Mutex<Ejection>,
     /// `fanout_proxy_requests_total` counters of this endpoint by grpc-status, kept at hand.
     counters: Mutex<Vec<(Option<u16>, Counter)>>,
     /// Wakes the connection task when the endpoint is removed or goes idle.
@@ -128,6 +133,7 @@ impl Endpoint {
             }),
             connect_failures: AtomicU32::new(0),
             removed: AtomicBool::new(false),
+            ejection: Mutex::new(Ejection::default()),
             counters: Mutex::new(Vec::new()),
             wake: Notify::new(),
         })
@@ -142,6 +148,27 @@ impl Endpoint {
             .filter_map(|i| senders[(start + i) % n].as_ref())
             .find(|s| s.is_ready())
             .cloned()
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejection
+            .lock()
+            .is_ok_and(|e| e.is_ejected(Instant::now()))
+    }
+
+    /// Records a call's outcome; `true` when the endpoint has failed enough to be ejected.
+    pub fn record_outcome(&self, failed: bool, threshold: u32) -> bool {
+        self.ejection
+            .lock()
+            .is_ok_and(|mut e| e.record(failed, threshold, Instant::now()))
+    }
+
+    /// Takes the endpoint out of balancing for a while; how long.
+    pub fn eject(&self, base: Duration, max: Duration) -> Duration {
+        self.ejection
+            .lock()
+            .map(|mut e| e.eject(base, max, Instant::now()))
+            .unwrap_or_default()
     }
 
     /// Connections up and taking streams.
@@ -159,6 +186,7 @@ impl Endpoint {
 
     pub fn is_ready(&self) -> bool {
         !self.removed.load(Ordering::Relaxed)
+            && !self.is_ejected()
             && self
                 .senders
                 .lock()
@@ -169,6 +197,8 @@ impl Endpoint {
     pub fn state(&self) -> State {
         if self.removed.load(Ordering::Relaxed) {
             State::Removed
+        } else if self.is_ejected() {
+            State::Ejected
         } else if self.is_ready() {
             State::Ready
         } else if self.connect_failures.load(Ordering::Relaxed) > 0 {

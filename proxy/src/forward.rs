@@ -153,7 +153,7 @@ impl Forwarder {
             };
             let mut guard = StreamGuard::new(
                 endpoint.clone(),
-                upstream.name.clone(),
+                upstream.clone(),
                 self.metrics.clone(),
                 self.duration.clone(),
                 self.activity.clone(),

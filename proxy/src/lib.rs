@@ -9,6 +9,7 @@
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
+//! - `eject`: passive ejection of endpoints that keep failing.
 //! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
 //! - `dns`: the DNS client of discovery.
 //! - `admin`: `/live`, `/ready`, `/metrics`, `/endpoints`, `POST /shutdown`.
@@ -22,6 +23,7 @@ pub mod body;
 pub mod check;
 pub mod cli;
 pub mod dns;
+pub mod eject;
 pub mod endpoint;
 pub mod forward;
 pub mod grpc;

@@ -198,6 +198,29 @@ impl Upstream {
         self.picker.pick(&others)
     }
 
+    /// Counts a finished call against `endpoint`, ejecting it when it keeps failing — but never
+    /// more endpoints than `max_ejected_percent` allows (the panic threshold).
+    pub fn record_outcome(&self, endpoint: &Endpoint, grpc_status: Option<u16>) {
+        let policy = &self.config.ejection;
+        if !endpoint.record_outcome(
+            crate::eject::is_failure(grpc_status),
+            policy.consecutive_failures,
+        ) {
+            return;
+        }
+        let endpoints = self.endpoints();
+        let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
+        if (ejected + 1) * 100 > endpoints.len() * policy.max_ejected_percent as usize {
+            tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
+                "endpoint keeps failing, but ejecting it would pass max_ejected_percent");
+            return;
+        }
+        let length = endpoint.eject(policy.base_time, policy.max_time);
+        tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr, ejected_for = ?length,
+            "endpoint ejected after failed calls");
+        self.changed.notify_waiters();
+    }
+
     pub fn has_ready_endpoint(&self) -> bool {
         self.endpoints().iter().any(|e| e.is_ready())
     }
