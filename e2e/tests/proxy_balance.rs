@@ -10,7 +10,7 @@ use fanout_e2e::backend::Behaviour;
 use fanout_e2e::backend::proto::EchoRequest;
 use fanout_e2e::backend::proto::test_client::TestClient;
 use fanout_e2e::dns::DnsServer;
-use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip, spawn_backends};
+use fanout_e2e::proxy::{ProxyProcess, free_port, loopback_config, pod_ip, spawn_backends};
 use fanout_proxy_config::{Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
 use futures::StreamExt;
 use tonic::transport::Channel;
@@ -26,20 +26,26 @@ struct Fleet {
 
 async fn fleet(backends: usize, refresh: Duration) -> Fleet {
     let (port, _) = spawn_backends(backends, Behaviour::default()).await;
+    proxy_over_dns(port, backends, |u| {
+        if let Discovery::Dns(dns) = &mut u.discovery {
+            dns.refresh = refresh;
+        }
+    })
+    .await
+}
+
+/// The test DNS server naming `count` pods (127.0.0.2…) listening on `port`, and a proxy over
+/// it (the upstream adjusted by `tune`) with every endpoint ready.
+async fn proxy_over_dns(port: u16, count: usize, tune: impl FnOnce(&mut UpstreamConfig)) -> Fleet {
     let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let ips: Vec<_> = (0..backends).map(pod_ip).collect();
-    dns.set(NAME, &ips);
-    let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    dns.set(NAME, &(0..count).map(pod_ip).collect::<Vec<_>>());
     let mut discovery = DnsDiscovery::new(NAME, port);
     discovery.nameservers = vec![dns.addr];
-    discovery.refresh = refresh;
-    let upstream = UpstreamConfig::new("app.shop", local, Discovery::Dns(discovery));
-    let mut config = ProxyConfig::new(vec![upstream]);
-    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (config, local) = loopback_config(Discovery::Dns(discovery), tune);
     let proxy = ProxyProcess::start(&config).await.unwrap();
-    wait_for_ready_endpoints(&proxy, backends).await;
+    wait_for_ready_endpoints(&proxy, count).await;
     Fleet {
         proxy,
         dns,
@@ -238,16 +244,9 @@ async fn a_backend_stopping_gracefully_under_load_fails_no_calls() {
     let server = tokio::spawn(leaving.serve(listener, async {
         let _ = stop_rx.await;
     }));
-    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    dns.set(NAME, &(0..4).map(pod_ip).collect::<Vec<_>>());
-    let mut discovery = DnsDiscovery::new(NAME, port);
-    discovery.nameservers = vec![dns.addr];
-    discovery.refresh = Duration::from_millis(500);
-    let (config, local) = fanout_e2e::proxy::loopback_config(Discovery::Dns(discovery), |_| {});
-    let proxy = ProxyProcess::start(&config).await.unwrap();
-    wait_for_ready_endpoints(&proxy, 4).await;
+    // Kept whole: dropping the fleet would stop the proxy.
+    let fleet = proxy_over_dns(port, 4, |_| {}).await;
+    let local = fleet.local;
 
     let running = Arc::new(AtomicBool::new(true));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -303,18 +302,11 @@ async fn a_backend_failing_half_its_calls_is_ejected() {
         },
     );
     tokio::spawn(failing.serve(listener, std::future::pending()));
-    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    dns.set(NAME, &(0..4).map(pod_ip).collect::<Vec<_>>());
-    let mut discovery = DnsDiscovery::new(NAME, port);
-    discovery.nameservers = vec![dns.addr];
-    let (config, local) = fanout_e2e::proxy::loopback_config(Discovery::Dns(discovery), |u| {
+    let Fleet { proxy, local, .. } = proxy_over_dns(port, 4, |u| {
         u.ejection.consecutive_failures = 2;
         u.ejection.base_time = Duration::from_secs(30);
-    });
-    let proxy = ProxyProcess::start(&config).await.unwrap();
-    wait_for_ready_endpoints(&proxy, 4).await;
+    })
+    .await;
 
     // Every call's answerer: a reply names its backend; a failure is backend-3's.
     let mut answered_by_failing = 0;
