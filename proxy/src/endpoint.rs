@@ -104,6 +104,8 @@ pub struct Endpoint {
     connect_failures: AtomicU32,
     removed: AtomicBool,
     ejection: Mutex<Ejection>,
+    /// Set while an ejection may be running, so ready checks skip the lock otherwise.
+    maybe_ejected: AtomicBool,
     /// `fanout_proxy_requests_total` counters of this endpoint by grpc-status, kept at hand.
     counters: Mutex<Vec<(Option<u16>, Counter)>>,
     /// Wakes the connection task when the endpoint is removed or goes idle.
@@ -134,6 +136,7 @@ impl Endpoint {
             connect_failures: AtomicU32::new(0),
             removed: AtomicBool::new(false),
             ejection: Mutex::new(Ejection::default()),
+            maybe_ejected: AtomicBool::new(false),
             counters: Mutex::new(Vec::new()),
             wake: Notify::new(),
         })
@@ -151,9 +154,18 @@ impl Endpoint {
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.ejection
-            .lock()
-            .is_ok_and(|e| e.is_ejected(Instant::now()))
+        if !self.maybe_ejected.load(Ordering::Relaxed) {
+            return false;
+        }
+        // The flag changes only under the lock, so an ejection cannot be lost in between.
+        let Ok(ejection) = self.ejection.lock() else {
+            return false;
+        };
+        let ejected = ejection.is_ejected(Instant::now());
+        if !ejected {
+            self.maybe_ejected.store(false, Ordering::Relaxed);
+        }
+        ejected
     }
 
     /// Records a call's outcome; `true` when the endpoint has failed enough to be ejected.
@@ -165,10 +177,11 @@ impl Endpoint {
 
     /// Takes the endpoint out of balancing for a while; how long.
     pub fn eject(&self, base: Duration, max: Duration) -> Duration {
-        self.ejection
-            .lock()
-            .map(|mut e| e.eject(base, max, Instant::now()))
-            .unwrap_or_default()
+        let Ok(mut ejection) = self.ejection.lock() else {
+            return Duration::ZERO;
+        };
+        self.maybe_ejected.store(true, Ordering::Relaxed);
+        ejection.eject(base, max, Instant::now())
     }
 
     /// Connections up and taking streams.

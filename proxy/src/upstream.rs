@@ -37,8 +37,10 @@ impl Activity {
     }
 
     pub fn ended(&self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut t) = self.last_change.lock() {
+        // Only the moment the proxy goes idle matters to the drain.
+        if self.active.fetch_sub(1, Ordering::Relaxed) == 1
+            && let Ok(mut t) = self.last_change.lock()
+        {
             *t = Instant::now();
         }
     }
