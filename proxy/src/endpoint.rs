@@ -6,15 +6,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::body::RequestBody;
 use crate::eject::Ejection;
 use crate::metrics::Metrics;
 
@@ -32,6 +33,10 @@ const INITIAL_RTT: Duration = Duration::from_millis(1);
 /// not held back on loopback or in-cluster links, without the BDP pings of adaptive windows.
 pub const STREAM_WINDOW: u32 = 1 << 20;
 pub const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Keepalive: a PING after this long, and the connection is dropped if no PONG comes back in
+/// time (a pod that vanished without a FIN or RST is otherwise found only by TCP timeouts).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -97,7 +102,7 @@ pub struct Endpoint {
     /// Stable text of `addr` for metric labels.
     pub label: String,
     /// One slot per pooled connection; `None` while that connection is down.
-    senders: Mutex<Vec<Option<SendRequest<RequestBody>>>>,
+    senders: Mutex<Vec<Option<SendRequest<Bytes>>>>,
     next_sender: AtomicUsize,
     outstanding: AtomicUsize,
     ewma: Mutex<PeakEwma>,
@@ -143,14 +148,14 @@ impl Endpoint {
     }
 
     /// A sender for a new stream on the next connection that is up and not going away.
-    pub fn sender(&self) -> Option<SendRequest<RequestBody>> {
-        let senders = self.senders.lock().ok()?;
+    pub fn sender(&self) -> Option<SendRequest<Bytes>> {
+        let mut senders = self.senders.lock().ok()?;
         let n = senders.len();
         let start = self.next_sender.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .filter_map(|i| senders[(start + i) % n].as_ref())
-            .find(|s| s.is_ready())
-            .cloned()
+        (0..n).find_map(|i| {
+            let sender = senders[(start + i) % n].as_mut()?;
+            usable(sender).then(|| sender.clone())
+        })
     }
 
     pub fn is_ejected(&self) -> bool {
@@ -188,7 +193,7 @@ impl Endpoint {
     pub fn connections(&self) -> usize {
         self.senders
             .lock()
-            .map(|s| s.iter().flatten().filter(|s| s.is_ready()).count())
+            .map(|mut s| s.iter_mut().flatten().map(|s| usize::from(usable(s))).sum())
             .unwrap_or(0)
     }
 
@@ -203,7 +208,7 @@ impl Endpoint {
             && self
                 .senders
                 .lock()
-                .map(|s| s.iter().flatten().any(|s| s.is_ready()))
+                .map(|mut s| s.iter_mut().flatten().any(usable))
                 .unwrap_or(false)
     }
 
@@ -280,6 +285,72 @@ impl Endpoint {
         self.removed.load(Ordering::Relaxed)
     }
 
+    /// Drives one connection until it ends, the endpoint is removed and idle, or a keepalive
+    /// PING goes unanswered.
+    async fn serve_connection(&self, connection: Connection) {
+        enum Event {
+            Ended,
+            Pong(bool),
+            Timer,
+            Woken,
+        }
+        let mut connection = connection;
+        let mut ping_pong = connection.ping_pong();
+        tokio::pin!(connection);
+        let timer = tokio::time::sleep(KEEPALIVE_INTERVAL);
+        tokio::pin!(timer);
+        let mut awaiting_pong = false;
+        loop {
+            let keepalive = std::future::poll_fn(|cx| {
+                if awaiting_pong
+                    && let Some(ping_pong) = ping_pong.as_mut()
+                    && let Poll::Ready(result) = ping_pong.poll_pong(cx)
+                {
+                    return Poll::Ready(Event::Pong(result.is_ok()));
+                }
+                timer.as_mut().poll(cx).map(|()| Event::Timer)
+            });
+            let event = tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(endpoint = %self.addr, error = %e, "connection ended");
+                    }
+                    Event::Ended
+                }
+                event = keepalive => event,
+                // Woken when removed or idle.
+                () = self.wake.notified() => Event::Woken,
+            };
+            match event {
+                Event::Ended | Event::Pong(false) => return,
+                Event::Pong(true) => {
+                    awaiting_pong = false;
+                    timer.as_mut().reset(Instant::now() + KEEPALIVE_INTERVAL);
+                }
+                Event::Timer if awaiting_pong => {
+                    tracing::info!(endpoint = %self.addr, "no answer to a keepalive PING; reconnecting");
+                    return;
+                }
+                Event::Timer => {
+                    let sent = ping_pong
+                        .as_mut()
+                        .is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
+                    awaiting_pong = sent;
+                    let wait = if sent {
+                        KEEPALIVE_TIMEOUT
+                    } else {
+                        KEEPALIVE_INTERVAL
+                    };
+                    timer.as_mut().reset(Instant::now() + wait);
+                }
+                Event::Woken => {}
+            }
+            if self.is_removed() && self.outstanding() == 0 {
+                return;
+            }
+        }
+    }
+
     /// Keeps connection `slot` up until the endpoint is removed and idle.
     pub async fn run(
         self: Arc<Self>,
@@ -297,24 +368,7 @@ impl Endpoint {
                         senders[slot] = Some(sender);
                     }
                     events.changed();
-                    tokio::pin!(connection);
-                    loop {
-                        tokio::select! {
-                            result = &mut connection => {
-                                if let Err(e) = result {
-                                    tracing::debug!(endpoint = %self.addr, error = %e, "connection ended");
-                                }
-                                break;
-                            }
-                            // Woken when removed or idle; the tick covers a wake-up that came
-                            // while this task was not yet waiting.
-                            () = self.wake.notified() => {}
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                        if self.is_removed() && self.outstanding() == 0 {
-                            break;
-                        }
-                    }
+                    self.serve_connection(connection).await;
                     if let Ok(mut senders) = self.senders.lock() {
                         senders[slot] = None;
                     }
@@ -350,32 +404,35 @@ pub enum ConnectError {
     #[error("connect: {0}")]
     Io(#[source] std::io::Error),
     #[error("HTTP/2 handshake: {0}")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] h2::Error),
 }
 
-type Connection =
-    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>;
+type Connection = h2::client::Connection<TcpStream, Bytes>;
 
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<(SendRequest<RequestBody>, Connection), ConnectError> {
+) -> Result<(SendRequest<Bytes>, Connection), ConnectError> {
     let attempt = async {
         let stream = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
         let _ = stream.set_nodelay(true);
-        hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(TokioIo::new(stream))
+            .handshake(stream)
             .await
             .map_err(ConnectError::Handshake)
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+/// A connection takes new streams unless it is closed or the endpoint sent GOAWAY. A sender
+/// that has not queued a stream of its own answers at once, so a no-op waker is enough.
+fn usable(sender: &mut SendRequest<Bytes>) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
 }
 
 #[cfg(test)]

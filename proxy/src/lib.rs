@@ -4,8 +4,11 @@
 //! - `cli`: `run`, `check`, `wait`; start-up, and the SIGTERM drain.
 //! - `check`: reading and validating the config file.
 //! - `serving`: the upstreams being served, and applying a changed config file.
-//! - `forward`: the h2c listener per upstream and the per-stream forwarding.
-//! - `body`: request and response bodies on the data path, with per-stream accounting.
+//! - `server`: the h2c listener of each upstream; a task per stream.
+//! - `forward`: one call: pick, open upstream, move both ways, deadline, retries.
+//! - `pump`: one direction of a stream under flow control, kept for replay while it fits.
+//! - `retry`: the retry budget.
+//! - `accounting`: per-call and per-attempt bookkeeping (drain, metrics, ejection).
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
@@ -17,9 +20,9 @@
 //! - `wait`: the postStart helper.
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod admin;
 pub mod balance;
-pub mod body;
 pub mod check;
 pub mod cli;
 pub mod dns;
@@ -28,6 +31,9 @@ pub mod endpoint;
 pub mod forward;
 pub mod grpc;
 pub mod metrics;
+pub mod pump;
+pub mod retry;
+pub mod server;
 pub mod serving;
 pub mod upstream;
 pub mod wait;

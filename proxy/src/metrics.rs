@@ -1,7 +1,5 @@
 //! Prometheus metrics of the proxy.
 
-use std::time::Duration;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,6 +21,14 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub upstream: String,
+    /// `unsent`, `refused` (REFUSED_STREAM), `goaway` (above the GOAWAY last stream id),
+    /// `unavailable` (a Trailers-Only UNAVAILABLE).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointStateLabels {
     pub upstream: String,
     pub state: &'static str,
@@ -33,7 +39,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<UpstreamLabels, Histogram>,
     pub endpoints: Family<EndpointStateLabels, Gauge>,
-    retries: Family<UpstreamLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    retries_refused: Family<UpstreamLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,11 +66,17 @@ impl Default for Metrics {
             "Endpoints of each upstream by state",
             endpoints.clone(),
         );
-        let retries = Family::<UpstreamLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
             "fanout_proxy_retries",
-            "Calls sent again to another endpoint",
+            "Calls sent again to another endpoint, by why",
             retries.clone(),
+        );
+        let retries_refused = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "fanout_proxy_retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            retries_refused.clone(),
         );
         Self {
             registry,
@@ -71,6 +84,7 @@ impl Default for Metrics {
             duration,
             endpoints,
             retries,
+            retries_refused,
         }
     }
 }
@@ -96,30 +110,22 @@ impl Metrics {
             .clone()
     }
 
-    pub fn record_request(
-        &self,
-        upstream: &str,
-        endpoint: &str,
-        status: Option<u16>,
-        elapsed: Duration,
-    ) {
-        let grpc_status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
-        self.requests
-            .get_or_create(&RequestLabels {
-                upstream: upstream.to_string(),
-                endpoint: endpoint.to_string(),
-                grpc_status,
-            })
-            .inc();
-        self.duration
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_string(),
-            })
-            .observe(elapsed.as_secs_f64());
+    /// Counts a call the proxy answered itself, without an endpoint.
+    pub fn record_request(&self, upstream: &str, endpoint: &str, status: Option<u16>) {
+        self.requests_counter(upstream, endpoint, status).inc();
     }
 
-    pub fn record_retry(&self, upstream: &str) {
+    pub fn record_retry(&self, upstream: &str, reason: &str) {
         self.retries
+            .get_or_create(&RetryLabels {
+                upstream: upstream.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn record_retry_refused(&self, upstream: &str) {
+        self.retries_refused
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_string(),
             })

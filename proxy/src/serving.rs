@@ -11,8 +11,9 @@ use tokio::task::AbortHandle;
 
 use crate::admin::Admin;
 use crate::cli::{BindError, bind};
-use crate::forward::{self, Forwarder};
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
+use crate::server;
 use crate::upstream::{Activity, Upstream};
 
 struct Entry {
@@ -59,7 +60,7 @@ impl Serving {
             self.metrics.clone(),
             self.activity.clone(),
         ));
-        let listener = tokio::spawn(forward::serve(listener, forwarder.clone())).abort_handle();
+        let listener = tokio::spawn(server::serve(listener, forwarder.clone())).abort_handle();
         self.order.push(config.name.clone());
         self.entries.insert(
             config.name.clone(),

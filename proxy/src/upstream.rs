@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::balance::Picker;
 use crate::dns;
 use crate::endpoint::{Endpoint, Events, State};
+use crate::retry::Budget;
 
 /// Streams in flight across the proxy, and when that last changed: the drain waits on it.
 pub struct Activity {
@@ -66,6 +67,8 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     picker: Picker,
+    /// Caps retries at the configured share of calls.
+    pub budget: Budget,
     /// An endpoint became ready or the set changed: wakes streams waiting for an endpoint.
     changed: Notify,
     resolve_now: Notify,
@@ -97,6 +100,7 @@ impl Upstream {
         let upstream = Arc::new(Self {
             name: config.name.as_str().into(),
             picker: Picker::new(config.balancer),
+            budget: Budget::new(config.retry.budget_percent),
             config,
             endpoints: RwLock::new(Arc::new(Vec::new())),
             changed: Notify::new(),

@@ -36,7 +36,8 @@ enum Command {
         #[arg(long, default_value = "target/bench/webhook.md")]
         out: PathBuf,
     },
-    /// Benchmark the proxy against a direct connection, with the same backends and load.
+    /// Benchmark the proxy against a direct connection, HAProxy and nginx, with the same
+    /// backends and load. Also writes a PNG chart beside the table.
     Proxy {
         /// Seconds of each saturation and fixed-rate run.
         #[arg(long, default_value_t = 5)]
@@ -63,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+mod chart;
+mod peers;
 mod proxy_bench;
 
 async fn webhook(

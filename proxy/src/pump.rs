@@ -1,0 +1,185 @@
+//! Moving one direction of a stream (DATA frames, then trailers or END_STREAM) from where it is
+//! received to where it is sent, under HTTP/2 flow control on both sides, and keeping what was
+//! read for a replay on another endpoint while it fits.
+//!
+//! Flow control: a chunk is read only once the sending side has capacity, and its window is
+//! released on the receiving side as it is handed on; h2 buffers at most `max_send_buffer_size`
+//! per stream beyond the peer's window. So a slow reader slows its writer down, end to end,
+//! without the proxy holding more than a window per stream.
+
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::HeaderMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// The receiving side failed: reset by its peer, or its connection was lost.
+    #[error("receiving: {0}")]
+    Recv(#[source] h2::Error),
+    /// The sending side failed, or its peer reset the stream.
+    #[error("sending: {0}")]
+    Send(#[source] h2::Error),
+    /// The sending side's peer reset the stream with this reason.
+    #[error("reset by the peer: {0}")]
+    Reset(h2::Reason),
+    /// The sending side was closed under us.
+    #[error("the stream was closed")]
+    Closed,
+}
+
+/// The receiving half of one direction, with what has been read so far kept (up to `limit`
+/// bytes) so it can be sent again from the start.
+pub struct Source {
+    recv: RecvStream,
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    limit: usize,
+    /// More than `limit` was read: a replay is no longer possible.
+    overflowed: bool,
+    /// The receiving side has ended (END_STREAM seen).
+    ended: bool,
+    trailers: Option<HeaderMap>,
+}
+
+/// How far one sending side has got through a [`Source`].
+#[derive(Debug, Default)]
+pub struct Cursor {
+    next: usize,
+    pub done: bool,
+}
+
+impl Cursor {
+    /// For a stream whose HEADERS frame already ended it: nothing more to send.
+    pub fn finished() -> Self {
+        Self {
+            next: 0,
+            done: true,
+        }
+    }
+}
+
+impl Source {
+    pub fn new(recv: RecvStream, limit: usize) -> Self {
+        let ended = recv.is_end_stream();
+        Self {
+            recv,
+            kept: Vec::new(),
+            kept_bytes: 0,
+            limit,
+            overflowed: false,
+            ended,
+            trailers: None,
+        }
+    }
+
+    /// Everything read so far is kept: it can be sent again from the start.
+    pub fn can_replay(&self) -> bool {
+        !self.overflowed
+    }
+
+    /// The whole body has been read and is kept.
+    pub fn is_complete(&self) -> bool {
+        self.ended && !self.overflowed
+    }
+
+    /// Ended before any data: the HEADERS frame carries END_STREAM.
+    pub fn is_empty_and_ended(&self) -> bool {
+        self.ended && self.kept.is_empty() && self.trailers.is_none() && !self.overflowed
+    }
+
+    pub fn trailers(&self) -> Option<&HeaderMap> {
+        self.trailers.as_ref()
+    }
+
+    /// Forwards to `send` until everything is sent (`Ready(Ok)`) or nothing more can move now.
+    pub fn poll_forward(
+        &mut self,
+        cursor: &mut Cursor,
+        send: &mut SendStream<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), PumpError>> {
+        while !cursor.done {
+            if let Poll::Ready(reason) = send.poll_reset(cx) {
+                return Poll::Ready(Err(reason.map_or_else(PumpError::Send, PumpError::Reset)));
+            }
+            if cursor.next < self.kept.len() {
+                // Replaying what an earlier attempt sent.
+                ready!(poll_send_capacity(send, cx))?;
+                let last = cursor.next + 1 == self.kept.len();
+                let end = last && self.ended && self.trailers.is_none();
+                let chunk = self.kept[cursor.next].clone();
+                send.send_data(chunk, end).map_err(PumpError::Send)?;
+                cursor.next += 1;
+                cursor.done = end;
+                continue;
+            }
+            if self.ended {
+                match &self.trailers {
+                    Some(trailers) => send
+                        .send_trailers(trailers.clone())
+                        .map_err(PumpError::Send)?,
+                    None => send
+                        .send_data(Bytes::new(), true)
+                        .map_err(PumpError::Send)?,
+                }
+                cursor.done = true;
+                continue;
+            }
+            ready!(poll_send_capacity(send, cx))?;
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.ended = self.recv.is_end_stream();
+                    self.keep(&chunk, cursor);
+                    send.send_data(chunk, self.ended).map_err(PumpError::Send)?;
+                    cursor.done = self.ended;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(PumpError::Recv(e))),
+                None => {
+                    let trailers = ready!(self.recv.poll_trailers(cx)).map_err(PumpError::Recv)?;
+                    self.trailers = trailers;
+                    self.ended = true;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn keep(&mut self, chunk: &Bytes, cursor: &mut Cursor) {
+        if self.overflowed {
+            return;
+        }
+        if self.kept_bytes + chunk.len() > self.limit {
+            self.overflowed = true;
+            self.kept = Vec::new();
+            cursor.next = 0;
+            return;
+        }
+        self.kept_bytes += chunk.len();
+        self.kept.push(chunk.clone());
+        cursor.next = self.kept.len();
+    }
+}
+
+/// Waits until `send` may take another chunk. Asking for one byte is enough: h2 takes the
+/// whole chunk and sends it as the window allows, and stops granting capacity while a stream
+/// has `max_send_buffer_size` queued.
+fn poll_send_capacity(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), PumpError>> {
+    if send.capacity() > 0 {
+        return Poll::Ready(Ok(()));
+    }
+    send.reserve_capacity(1);
+    loop {
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(0)) => {}
+            Some(Ok(_)) => return Poll::Ready(Ok(())),
+            Some(Err(e)) => return Poll::Ready(Err(PumpError::Send(e))),
+            None => return Poll::Ready(Err(PumpError::Closed)),
+        }
+    }
+}
