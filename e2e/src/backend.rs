@@ -42,6 +42,18 @@ pub struct Backend {
     behaviour: Behaviour,
     stats: Arc<Stats>,
     seq: Arc<AtomicU64>,
+    serving: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Turns what a backend's `grpc.health.v1` service reports (for the server and for the test
+/// service) between SERVING and NOT_SERVING while it runs.
+#[derive(Clone)]
+pub struct HealthSwitch(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl HealthSwitch {
+    pub fn set_serving(&self, serving: bool) {
+        self.0.send_replace(serving);
+    }
 }
 
 /// Counts a call as cancelled if it is dropped before it finished (the client reset it).
@@ -91,7 +103,12 @@ impl Backend {
             behaviour,
             stats: Arc::default(),
             seq: Arc::default(),
+            serving: Arc::new(tokio::sync::watch::channel(true).0),
         }
+    }
+
+    pub fn health(&self) -> HealthSwitch {
+        HealthSwitch(self.serving.clone())
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -135,7 +152,26 @@ impl Backend {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<TestServer<Backend>>().await;
+        let mut serving = self.serving.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let status = if *serving.borrow_and_update() {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                health.set_service_status("", status).await;
+                health
+                    .set_service_status(
+                        <TestServer<Backend> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
+                    .await;
+                if serving.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(
@@ -144,7 +180,14 @@ impl Backend {
                     .max_encoding_message_size(64 << 20),
             )
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // TCP_NODELAY, as gRPC servers set it (grpc-go, grpc-java): without it a
+                // reply's HEADERS, DATA and trailers, written apart, wait on delayed ACKs.
+                tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+                    if let Ok(stream) = &stream {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    stream
+                }),
                 shutdown,
             )
             .await

@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - `backend`: the tonic test backend (every call kind, its id in replies, delays, errors).
+//! - `backend_process`: the test backend as a process (graceful stop, `kill -9`, restart).
 //! - `dns`: a test DNS server whose records tests change.
+//! - `fleet`: a proxy over backends named by the test DNS server, and what tests ask of it.
 //! - `bench`: percentiles and process CPU for the benchmarks.
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
@@ -15,10 +17,12 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod backend_process;
 pub mod bench;
 pub mod bins;
 pub mod dns;
 pub mod fixtures;
+pub mod fleet;
 pub mod https;
 pub mod load;
 pub mod proxy;

@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::eject::Ejection;
+use crate::health::{Health, Verdict};
 use crate::metrics::Metrics;
+use fanout_proxy_config::HealthCheck;
 
 /// Latency samples decay with this time constant (as in Finagle and Linkerd).
 const EWMA_DECAY: Duration = Duration::from_secs(1);
@@ -83,6 +85,8 @@ pub enum State {
     Removed,
     /// Failing calls; out of balancing for a while.
     Ejected,
+    /// Failing active health checks, or not checked yet.
+    Unhealthy,
 }
 
 impl State {
@@ -93,6 +97,7 @@ impl State {
             State::Failing => "failing",
             State::Removed => "removed",
             State::Ejected => "ejected",
+            State::Unhealthy => "unhealthy",
         }
     }
 }
@@ -115,6 +120,10 @@ pub struct Endpoint {
     counters: Mutex<Vec<(Option<u16>, Counter)>>,
     /// Wakes the connection task when the endpoint is removed or goes idle.
     wake: Notify,
+    /// Active health checks (when configured); `healthy` is their verdict at hand, always
+    /// true without checks.
+    health: Mutex<Health>,
+    healthy: AtomicBool,
 }
 
 /// Signals from endpoints to their upstream.
@@ -126,8 +135,9 @@ pub trait Events: Send + Sync + 'static {
 }
 
 impl Endpoint {
-    /// An endpoint that will keep `connections` HTTP/2 connections (see [`Endpoint::run`]).
-    pub fn new(addr: SocketAddr, connections: usize) -> Arc<Self> {
+    /// An endpoint that will keep `connections` HTTP/2 connections (see [`Endpoint::run`]);
+    /// `health_checked`: it takes calls only once an active health check passed.
+    pub fn new(addr: SocketAddr, connections: usize, health_checked: bool) -> Arc<Self> {
         Arc::new(Self {
             addr,
             label: addr.to_string(),
@@ -144,7 +154,24 @@ impl Endpoint {
             maybe_ejected: AtomicBool::new(false),
             counters: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            health: Mutex::new(Health::default()),
+            healthy: AtomicBool::new(!health_checked),
         })
+    }
+
+    /// Records an active health check; `true` when the endpoint's verdict changed.
+    pub fn record_health(&self, passed: bool, config: &HealthCheck) -> bool {
+        let Ok(mut health) = self.health.lock() else {
+            return false;
+        };
+        let changed = health.record(passed, config);
+        self.healthy
+            .store(health.verdict == Verdict::Healthy, Ordering::Relaxed);
+        changed
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
     }
 
     /// A sender for a new stream on the next connection that is up and not going away.
@@ -204,6 +231,7 @@ impl Endpoint {
 
     pub fn is_ready(&self) -> bool {
         !self.removed.load(Ordering::Relaxed)
+            && self.is_healthy()
             && !self.is_ejected()
             && self
                 .senders
@@ -217,6 +245,8 @@ impl Endpoint {
             State::Removed
         } else if self.is_ejected() {
             State::Ejected
+        } else if !self.is_healthy() {
+            State::Unhealthy
         } else if self.is_ready() {
             State::Ready
         } else if self.connect_failures.load(Ordering::Relaxed) > 0 {

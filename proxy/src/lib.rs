@@ -13,6 +13,7 @@
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
 //! - `eject`: passive ejection of endpoints that keep failing.
+//! - `health`: active `grpc.health.v1` checks.
 //! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
 //! - `dns`: the DNS client of discovery.
 //! - `admin`: `/live`, `/ready`, `/metrics`, `/endpoints`, `POST /shutdown`.
@@ -30,6 +31,7 @@ pub mod eject;
 pub mod endpoint;
 pub mod forward;
 pub mod grpc;
+pub mod health;
 pub mod metrics;
 pub mod pump;
 pub mod retry;

@@ -148,8 +148,11 @@ impl Upstream {
             match by_addr.remove(addr) {
                 Some(existing) => next.push(existing),
                 None => {
-                    let endpoint =
-                        Endpoint::new(*addr, self.config.connections_per_endpoint as usize);
+                    let endpoint = Endpoint::new(
+                        *addr,
+                        self.config.connections_per_endpoint as usize,
+                        self.config.health_check.is_some(),
+                    );
                     added.push(endpoint.clone());
                     next.push(endpoint);
                 }
@@ -172,6 +175,13 @@ impl Upstream {
                 tokio::spawn(endpoint.clone().run(
                     slot,
                     self.config.timeouts.connect,
+                    events.clone(),
+                ));
+            }
+            if let Some(checks) = &self.config.health_check {
+                tokio::spawn(crate::health::run(
+                    endpoint.clone(),
+                    checks.clone(),
                     events.clone(),
                 ));
             }
@@ -249,7 +259,20 @@ impl Upstream {
                 None => "discovery found no endpoints".into(),
             }
         } else {
-            format!("none of {} endpoints is connected", endpoints.len())
+            let mut states: Vec<(&str, usize)> = Vec::new();
+            for endpoint in endpoints.iter() {
+                let state = endpoint.state().as_str();
+                match states.iter_mut().find(|(s, _)| *s == state) {
+                    Some((_, n)) => *n += 1,
+                    None => states.push((state, 1)),
+                }
+            }
+            let states: Vec<String> = states.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            format!(
+                "none of {} endpoints is ready ({})",
+                endpoints.len(),
+                states.join(", ")
+            )
         })
     }
 

@@ -1,0 +1,85 @@
+//! A proxy in front of backends named by the test DNS server, as a pod's sidecar sees a
+//! headless Service, and what tests ask of it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fanout_proxy_config::{Discovery, DnsDiscovery, UpstreamConfig};
+use tonic::transport::Channel;
+
+use crate::backend::proto::test_client::TestClient;
+use crate::dns::DnsServer;
+use crate::proxy::{ProxyProcess, loopback_config, pod_ip};
+
+/// The name the test DNS server answers for.
+pub const NAME: &str = "app.shop.svc.cluster.local";
+
+pub struct Fleet {
+    pub proxy: ProxyProcess,
+    pub dns: DnsServer,
+    /// Where the proxy listens for the upstream.
+    pub local: SocketAddr,
+    pub port: u16,
+}
+
+/// The test DNS server naming `count` pods (127.0.0.2…) listening on `port`, and a proxy over
+/// it (the upstream adjusted by `tune`) with every endpoint ready.
+pub async fn proxy_over_dns(
+    port: u16,
+    count: usize,
+    tune: impl FnOnce(&mut UpstreamConfig),
+) -> Fleet {
+    let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    dns.set(NAME, &(0..count).map(pod_ip).collect::<Vec<_>>());
+    let mut discovery = DnsDiscovery::new(NAME, port);
+    discovery.nameservers = vec![dns.addr];
+    let (config, local) = loopback_config(Discovery::Dns(discovery), tune);
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    wait_for_endpoints(&proxy, "ready", count).await;
+    Fleet {
+        proxy,
+        dns,
+        local,
+        port,
+    }
+}
+
+/// The states of the first upstream's endpoints, by address, from `/endpoints`.
+pub async fn endpoint_states(proxy: &ProxyProcess) -> Vec<(String, String, u64)> {
+    let (_, body) = proxy.admin_get("/endpoints").await.unwrap();
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    state["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap_or_default().to_string(),
+                e["state"].as_str().unwrap_or_default().to_string(),
+                e["outstanding"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (up to 5 s) until at least `count` endpoints are in `state`.
+pub async fn wait_for_endpoints(proxy: &ProxyProcess, state: &str, count: usize) {
+    for _ in 0..200 {
+        let states = endpoint_states(proxy).await;
+        if states.iter().filter(|(_, s, _)| s == state).count() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "fewer than {count} endpoints {state}: {}",
+        proxy.admin_get("/endpoints").await.unwrap().1
+    );
+}
+
+/// One HTTP/2 connection, as one gateway pod's gRPC client keeps.
+pub async fn client(addr: SocketAddr) -> TestClient<Channel> {
+    TestClient::connect(format!("http://{addr}")).await.unwrap()
+}

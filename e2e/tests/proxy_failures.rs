@@ -1,0 +1,498 @@
+//! No failed calls through endpoint failures: graceful stops and rolling restarts, `kill -9`,
+//! a backend failing half its calls, a slow backend, health checks; and `/ready` following the
+//! upstream's health. Real `fanout-proxy` processes; backends as processes where a process
+//! boundary matters (signals), in-process otherwise.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fanout_e2e::backend::proto::{EchoRequest, StatsRequest, StreamRequest};
+use fanout_e2e::backend::{Backend, Behaviour, HealthSwitch};
+use fanout_e2e::backend_process::BackendProcess;
+use fanout_e2e::bench::percentile;
+use fanout_e2e::fleet::{Fleet, client, endpoint_states, proxy_over_dns, wait_for_endpoints};
+use fanout_e2e::proxy::{pod_ip, spawn_backends};
+use fanout_proxy_config::HealthCheck;
+
+/// A failed call: when it started and ended, and the status the client got.
+#[derive(Debug)]
+struct Failure {
+    started: Instant,
+    #[allow(dead_code, reason = "shown through Debug when a test fails")]
+    status: tonic::Status,
+}
+
+/// Continuous load on the proxy: `unary` loops of unary calls and `streams` loops of server
+/// streams (5 messages, 10 ms apart), until stopped.
+struct Load {
+    running: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<Failure>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl Load {
+    async fn start(local: SocketAddr, connections: usize, unary: usize, streams: usize) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..connections {
+            clients.push(client(local).await);
+        }
+        for n in 0..unary + streams {
+            let mut client = clients[n % connections].clone();
+            let (running, ok, failures) = (running.clone(), ok.clone(), failures.clone());
+            let streaming = n >= unary;
+            tasks.push(tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let result = if streaming {
+                        server_stream(&mut client).await
+                    } else {
+                        client
+                            .unary(EchoRequest {
+                                delay_ms: 2,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ())
+                    };
+                    match result {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(status) => failures.lock().unwrap().push(Failure { started, status }),
+                    }
+                }
+            }));
+        }
+        Self {
+            running,
+            ok,
+            failures,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops the load; calls that succeeded, the failures, and calls per second.
+    async fn stop(self) -> (u64, Vec<Failure>, f64) {
+        self.running.store(false, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let ok = self.ok.load(Ordering::Relaxed);
+        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
+        let rate = (ok + failures.len() as u64) as f64 / self.started.elapsed().as_secs_f64();
+        (ok, failures, rate)
+    }
+}
+
+async fn server_stream(
+    client: &mut fanout_e2e::backend::proto::test_client::TestClient<tonic::transport::Channel>,
+) -> Result<(), tonic::Status> {
+    let mut stream = client
+        .server_stream(StreamRequest {
+            count: 5,
+            interval_ms: 10,
+            reply_bytes: 16,
+        })
+        .await?
+        .into_inner();
+    let mut messages = 0;
+    while let Some(message) = stream.message().await? {
+        let _ = message;
+        messages += 1;
+    }
+    if messages == 5 {
+        Ok(())
+    } else {
+        Err(tonic::Status::data_loss(format!(
+            "{messages} of 5 messages"
+        )))
+    }
+}
+
+/// 10 backend processes on 127.0.0.2–11, one port.
+async fn backend_processes(args: &[&str]) -> (u16, Vec<BackendProcess>) {
+    let port = std::net::TcpListener::bind((pod_ip(0), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut backends = Vec::new();
+    for n in 0..10 {
+        let addr = SocketAddr::new(pod_ip(n), port);
+        backends.push(
+            BackendProcess::start(addr, &format!("backend-{n}"), args)
+                .await
+                .unwrap(),
+        );
+    }
+    (port, backends)
+}
+
+async fn calls_served(addr: SocketAddr) -> u64 {
+    let mut client = client(addr).await;
+    client
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_calls() {
+    let (port, mut backends) = backend_processes(&[]).await;
+    let fleet = proxy_over_dns(port, 10, |_| {}).await;
+    let load = Load::start(fleet.local, 4, 6, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Each backend in turn stops gracefully (GOAWAY; its calls in flight finish), comes back
+    // on the same address, and is in service again before the next one goes.
+    for backend in &mut backends {
+        let code = backend.stop(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(code, Some(0), "{} did not stop cleanly", backend.id);
+        backend.restart().await.unwrap();
+        wait_for_endpoints(&fleet.proxy, "ready", 10).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failures, rate) = load.stop().await;
+    eprintln!(
+        "rolling restart: {ok} calls at {rate:.0} calls/s, {} failed",
+        failures.len()
+    );
+    assert!(
+        rate >= 200.0,
+        "load too light to show anything: {rate:.0} calls/s"
+    );
+    assert!(failures.is_empty(), "calls failed: {failures:#?}");
+    // Every backend, restarted, serves again.
+    for backend in &backends {
+        assert!(calls_served(backend.addr).await > 0, "{} idle", backend.id);
+    }
+    let (_, metrics) = fleet.proxy.admin_get("/metrics").await.unwrap();
+    eprintln!(
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("fanout_proxy_retries"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_fails_only_the_calls_in_flight_and_the_endpoint_returns() {
+    // Calls take 20 ms, so the victim always has some in flight.
+    let (port, mut backends) = backend_processes(&["--delay-ms", "20"]).await;
+    let fleet = proxy_over_dns(port, 10, |_| {}).await;
+    let load = Load::start(fleet.local, 4, 32, 0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let victim = &mut backends[3];
+    let victim_addr = victim.addr.to_string();
+    let in_flight = endpoint_states(&fleet.proxy)
+        .await
+        .into_iter()
+        .find(|(addr, _, _)| *addr == victim_addr)
+        .map(|(_, _, outstanding)| outstanding)
+        .unwrap();
+    victim.kill().await.unwrap();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let failures_after_kill = load.failures.lock().unwrap().len();
+
+    // Back on the same address: the proxy reconnects and sends it calls again.
+    victim.restart().await.unwrap();
+    wait_for_endpoints(&fleet.proxy, "ready", 10).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failures, rate) = load.stop().await;
+    eprintln!(
+        "kill -9: {ok} calls at {rate:.0} calls/s; {in_flight} in flight on the victim, {} failed",
+        failures.len()
+    );
+    assert!(rate >= 200.0, "{rate:.0} calls/s");
+    assert_eq!(
+        failures.len(),
+        failures_after_kill,
+        "failures after the restart"
+    );
+    // One call may be picked for the victim between reading /endpoints and the kill.
+    assert!(
+        failures.len() as u64 <= in_flight + 1,
+        "{} failed, {in_flight} were in flight: {failures:#?}",
+        failures.len()
+    );
+    for failure in &failures {
+        assert!(
+            failure.started < killed,
+            "a call started after the kill failed: {failure:?}"
+        );
+    }
+    assert!(
+        calls_served(backends[3].addr).await > 0,
+        "restarted victim got no calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_stopping_gracefully_under_load_fails_no_calls() {
+    let (port, _) = spawn_backends(3, Behaviour::default()).await;
+    // A fourth backend that will stop gracefully (GOAWAY) while calls flow.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind((pod_ip(3), port))
+        .await
+        .unwrap();
+    let leaving = Backend::new("backend-3", Behaviour::default());
+    let server = tokio::spawn(leaving.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let fleet = proxy_over_dns(port, 4, |_| {}).await;
+    let load = Load::start(fleet.local, 4, 4, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (ok, failures, _) = load.stop().await;
+    assert!(ok > 100);
+    assert!(
+        failures.is_empty(),
+        "calls failed while a backend stopped gracefully: {failures:#?}"
+    );
+}
+
+/// 3 healthy in-process backends and a fourth with `behaviour`; its stats.
+async fn three_and_one(behaviour: Behaviour) -> (u16, Arc<fanout_e2e::backend::Stats>) {
+    let (port, _) = spawn_backends(3, Behaviour::default()).await;
+    let listener = tokio::net::TcpListener::bind((pod_ip(3), port))
+        .await
+        .unwrap();
+    let odd = Backend::new("backend-3", behaviour);
+    let stats = odd.stats();
+    tokio::spawn(odd.serve(listener, std::future::pending()));
+    (port, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_half_its_calls_is_ejected_and_retries_hide_it() {
+    let (port, failing) = three_and_one(Behaviour {
+        fail_percent: 50,
+        ..Behaviour::default()
+    })
+    .await;
+    let Fleet { proxy, local, .. } = proxy_over_dns(port, 4, |u| {
+        u.ejection.consecutive_failures = 2;
+        u.ejection.base_time = Duration::from_secs(30);
+    })
+    .await;
+
+    let mut client = client(local).await;
+    let mut failures = Vec::new();
+    for _ in 0..2000 {
+        if let Err(status) = client.unary(EchoRequest::default()).await {
+            failures.push(status);
+        }
+    }
+    // Its UNAVAILABLE answers are Trailers-Only (no message sent): retried on another
+    // endpoint, so the client sees none of them.
+    assert!(failures.is_empty(), "{failures:#?}");
+    let share = failing.calls.load(Ordering::SeqCst) as f64 / 2000.0;
+    assert!(
+        share < 0.05,
+        "backend-3 took {:.1}% of calls",
+        share * 100.0
+    );
+    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+    assert!(endpoints.contains("\"ejected\""), "{endpoints}");
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("fanout_proxy_endpoints{upstream=\"app.shop\",state=\"ejected\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("fanout_proxy_retries_total{upstream=\"app.shop\",reason=\"unavailable\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_retries_off_the_failing_backend_is_ejected_within_the_threshold() {
+    let (port, _) = three_and_one(Behaviour {
+        fail_percent: 100,
+        ..Behaviour::default()
+    })
+    .await;
+    // Kept whole: dropping the fleet would stop the proxy.
+    let fleet = proxy_over_dns(port, 4, |u| {
+        u.retry.enabled = false;
+        u.ejection.consecutive_failures = 3;
+        u.ejection.base_time = Duration::from_secs(30);
+    })
+    .await;
+    let mut client = client(fleet.local).await;
+    let mut failed = 0;
+    for _ in 0..500 {
+        if let Err(status) = client.unary(EchoRequest::default()).await {
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            failed += 1;
+        }
+    }
+    // Its first three answers fail the calls; then it is out.
+    assert_eq!(failed, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_times_slower_backend_gets_few_calls_and_p99_holds() {
+    // Processes, so that the backends' latency is their own and not the test's scheduling.
+    let port = std::net::TcpListener::bind((pod_ip(0), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut backends = Vec::new();
+    for n in 0..10 {
+        let delay = if n == 9 { "100" } else { "10" };
+        let addr = SocketAddr::new(pod_ip(n), port);
+        backends.push(
+            BackendProcess::start(addr, &format!("backend-{n}"), &["--delay-ms", delay])
+                .await
+                .unwrap(),
+        );
+    }
+    let Fleet { local, proxy, .. } = proxy_over_dns(port, 10, |_| {}).await;
+
+    let clients = futures::future::join_all((0..4).map(|_| client(local))).await;
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let mut client = clients[n % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..500 {
+                let started = Instant::now();
+                let reply = client.unary(EchoRequest::default()).await.unwrap();
+                answers.push((reply.into_inner().backend, started.elapsed()));
+            }
+            answers
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let slow_calls = all.iter().filter(|(b, _)| b == "backend-9").count();
+    let mut overall: Vec<Duration> = all.iter().map(|(_, l)| *l).collect();
+    let mut fast: Vec<Duration> = all
+        .iter()
+        .filter(|(b, _)| b != "backend-9")
+        .map(|(_, l)| *l)
+        .collect();
+    overall.sort();
+    fast.sort();
+    let (p99, fast_p99) = (percentile(&overall, 99.0), percentile(&fast, 99.0));
+    let share = slow_calls as f64 / all.len() as f64;
+    eprintln!(
+        "slow backend: {:.2}% of {} calls; p99 {p99:?} overall, {fast_p99:?} on fast backends",
+        share * 100.0,
+        all.len()
+    );
+    assert!(share < 0.10, "the slow backend took {:.1}%", share * 100.0);
+    assert!(
+        p99.as_secs_f64() <= fast_p99.as_secs_f64() * 1.5,
+        "p99 {p99:?} vs {fast_p99:?} on the fast backends; {}",
+        proxy.admin_get("/endpoints").await.unwrap().1
+    );
+}
+
+/// 4 in-process backends with switchable health, and a proxy checking them every 100 ms.
+async fn health_checked() -> (
+    Fleet,
+    Vec<HealthSwitch>,
+    Vec<Arc<fanout_e2e::backend::Stats>>,
+) {
+    let port = std::net::TcpListener::bind((pod_ip(0), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut switches, mut stats) = (Vec::new(), Vec::new());
+    for n in 0..4 {
+        let backend = Backend::new(format!("backend-{n}"), Behaviour::default());
+        switches.push(backend.health());
+        stats.push(backend.stats());
+        let listener = tokio::net::TcpListener::bind((pod_ip(n), port))
+            .await
+            .unwrap();
+        tokio::spawn(backend.serve(listener, std::future::pending()));
+    }
+    let fleet = proxy_over_dns(port, 4, |u| {
+        u.health_check = Some(HealthCheck {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(100),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            service: String::new(),
+        });
+    })
+    .await;
+    (fleet, switches, stats)
+}
+
+async fn unary_calls(local: SocketAddr, count: usize) -> Result<(), tonic::Status> {
+    let mut client = client(local).await;
+    for _ in 0..count {
+        client.unary(EchoRequest::default()).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reporting_not_serving_gets_no_calls_until_serving_again() {
+    let (fleet, switches, stats) = health_checked().await;
+    switches[3].set_serving(false);
+    wait_for_endpoints(&fleet.proxy, "unhealthy", 1).await;
+    let before = stats[3].calls.load(Ordering::SeqCst);
+    unary_calls(fleet.local, 400).await.unwrap();
+    assert_eq!(
+        stats[3].calls.load(Ordering::SeqCst),
+        before,
+        "a NOT_SERVING backend got calls"
+    );
+
+    switches[3].set_serving(true);
+    wait_for_endpoints(&fleet.proxy, "ready", 4).await;
+    unary_calls(fleet.local, 400).await.unwrap();
+    assert!(stats[3].calls.load(Ordering::SeqCst) > before + 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_503_with_a_reason_while_no_endpoint_is_healthy_then_200() {
+    let (fleet, switches, _) = health_checked().await;
+    assert_eq!(fleet.proxy.admin_get("/ready").await.unwrap().0, 200);
+    for switch in &switches {
+        switch.set_serving(false);
+    }
+    wait_for_endpoints(&fleet.proxy, "unhealthy", 4).await;
+    let (status, body) = fleet.proxy.admin_get("/ready").await.unwrap();
+    assert_eq!(status, 503);
+    let reason: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        reason.to_string().contains("app.shop") && reason.to_string().contains("4 unhealthy"),
+        "{body}"
+    );
+    let failed = unary_calls(fleet.local, 1).await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Unavailable);
+    assert!(failed.message().contains("app.shop"), "{failed:?}");
+
+    switches[1].set_serving(true);
+    wait_for_endpoints(&fleet.proxy, "ready", 1).await;
+    assert_eq!(fleet.proxy.admin_get("/ready").await.unwrap().0, 200);
+    unary_calls(fleet.local, 10).await.unwrap();
+}
