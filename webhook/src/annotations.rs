@@ -10,6 +10,8 @@ pub const PROXY_CONFIG: &str = "fanout.dev/proxy-config";
 pub const INJECTED: &str = "fanout.dev/injected";
 /// `true` or `false`: run the proxy as a native sidecar (init container, restartPolicy Always).
 pub const NATIVE_SIDECAR: &str = "fanout.dev/native-sidecar";
+/// `grpc` or `grpc:<service>`: active `grpc.health.v1` checks of every upstream's endpoints.
+pub const HEALTH_CHECK: &str = "fanout.dev/health-check";
 pub const PROXY_CPU_REQUEST: &str = "fanout.dev/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT: &str = "fanout.dev/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "fanout.dev/proxy-memory-request";

@@ -143,6 +143,9 @@ async fn bad_opt_out_and_native_sidecar_values_are_denied() {
     for (key, value) in [
         ("fanout.dev/inject", "no"),
         ("fanout.dev/native-sidecar", "yes"),
+        ("fanout.dev/health-check", "http"),
+        ("fanout.dev/health-check", "grpc:"),
+        ("fanout.dev/health-check", "grpc:shop v1"),
     ] {
         let mut review = fixture("pod-generatename-no-volumes");
         review["request"]["object"]["metadata"]["annotations"][key] = json!(value);
@@ -173,6 +176,43 @@ async fn native_sidecar_annotation_overrides_the_cluster() {
     let pod = answer.patched(&review);
     assert_eq!(pod["spec"]["containers"][0]["name"], "fanout-proxy");
     assert_eq!(pod["spec"]["initContainers"][0]["name"], "log-shipper");
+}
+
+#[tokio::test]
+async fn health_check_annotation_turns_on_checks_for_every_upstream() {
+    // The config the proxy will read: the patched pod's annotation, as the downward API
+    // projects it.
+    fn rendered(pod: &serde_json::Value) -> fanout_proxy_config::ProxyConfig {
+        let text = pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
+            .as_str()
+            .unwrap();
+        fanout_proxy_config::ProxyConfig::from_json(text).unwrap()
+    }
+    let mut review = fixture("pod-native-sidecar-two-upstreams");
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/health-check"] =
+        json!("grpc:shop.v1.Cart");
+    let pod = Answer::parse(&post(serde_json::to_vec(&review).unwrap()).await.1).patched(&review);
+    let config = rendered(&pod);
+    assert_eq!(config.upstreams.len(), 2);
+    for upstream in &config.upstreams {
+        let check = upstream.health_check.as_ref().expect("health checks on");
+        assert_eq!(check.service, "shop.v1.Cart");
+    }
+
+    for value in ["grpc", "disabled"] {
+        review["request"]["object"]["metadata"]["annotations"]["fanout.dev/health-check"] =
+            json!(value);
+        let pod =
+            Answer::parse(&post(serde_json::to_vec(&review).unwrap()).await.1).patched(&review);
+        let config = rendered(&pod);
+        let services: Vec<Option<&str>> = config
+            .upstreams
+            .iter()
+            .map(|u| u.health_check.as_ref().map(|c| c.service.as_str()))
+            .collect();
+        let expected = if value == "grpc" { Some("") } else { None };
+        assert_eq!(services, [expected, expected], "{value}");
+    }
 }
 
 #[tokio::test]

@@ -11,13 +11,15 @@ pub mod resolve;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use fanout_proxy_config::{ADMIN_PORT, Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
+use fanout_proxy_config::{
+    ADMIN_PORT, Discovery, DnsDiscovery, HealthCheck, ProxyConfig, UpstreamConfig,
+};
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
 use crate::annotations::{
-    CONFIG_VOLUME, INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS,
+    CONFIG_VOLUME, HEALTH_CHECK, INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS,
 };
 use crate::lookup::ServiceLookup;
 use crate::settings::{NativeSidecarMode, ProxyResources, Settings};
@@ -106,6 +108,8 @@ pub struct Plan {
     pub upstreams: Vec<UpstreamRef>,
     pub resources: ProxyResources,
     pub native_sidecar: bool,
+    /// Active health checks for every upstream, when the pod asks for them.
+    pub health_check: Option<HealthCheck>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,14 +224,45 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
             }
         },
     };
+    let health_check = annotations
+        .get(HEALTH_CHECK)
+        .and_then(|value| parse_health_check(value).map_err(|f| faults.push(f)).ok())
+        .flatten();
     match (upstreams, resources) {
         (Some(upstreams), Some(resources)) if faults.is_empty() => Ok(Plan {
             upstreams,
             resources,
             native_sidecar,
+            health_check,
         }),
         _ => Err(invalid(faults)),
     }
+}
+
+/// `fanout.dev/health-check`: `grpc` (the whole server), `grpc:<service>`, or `disabled`.
+fn parse_health_check(value: &str) -> Result<Option<HealthCheck>, String> {
+    let value = value.trim();
+    let service = match value.split_once(':') {
+        _ if value == "disabled" => return Ok(None),
+        None if value == "grpc" => "",
+        Some(("grpc", service))
+            if !service.is_empty()
+                && service
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) =>
+        {
+            service
+        }
+        _ => {
+            return Err(format!(
+                "annotation {HEALTH_CHECK}: {value:?} is not \"grpc\", \"grpc:<service>\" or \"disabled\""
+            ));
+        }
+    };
+    Ok(Some(HealthCheck {
+        service: service.to_string(),
+        ..HealthCheck::default()
+    }))
 }
 
 fn invalid(faults: Vec<String>) -> NotInjected {
@@ -238,16 +273,21 @@ fn invalid(faults: Vec<String>) -> NotInjected {
 }
 
 /// The proxy config for resolved upstreams, as rendered into the pod annotation.
-pub fn render_config(resolved: &[ResolvedUpstream]) -> ProxyConfig {
+pub fn render_config(
+    resolved: &[ResolvedUpstream],
+    health_check: Option<&HealthCheck>,
+) -> ProxyConfig {
     ProxyConfig::new(
         resolved
             .iter()
             .map(|r| {
-                UpstreamConfig::new(
+                let mut upstream = UpstreamConfig::new(
                     r.name.clone(),
                     std::net::SocketAddr::from(([127, 0, 0, 1], r.upstream.local_port)),
                     Discovery::Dns(DnsDiscovery::new(r.dns_name.clone(), r.port)),
-                )
+                );
+                upstream.health_check = health_check.cloned();
+                upstream
             })
             .collect(),
     )
@@ -294,7 +334,7 @@ pub async fn inject(
         }));
     }
 
-    let config = render_config(&resolved);
+    let config = render_config(&resolved, plan.health_check.as_ref());
     let patch = patch::build(
         raw_pod,
         patch::PatchInput {

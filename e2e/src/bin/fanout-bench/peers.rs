@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use fanout_e2e::backend::proto::StatsRequest;
 use fanout_e2e::backend::proto::test_client::TestClient;
-use fanout_e2e::bins;
+use fanout_e2e::backend_process::BackendProcess;
 use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip};
 use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
 
@@ -30,7 +30,7 @@ impl Drop for Children {
 }
 
 pub struct Backends {
-    _children: Children,
+    _processes: Vec<BackendProcess>,
     pub addrs: Vec<SocketAddr>,
 }
 
@@ -40,27 +40,16 @@ impl Backends {
         let port = std::net::TcpListener::bind((pod_ip(0), 0))?
             .local_addr()?
             .port();
-        let binary = bins::path("fanout-e2e", "fanout-test-backend");
-        let mut children = Vec::new();
-        let mut addrs = Vec::new();
+        let mut processes = Vec::new();
         for n in 0..BACKENDS {
             let addr = SocketAddr::new(pod_ip(n), port);
-            let id = format!("backend-{n}");
-            let child = Command::new(&binary)
-                .args(["--listen", &addr.to_string(), "--id", &id])
-                .stderr(Stdio::null())
-                .spawn()?;
-            children.push(child);
-            addrs.push(addr);
+            processes.push(BackendProcess::start(addr, &format!("backend-{n}"), &[]).await?);
         }
-        let backends = Self {
-            _children: Children(children),
+        let addrs = processes.iter().map(|p| p.addr).collect();
+        Ok(Self {
+            _processes: processes,
             addrs,
-        };
-        for addr in &backends.addrs {
-            wait_listening(*addr, "backend").await?;
-        }
-        Ok(backends)
+        })
     }
 
     /// Calls each backend has served so far, in address order.
