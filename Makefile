@@ -34,7 +34,8 @@ demo:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-demo
 
-## Tables under target/bench/. h2load (Debian nghttp2-client) is used when installed.
+## Tables and a chart under target/bench/. HAProxy, nginx and h2load join the proxy bench when
+## installed (Debian: apt-get install haproxy nginx-light nghttp2-client).
 bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook
