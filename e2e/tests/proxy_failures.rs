@@ -118,8 +118,10 @@ async fn server_stream(
     }
 }
 
-/// 10 backend processes on 127.0.0.2–11, one port.
-async fn backend_processes(args: &[&str]) -> (u16, Vec<BackendProcess>) {
+/// 10 backend processes on 127.0.0.2–11, one port; backend `n` gets `args(n)`.
+async fn backend_processes(
+    args: impl Fn(usize) -> Vec<&'static str>,
+) -> (u16, Vec<BackendProcess>) {
     let port = std::net::TcpListener::bind((pod_ip(0), 0))
         .unwrap()
         .local_addr()
@@ -129,7 +131,7 @@ async fn backend_processes(args: &[&str]) -> (u16, Vec<BackendProcess>) {
     for n in 0..10 {
         let addr = SocketAddr::new(pod_ip(n), port);
         backends.push(
-            BackendProcess::start(addr, &format!("backend-{n}"), args)
+            BackendProcess::start(addr, &format!("backend-{n}"), &args(n))
                 .await
                 .unwrap(),
         );
@@ -149,7 +151,7 @@ async fn calls_served(addr: SocketAddr) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_no_calls() {
-    let (port, mut backends) = backend_processes(&[]).await;
+    let (port, mut backends) = backend_processes(|_| vec![]).await;
     let fleet = proxy_over_dns(port, 10, |_| {}).await;
     let load = Load::start(fleet.local, 4, 6, 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -191,7 +193,7 @@ async fn a_rolling_restart_under_load_fails_no_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_fails_only_the_calls_in_flight_and_the_endpoint_returns() {
     // Calls take 20 ms, so the victim always has some in flight.
-    let (port, mut backends) = backend_processes(&["--delay-ms", "20"]).await;
+    let (port, mut backends) = backend_processes(|_| vec!["--delay-ms", "20"]).await;
     let fleet = proxy_over_dns(port, 10, |_| {}).await;
     let load = Load::start(fleet.local, 4, 32, 0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -352,21 +354,8 @@ async fn with_retries_off_the_failing_backend_is_ejected_within_the_threshold() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_times_slower_backend_gets_few_calls_and_p99_holds() {
     // Processes, so that the backends' latency is their own and not the test's scheduling.
-    let port = std::net::TcpListener::bind((pod_ip(0), 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut backends = Vec::new();
-    for n in 0..10 {
-        let delay = if n == 9 { "100" } else { "10" };
-        let addr = SocketAddr::new(pod_ip(n), port);
-        backends.push(
-            BackendProcess::start(addr, &format!("backend-{n}"), &["--delay-ms", delay])
-                .await
-                .unwrap(),
-        );
-    }
+    let (port, _backends) =
+        backend_processes(|n| vec!["--delay-ms", if n == 9 { "100" } else { "10" }]).await;
     let Fleet { local, proxy, .. } = proxy_over_dns(port, 10, |_| {}).await;
 
     let clients = futures::future::join_all((0..4).map(|_| client(local))).await;

@@ -226,8 +226,8 @@ impl Call<'_> {
             self.upstream.clone(),
             self.metrics.clone(),
         );
-        let name = self.upstream.name.clone();
-        let failed = |error: &dyn std::fmt::Display| {
+        // Messages are built only when a call fails: nothing on the path of one that works.
+        let failed = |name: &str, error: &dyn std::fmt::Display| {
             format!(
                 "fanout: upstream {name} endpoint {}: {error}",
                 endpoint.addr
@@ -236,8 +236,8 @@ impl Call<'_> {
         let opened = match endpoint.sender() {
             Some(mut sender) => sender
                 .send_request(self.head.request(), self.source.is_empty_and_ended())
-                .map_err(|e| failed(&e)),
-            None => Err(failed(&"not connected")),
+                .map_err(|e| failed(&self.upstream.name, &e)),
+            None => Err(failed(&self.upstream.name, &"not connected")),
         };
         let (response, mut upstream_send) = match opened {
             Ok(opened) => opened,
@@ -270,13 +270,13 @@ impl Call<'_> {
                     if let Some(next) = self.retry_to(endpoint, false, reason) {
                         return Next::Retry(next);
                     }
-                    self.answer(grpc::UNAVAILABLE, &failed(&e));
+                    self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
                 } else if let (true, Some(reason)) = (e.is_reset(), e.reason()) {
                     guard.set_status(None);
                     self.respond.send_reset(reason);
                 } else {
                     guard.set_status(None);
-                    self.answer(grpc::UNAVAILABLE, &failed(&e));
+                    self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
                 }
                 return Next::Done;
             }
@@ -345,8 +345,10 @@ impl Call<'_> {
                 match (e.is_reset(), e.reason()) {
                     (true, Some(reason)) => client_send.send_reset(reason),
                     _ => {
-                        let _ = client_send
-                            .send_trailers(grpc::status_headers(grpc::UNAVAILABLE, &failed(&e)));
+                        let _ = client_send.send_trailers(grpc::status_headers(
+                            grpc::UNAVAILABLE,
+                            &failed(&self.upstream.name, &e),
+                        ));
                     }
                 }
             }

@@ -111,13 +111,10 @@ impl Peer {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("haproxy.cfg");
         std::fs::write(&config, haproxy_config(listen, backends))?;
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
-            .spawn()?;
+        let child = spawn(
+            Command::new("haproxy").arg("-db").arg("-f").arg(&config),
+            &dir,
+        )?;
         Self::other("HAProxy", listen, child, dir).await.map(Some)
     }
 
@@ -130,14 +127,14 @@ impl Peer {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("nginx.conf");
         std::fs::write(&config, nginx_config(listen, backends, dir.path()))?;
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&config)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
-            .spawn()?;
+        let child = spawn(
+            Command::new("nginx")
+                .arg("-c")
+                .arg(&config)
+                .arg("-p")
+                .arg(dir.path()),
+            &dir,
+        )?;
         Self::other("nginx", listen, child, dir).await.map(Some)
     }
 
@@ -160,6 +157,14 @@ impl Peer {
             _owned: Box::new((children, dir)),
         })
     }
+}
+
+/// Starts a peer in the foreground, its stderr kept in `dir` for when it fails to start.
+fn spawn(command: &mut Command, dir: &tempfile::TempDir) -> anyhow::Result<Child> {
+    Ok(command
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
+        .spawn()?)
 }
 
 fn installed(program: &str, version_flag: &str) -> bool {
