@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint fmt demo bench certs golden clean
+.PHONY: all build test test-bins lint fmt demo bench certs golden clean
 
 all: build
 
@@ -11,12 +11,19 @@ build:
 	$(CARGO) build --workspace --bins
 
 ## Every test: unit, golden, property, and the end-to-end suites on loopback.
-test:
+test: test-bins
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
 else
 	$(CARGO) test --workspace --no-fail-fast
 endif
+
+## The binaries the end-to-end tests start, built as `e2e/src/bins.rs` builds them, so that no
+## test compiles (and starves the tests running beside it) on a fresh clone.
+test-bins:
+	$(CARGO) build -p fanout-proxy --bin fanout-proxy
+	$(CARGO) build -p fanout-webhook --bin fanout-webhook
+	$(CARGO) build -p fanout-e2e --bin fanout-test-backend
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -46,20 +46,30 @@ pub async fn proxy_over_dns(
     }
 }
 
-/// The states of the first upstream's endpoints, by address, from `/endpoints`.
-pub async fn endpoint_states(proxy: &ProxyProcess) -> Vec<(String, String, u64)> {
+/// One endpoint as `/endpoints` shows it.
+#[derive(Debug, Clone)]
+pub struct EndpointView {
+    pub address: String,
+    pub state: String,
+    /// Streams open on it now.
+    pub outstanding: u64,
+    /// Streams ever started on it.
+    pub started: u64,
+}
+
+/// The first upstream's endpoints, from `/endpoints`.
+pub async fn endpoint_states(proxy: &ProxyProcess) -> Vec<EndpointView> {
     let (_, body) = proxy.admin_get("/endpoints").await.unwrap();
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
     state["upstreams"][0]["endpoints"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            (
-                e["address"].as_str().unwrap_or_default().to_string(),
-                e["state"].as_str().unwrap_or_default().to_string(),
-                e["outstanding"].as_u64().unwrap_or_default(),
-            )
+        .map(|e| EndpointView {
+            address: e["address"].as_str().unwrap_or_default().to_string(),
+            state: e["state"].as_str().unwrap_or_default().to_string(),
+            outstanding: e["outstanding"].as_u64().unwrap_or_default(),
+            started: e["started"].as_u64().unwrap_or_default(),
         })
         .collect()
 }
@@ -68,7 +78,7 @@ pub async fn endpoint_states(proxy: &ProxyProcess) -> Vec<(String, String, u64)>
 pub async fn wait_for_endpoints(proxy: &ProxyProcess, state: &str, count: usize) {
     for _ in 0..200 {
         let states = endpoint_states(proxy).await;
-        if states.iter().filter(|(_, s, _)| s == state).count() >= count {
+        if states.iter().filter(|e| e.state == state).count() >= count {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

@@ -2,7 +2,7 @@
 //! and its load (streams outstanding, peak-EWMA latency) for the balancer.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,6 +110,8 @@ pub struct Endpoint {
     senders: Mutex<Vec<Option<SendRequest<Bytes>>>>,
     next_sender: AtomicUsize,
     outstanding: AtomicUsize,
+    /// Streams ever started on this endpoint (attempts, so a retry counts where it went).
+    started: AtomicU64,
     ewma: Mutex<PeakEwma>,
     connect_failures: AtomicU32,
     removed: AtomicBool,
@@ -144,6 +146,7 @@ impl Endpoint {
             senders: Mutex::new(vec![None; connections.max(1)]),
             next_sender: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma {
                 estimate_ns: INITIAL_RTT.as_nanos() as f64,
                 stamp: Instant::now(),
@@ -260,8 +263,14 @@ impl Endpoint {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// Streams started on this endpoint so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
     pub fn stream_started(&self) {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn stream_ended(&self) {

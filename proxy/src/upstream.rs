@@ -285,6 +285,7 @@ impl Upstream {
                     "address": e.label,
                     "state": e.state().as_str(),
                     "outstanding": e.outstanding(),
+                    "started": e.started(),
                     "connections": e.connections(),
                     "rtt_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
                 })
