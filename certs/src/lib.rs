@@ -8,13 +8,17 @@
 //! Keys are ECDSA P-256 (rcgen on ring): small, fast to handshake, accepted by every API server.
 #![forbid(unsafe_code)]
 
+mod inspect;
+
+pub use inspect::{CertInfo, InspectError, inspect, inspect_all, pem_blocks};
+
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use time::OffsetDateTime;
 
@@ -32,6 +36,10 @@ pub enum CertError {
     Signing(#[source] rcgen::Error),
     #[error("the CA certificate or key PEM is not usable")]
     LoadCa(#[source] rcgen::Error),
+    #[error("the CA certificate is not readable")]
+    ReadCa(#[source] InspectError),
+    #[error("the CA private key does not belong to the CA certificate")]
+    CaKeyMismatch,
     #[error("could not write {path}")]
     Write {
         path: String,
@@ -98,13 +106,20 @@ impl Ca {
     }
 
     /// Loads a CA from its certificate and private key.
+    /// Loads a CA from its certificate and private key. Of a bundle, the first certificate is
+    /// the CA's own (the others are older CAs kept trusted during a rotation).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let cert_pem = inspect::pem_blocks(cert_pem)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let key = KeyPair::from_pem(key_pem).map_err(CertError::LoadCa)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CertError::LoadCa)?;
-        Ok(Self {
-            issuer,
-            cert_pem: cert_pem.to_string(),
-        })
+        let info = inspect::inspect(&cert_pem).map_err(CertError::ReadCa)?;
+        if !info.has_public_key(&key.subject_public_key_info()) {
+            return Err(CertError::CaKeyMismatch);
+        }
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(CertError::LoadCa)?;
+        Ok(Self { issuer, cert_pem })
     }
 
     pub fn cert_pem(&self) -> &str {

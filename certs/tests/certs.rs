@@ -107,3 +107,51 @@ fn bundle_files_are_written_with_a_private_key() {
         .mode();
     assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
 }
+
+#[test]
+fn inspection_reads_lifetime_names_and_issuer_back() {
+    let ca = Ca::generate("test CA", Duration::from_secs(10 * 86400)).unwrap();
+    let names = service_dns_names("fanout-webhook", "fanout-system", "cluster.local");
+    let serving = ca
+        .issue_serving(&names, &[], Duration::from_secs(3 * 86400))
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let ca_info = fanout_certs::inspect(ca.cert_pem()).unwrap();
+    let leaf = fanout_certs::inspect(&serving.cert_pem).unwrap();
+    assert!(ca_info.is_ca && !leaf.is_ca);
+    let days = |d: Duration| d.as_secs() / 86400;
+    assert_eq!(days(leaf.remaining(now)), 2, "3 days less a moment");
+    assert_eq!(days(ca_info.remaining(now)), 9);
+    assert!(leaf.covers(&names));
+    assert!(!leaf.covers(&["other.fanout-system.svc".to_string()]));
+    assert!(leaf.is_signed_by(&ca_info));
+    let other = Ca::generate("other", Duration::from_secs(3600)).unwrap();
+    assert!(!leaf.is_signed_by(&fanout_certs::inspect(other.cert_pem()).unwrap()));
+
+    // A bundle of two CAs reads as two, in order; the first one signs.
+    let bundle = format!("{}{}", ca.cert_pem(), other.cert_pem());
+    let all = fanout_certs::inspect_all(&bundle).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], ca_info);
+    let reloaded = Ca::from_pem(&bundle, &ca.key_pem()).unwrap();
+    let again = reloaded
+        .issue_serving(&names, &[], Duration::from_secs(3600))
+        .unwrap();
+    assert!(
+        fanout_certs::inspect(&again.cert_pem)
+            .unwrap()
+            .is_signed_by(&ca_info)
+    );
+}
+
+#[test]
+fn a_ca_with_a_key_that_is_not_its_own_is_refused() {
+    let ca = Ca::generate("test CA", Duration::from_secs(3600)).unwrap();
+    let other = Ca::generate("other", Duration::from_secs(3600)).unwrap();
+    let error = Ca::from_pem(ca.cert_pem(), &other.key_pem()).err().unwrap();
+    assert!(
+        matches!(error, fanout_certs::CertError::CaKeyMismatch),
+        "{error}"
+    );
+    assert!(fanout_certs::inspect("no PEM here").is_err());
+}

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::admission::Admitter;
+use crate::autocert::{self, api::CertApi};
 use crate::lookup::{KubeLookup, NoLookup, ServiceLookup};
 use crate::metrics::Metrics;
 use crate::settings::{NativeSidecarMode, ProxyResources, Settings, version_has_native_sidecars};
@@ -48,15 +49,51 @@ enum Command {
 struct ServeArgs {
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
-    #[arg(long, env = "FANOUT_TLS_CERT")]
-    tls_cert: PathBuf,
-    #[arg(long, env = "FANOUT_TLS_KEY")]
-    tls_key: PathBuf,
+    /// files: serve --tls-cert/--tls-key, reloaded when they change (cert-manager, your own
+    /// Secret). auto: keep a CA and serving certificate in a Secret and the caBundle current.
+    #[arg(long, env = "FANOUT_CERT_MODE", default_value = "files")]
+    cert_mode: CertMode,
+    #[arg(long, env = "FANOUT_TLS_CERT", required_if_eq("cert_mode", "files"))]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "FANOUT_TLS_KEY", required_if_eq("cert_mode", "files"))]
+    tls_key: Option<PathBuf>,
     /// How often the certificate files are checked for changes.
     #[arg(long, env = "FANOUT_CERT_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     cert_reload_interval: Duration,
     #[command(flatten)]
+    auto: AutoCertArgs,
+    #[command(flatten)]
     settings: SettingsArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CertMode {
+    Files,
+    Auto,
+}
+
+/// Where self-managed certificates live and whom they serve (`--cert-mode auto`).
+#[derive(Args)]
+struct AutoCertArgs {
+    /// The webhook's namespace (the chart passes the pod's own).
+    #[arg(long, env = "FANOUT_NAMESPACE", required_if_eq("cert_mode", "auto"))]
+    namespace: Option<String>,
+    /// The Service the API server dials; the certificate names it.
+    #[arg(long, env = "FANOUT_SERVICE", required_if_eq("cert_mode", "auto"))]
+    service: Option<String>,
+    /// The Secret holding ca.crt, ca.key, tls.crt and tls.key.
+    #[arg(long, env = "FANOUT_CERT_SECRET", required_if_eq("cert_mode", "auto"))]
+    cert_secret: Option<String>,
+    /// The MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(
+        long,
+        env = "FANOUT_WEBHOOK_CONFIGURATION",
+        required_if_eq("cert_mode", "auto")
+    )]
+    webhook_configuration: Option<String>,
+    /// How often the Secret and caBundle are checked.
+    #[arg(long, env = "FANOUT_CERT_CHECK_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    cert_check_interval: Duration,
 }
 
 #[derive(Args)]
@@ -203,16 +240,54 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The certificate to serve, kept current in the background.
+async fn serving_cert(
+    args: &ServeArgs,
+    cluster_domain: &str,
+) -> anyhow::Result<Arc<ReloadingCert>> {
+    if args.cert_mode == CertMode::Files {
+        let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+            bail!("--tls-cert and --tls-key are required with --cert-mode files");
+        };
+        let cert = Arc::new(
+            ReloadingCert::load(cert.clone(), key.clone())
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        );
+        tokio::spawn(cert.clone().watch(args.cert_reload_interval));
+        return Ok(cert);
+    }
+    let auto = &args.auto;
+    let (Some(namespace), Some(service), Some(secret), Some(webhook)) = (
+        &auto.namespace,
+        &auto.service,
+        &auto.cert_secret,
+        &auto.webhook_configuration,
+    ) else {
+        bail!(
+            "--cert-mode auto needs --namespace, --service, --cert-secret and --webhook-configuration"
+        );
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API for self-managed certificates")?;
+    let api = || CertApi::new(client.clone(), namespace, secret, webhook);
+    let names = fanout_certs::service_dns_names(service, namespace, cluster_domain);
+    let cert = autocert::start(&api(), &names).await;
+    tokio::spawn(autocert::keep_current(
+        api(),
+        names,
+        cert.clone(),
+        auto.cert_check_interval,
+    ));
+    Ok(cert)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (settings, lookup) = args.settings.build().await?;
-    let cert = Arc::new(
-        ReloadingCert::load(args.tls_cert.clone(), args.tls_key.clone())
-            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
-    );
+    let cert = serving_cert(&args, &settings.cluster_domain).await?;
     let tls = cert
         .server_config()
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    tokio::spawn(cert.clone().watch(args.cert_reload_interval));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -13,12 +13,14 @@
 //! - `metrics`: Prometheus metrics of admissions.
 //! - `server`: the HTTPS server (`fn app() -> Router` and the TLS accept loop).
 //! - `tls`: the serving certificate, reloaded from disk when it changes.
+//! - `autocert`: self-managed certificates: CA and serving cert in a Secret, `caBundle` patched.
 //! - `cli`: the `serve` and `inject` commands.
 //! - `manifest`: offline injection of YAML manifests (`fanout-webhook inject`).
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod annotations;
+pub mod autocert;
 pub mod cli;
 pub mod inject;
 pub mod lookup;

@@ -87,7 +87,8 @@ pub fn certified_key(
     Ok(certified)
 }
 
-/// Serves the current certificate; [`ReloadingCert::watch`] swaps in new files.
+/// Serves the current certificate: from files that [`ReloadingCert::watch`] re-reads, or from
+/// memory where [`ReloadingCert::replace`] swaps in a new one (self-managed certificates).
 #[derive(Debug)]
 pub struct ReloadingCert {
     cert_path: PathBuf,
@@ -107,15 +108,36 @@ impl ReloadingCert {
         })
     }
 
+    /// A certificate held in memory; `names` label it in errors (e.g. the Secret's keys).
+    pub fn from_pem(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        names: (&str, &str),
+    ) -> Result<Self, TlsError> {
+        let (cert_path, key_path) = (PathBuf::from(names.0), PathBuf::from(names.1));
+        let key = certified_key(cert_pem, key_pem, &cert_path, &key_path)?;
+        Ok(Self {
+            current: RwLock::new((Arc::new(key), [cert_pem, key_pem].concat())),
+            cert_path,
+            key_path,
+        })
+    }
+
     /// Re-reads the files; `Ok(true)` when a new certificate is now served. A broken or
     /// half-written pair is an error and the current certificate stays.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let (cert_pem, key_pem) = (read(&self.cert_path)?, read(&self.key_path)?);
-        let contents = [cert_pem.as_slice(), key_pem.as_slice()].concat();
+        self.replace(&cert_pem, &key_pem)
+    }
+
+    /// Serves `cert_pem` and `key_pem` from now on; `Ok(false)` when they are the ones served.
+    /// A broken pair is an error and the current certificate stays.
+    pub fn replace(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<bool, TlsError> {
+        let contents = [cert_pem, key_pem].concat();
         if self.current.read().expect("cert lock poisoned").1 == contents {
             return Ok(false);
         }
-        let key = certified_key(&cert_pem, &key_pem, &self.cert_path, &self.key_path)?;
+        let key = certified_key(cert_pem, key_pem, &self.cert_path, &self.key_path)?;
         *self.current.write().expect("cert lock poisoned") = (Arc::new(key), contents);
         Ok(true)
     }
