@@ -135,6 +135,9 @@ struct SettingsArgs {
     /// auto: native sidecars on Kubernetes ≥ 1.29 or where the pod already uses one.
     #[arg(long, env = "FANOUT_NATIVE_SIDECAR", default_value = "auto")]
     native_sidecar: NativeSidecarMode,
+    /// FANOUT_LOG of injected proxies (e.g. info, debug, fanout_proxy=debug); empty: their default.
+    #[arg(long, env = "FANOUT_PROXY_LOG_LEVEL", default_value = "")]
+    proxy_log_level: String,
     /// Bound on each Service lookup.
     #[arg(long, env = "FANOUT_LOOKUP_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     lookup_timeout: Duration,
@@ -164,6 +167,15 @@ impl SettingsArgs {
             memory_request: quantity("proxy-memory-request", &self.proxy_memory_request),
             memory_limit: quantity("proxy-memory-limit", &self.proxy_memory_limit),
         };
+        let proxy_log_level =
+            Some(self.proxy_log_level.trim().to_string()).filter(|level| !level.is_empty());
+        if let Some(level) = &proxy_log_level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            faults.push(format!(
+                "--proxy-log-level: {level:?} is not a log filter: {e}"
+            ));
+        }
         if !faults.is_empty() {
             bail!("{}", faults.join("\n"));
         }
@@ -172,6 +184,7 @@ impl SettingsArgs {
             image_pull_policy: self.proxy_image_pull_policy.clone(),
             cluster_domain: self.cluster_domain.trim_matches('.').to_string(),
             native_sidecar: self.native_sidecar,
+            proxy_log_level,
             ..Settings::default()
         };
         if let Some(image) = &self.proxy_image {

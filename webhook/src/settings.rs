@@ -67,6 +67,9 @@ pub struct Settings {
     pub native_sidecar: NativeSidecarMode,
     /// Whether the cluster runs native sidecars; decided once at start for `Auto`.
     pub cluster_has_native_sidecars: bool,
+    /// `FANOUT_LOG` of the proxy (a tracing filter such as `info` or `fanout_proxy=debug`);
+    /// `None` keeps the proxy's default.
+    pub proxy_log_level: Option<String>,
     /// Written to `fanout.dev/injected`.
     pub version: String,
 }
@@ -81,6 +84,7 @@ impl Default for Settings {
             cluster_domain: "cluster.local".into(),
             native_sidecar: NativeSidecarMode::Auto,
             cluster_has_native_sidecars: false,
+            proxy_log_level: None,
             version,
         }
     }

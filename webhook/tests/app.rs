@@ -7,13 +7,18 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{Answer, admitter, fixture};
+use fanout_webhook::admission::Admitter;
 use fanout_webhook::server::{BODY_LIMIT, app};
 use http_body_util::BodyExt;
 use serde_json::json;
 use tower::ServiceExt;
 
 async fn post(body: impl Into<Body>) -> (StatusCode, Vec<u8>) {
-    let app = app(Arc::new(admitter()));
+    post_to(admitter(), body).await
+}
+
+async fn post_to(admitter: Admitter, body: impl Into<Body>) -> (StatusCode, Vec<u8>) {
+    let app = app(Arc::new(admitter));
     let request = Request::post("/mutate?timeout=5s")
         .header("content-type", "application/json")
         .body(body.into())
@@ -213,6 +218,28 @@ async fn health_check_annotation_turns_on_checks_for_every_upstream() {
         let expected = if value == "grpc" { Some("") } else { None };
         assert_eq!(services, [expected, expected], "{value}");
     }
+}
+
+#[tokio::test]
+async fn the_proxy_log_level_setting_reaches_the_proxy_and_only_the_proxy() {
+    let review = fixture("pod-generatename-no-volumes");
+    let body = serde_json::to_vec(&review).unwrap();
+    let mut admitter = admitter();
+    admitter.settings.proxy_log_level = Some("fanout_proxy=debug".into());
+    let pod = Answer::parse(&post_to(admitter, body.clone()).await.1).patched(&review);
+    assert_eq!(pod["spec"]["containers"][0]["name"], "fanout-proxy");
+    assert_eq!(
+        pod["spec"]["containers"][0]["env"],
+        json!([{"name": "FANOUT_LOG", "value": "fanout_proxy=debug"}])
+    );
+    assert!(
+        !pod["spec"]["containers"][1]["env"]
+            .to_string()
+            .contains("FANOUT_LOG")
+    );
+    // Unset, the proxy keeps its own default.
+    let pod = Answer::parse(&post(body).await.1).patched(&review);
+    assert!(pod["spec"]["containers"][0].get("env").is_none());
 }
 
 #[tokio::test]

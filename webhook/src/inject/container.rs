@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use fanout_proxy_config::ADMIN_PORT;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
     ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
@@ -110,6 +110,13 @@ pub fn proxy_container(settings: &Settings, resources: &ProxyResources, native: 
         image: Some(settings.proxy_image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(vec!["run".into(), "--config".into(), CONFIG_FILE.into()]),
+        env: settings.proxy_log_level.as_ref().map(|level| {
+            vec![EnvVar {
+                name: "FANOUT_LOG".into(),
+                value: Some(level.clone()),
+                ..Default::default()
+            }]
+        }),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.into()),
             container_port: ADMIN_PORT.into(),
