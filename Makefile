@@ -1,9 +1,10 @@
 # fanout: `make demo` runs the main job locally, `make test` runs every test.
 SHELL := /bin/bash
 CARGO ?= cargo
+PYTHON ?= python3
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test test-bins lint fmt demo bench certs golden clean
+.PHONY: all build test test-bins chart-test python-deps lint fmt demo bench certs golden clean
 
 all: build
 
@@ -11,12 +12,22 @@ build:
 	$(CARGO) build --workspace --bins
 
 ## Every test: unit, golden, property, and the end-to-end suites on loopback.
-test: test-bins
+test: test-bins chart-test
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
 else
 	$(CARGO) test --workspace --no-fail-fast
 endif
+
+## The Helm chart, with the real Helm engine: lint for every cert mode, and what an install creates.
+chart-test: python-deps test-bins
+	$(PYTHON) charts/lint.py
+	$(PYTHON) -m unittest discover -s charts -p 'test_*.py'
+
+## The Helm engine (PyPI helm-sdkpy, which declares a newer Python than it needs) and PyYAML.
+python-deps:
+	@$(PYTHON) -c 'import helm_sdkpy, yaml' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet --ignore-requires-python helm-sdkpy pyyaml
 
 ## The binaries the end-to-end tests start, built as `e2e/src/bins.rs` builds them, so that no
 ## test compiles (and starves the tests running beside it) on a fresh clone.
