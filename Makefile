@@ -4,7 +4,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test test-bins chart-test python-deps lint fmt demo bench certs golden clean
+.PHONY: all build test test-bins chart-test python-deps lint images kind-up deploy undeploy e2e-kind fmt demo bench certs golden clean
 
 all: build
 
@@ -58,6 +58,36 @@ bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook
 	./target/release/fanout-bench proxy
+
+## Container images (docker): the webhook, the proxy, and the test backend/client of the cluster suite.
+IMAGE_REPO ?= ghcr.io/fanout-dev
+IMAGE_TAG ?= dev
+KIND_CLUSTER ?= fanout
+IMAGES := fanout-webhook fanout-proxy fanout-test
+
+images:
+	docker build -f webhook/Dockerfile -t $(IMAGE_REPO)/fanout-webhook:$(IMAGE_TAG) .
+	docker build -f proxy/Dockerfile -t $(IMAGE_REPO)/fanout-proxy:$(IMAGE_TAG) .
+	docker build -f e2e/Dockerfile.test -t $(IMAGE_REPO)/fanout-test:$(IMAGE_TAG) .
+
+## A local kind cluster named $(KIND_CLUSTER) (kubectl context kind-$(KIND_CLUSTER)).
+kind-up:
+	kind get clusters | grep -qx '$(KIND_CLUSTER)' || kind create cluster --name $(KIND_CLUSTER) --wait 120s
+
+## The images into kind, and the chart installed with them.
+deploy: images
+	kind load docker-image --name $(KIND_CLUSTER) $(foreach i,$(IMAGES),$(IMAGE_REPO)/$(i):$(IMAGE_TAG))
+	helm upgrade --install fanout charts/fanout --namespace fanout-system --create-namespace --wait \
+		--set image.repository=$(IMAGE_REPO)/fanout-webhook --set image.tag=$(IMAGE_TAG) \
+		--set proxy.image.repository=$(IMAGE_REPO)/fanout-proxy --set proxy.image.tag=$(IMAGE_TAG)
+
+undeploy:
+	helm uninstall fanout --namespace fanout-system
+
+## The cluster suite on kind: chart, opted-in namespace, backends, gateway, spread.
+e2e-kind: kind-up deploy
+	KUBECONFIG=$${KUBECONFIG:-$$HOME/.kube/config} FANOUT_IMAGE_REPO=$(IMAGE_REPO) FANOUT_IMAGE_TAG=$(IMAGE_TAG) \
+		$(CARGO) test -p fanout-e2e --test cluster -- --ignored --nocapture
 
 ## A CA and serving certificate for running the webhook by hand.
 certs:
