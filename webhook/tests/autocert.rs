@@ -112,10 +112,27 @@ async fn handshake(cert: Arc<ReloadingCert>, ca_bundle: &str) -> Result<Vec<u8>,
     Ok(presented)
 }
 
-/// A replica's start-up round, on its own task.
-fn replica(api: &FakeApi) -> tokio::task::JoinHandle<Ensured> {
-    let api = cert_api(api);
-    tokio::spawn(async move { ensure(&api, &names(), SystemTime::now()).await.unwrap() })
+/// One round of [`ensure`], as a replica does at start and then every minute.
+async fn round(api: &FakeApi) -> Ensured {
+    ensure(&cert_api(api), &names(), SystemTime::now())
+        .await
+        .unwrap()
+}
+
+/// Two replicas' rounds on their own tasks, both reading the Secret before either writes.
+async fn race(api: &FakeApi) -> (Ensured, Ensured) {
+    api.race_next_reads(2);
+    let replica = |api: &FakeApi| {
+        let api = api.clone();
+        tokio::spawn(async move { round(&api).await })
+    };
+    let (a, b) = (replica(api), replica(api));
+    (a.await.unwrap(), b.await.unwrap())
+}
+
+fn assert_wrote(ensured: &Ensured, why: &str) {
+    let wrote = ensured.wrote.as_deref().unwrap_or_default();
+    assert!(wrote.contains(why), "wrote because {wrote:?}, not {why:?}");
 }
 
 fn der_of(pem: &str) -> Vec<u8> {
@@ -127,9 +144,7 @@ fn der_of(pem: &str) -> Vec<u8> {
 #[tokio::test]
 async fn a_fresh_install_creates_a_ca_and_serving_cert_and_sets_the_ca_bundle() {
     let api = FakeApi::with_webhook_configuration();
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
+    let ensured = round(&api).await;
     assert_eq!(ensured.wrote.as_deref(), Some("no certificate Secret yet"));
     assert!(ensured.patched_ca_bundle);
 
@@ -192,17 +207,13 @@ async fn a_valid_secret_is_used_as_it_is_and_nothing_is_written() {
     let api = FakeApi::with_webhook_configuration();
     let existing = bundle_lasting(3650, 365, &names());
     api.put_secret(&as_data(&existing));
-    ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
+    round(&api).await;
     let writes_after_first = api.writes();
     // The first round only sets the caBundle (a fresh chart's configuration has none).
     assert_eq!(writes_after_first.len(), 1, "{writes_after_first:?}");
     assert!(writes_after_first[0].starts_with("PATCH "));
 
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
+    let ensured = round(&api).await;
     assert_eq!(
         ensured,
         Ensured {
@@ -218,9 +229,7 @@ async fn a_valid_secret_is_used_as_it_is_and_nothing_is_written() {
 #[tokio::test]
 async fn a_ca_bundle_reset_by_an_upgrade_is_set_again() {
     let api = FakeApi::with_webhook_configuration();
-    ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
+    round(&api).await;
     // `helm upgrade` re-applies the configuration without a caBundle.
     let mut configuration = api.webhook_configuration();
     for webhook in configuration["webhooks"].as_array_mut().unwrap() {
@@ -233,9 +242,7 @@ async fn a_ca_bundle_reset_by_an_upgrade_is_set_again() {
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/fanout",
         configuration,
     );
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
+    let ensured = round(&api).await;
     assert!(ensured.patched_ca_bundle);
     assert_eq!(ensured.wrote, None, "the Secret was fine");
     let ca = secret_data(&api)["ca.crt"].clone();
@@ -247,18 +254,8 @@ async fn a_serving_cert_near_expiry_is_reissued_by_the_same_ca() {
     let api = FakeApi::with_webhook_configuration();
     let expiring = bundle_lasting(3650, 10, &names());
     api.put_secret(&as_data(&expiring));
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
-    assert!(
-        ensured
-            .wrote
-            .as_deref()
-            .unwrap()
-            .contains("expires in 9 days"),
-        "{:?}",
-        ensured.wrote
-    );
+    let ensured = round(&api).await;
+    assert_wrote(&ensured, "expires in 9 days");
     let data = secret_data(&api);
     assert_eq!(data["ca.crt"], expiring.ca_certs, "the CA was kept");
     assert_eq!(data["ca.key"], expiring.ca_key);
@@ -281,16 +278,8 @@ async fn a_ca_near_expiry_is_replaced_and_the_old_ca_stays_trusted_meanwhile() {
     let api = FakeApi::with_webhook_configuration();
     let old = bundle_lasting(20, 10, &names());
     api.put_secret(&as_data(&old));
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
-    assert!(
-        ensured
-            .wrote
-            .as_deref()
-            .unwrap()
-            .contains("the CA expires in 19 days")
-    );
+    let ensured = round(&api).await;
+    assert_wrote(&ensured, "the CA expires in 19 days");
     let data = secret_data(&api);
     let cas = inspect_all(&data["ca.crt"]).unwrap();
     assert_eq!(cas.len(), 2, "new CA, then the old one");
@@ -317,10 +306,8 @@ async fn a_secret_for_another_service_name_or_incomplete_is_replaced() {
     let api = FakeApi::with_webhook_configuration();
     let other_names = service_dns_names("old-name", NAMESPACE, "cluster.local");
     api.put_secret(&as_data(&bundle_lasting(3650, 365, &other_names)));
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
-    assert!(ensured.wrote.unwrap().contains("not all of"));
+    let ensured = round(&api).await;
+    assert_wrote(&ensured, "not all of");
     assert!(
         inspect(&secret_data(&api)["tls.crt"])
             .unwrap()
@@ -332,10 +319,8 @@ async fn a_secret_for_another_service_name_or_incomplete_is_replaced() {
         "tls.crt".to_string(),
         "not a certificate".to_string(),
     )]));
-    let ensured = ensure(&cert_api(&api), &names(), SystemTime::now())
-        .await
-        .unwrap();
-    assert!(ensured.wrote.unwrap().contains("lacks some of"));
+    let ensured = round(&api).await;
+    assert_wrote(&ensured, "lacks some of");
     assert_eq!(secret_data(&api).len(), 4);
 }
 
@@ -344,9 +329,7 @@ async fn a_secret_for_another_service_name_or_incomplete_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_starting_together_end_with_one_ca() {
     let api = FakeApi::with_webhook_configuration();
-    api.race_next_reads(2);
-    let (a, b) = (replica(&api), replica(&api));
-    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let (a, b) = race(&api).await;
     assert_eq!(
         a.bundle, b.bundle,
         "the replicas serve different certificates"
@@ -382,9 +365,7 @@ async fn two_replicas_renewing_together_end_with_one_certificate() {
     let api = FakeApi::with_webhook_configuration();
     let expiring = bundle_lasting(3650, 5, &names());
     api.put_secret(&as_data(&expiring));
-    api.race_next_reads(2);
-    let (a, b) = (replica(&api), replica(&api));
-    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let (a, b) = race(&api).await;
     assert_eq!(a.bundle, b.bundle);
     assert_eq!(as_data(&a.bundle), secret_data(&api));
     let replaces: Vec<_> = api
