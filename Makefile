@@ -4,7 +4,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test test-bins chart-test python-deps lint images kind-up deploy undeploy e2e-kind fmt demo bench certs golden clean
+.PHONY: all build test test-bins chart-test python-deps lint images kind-up deploy undeploy e2e-cluster e2e-kind fmt demo bench certs golden clean
 
 all: build
 
@@ -84,10 +84,16 @@ deploy: images
 undeploy:
 	helm uninstall fanout --namespace fanout-system
 
+## The cluster suite against the cluster in $$KUBECONFIG (it installs the chart there, with the
+## images $(IMAGE_REPO)/*:$(IMAGE_TAG) the cluster must be able to pull).
+e2e-cluster:
+	@test -n "$$KUBECONFIG" || { echo "e2e-cluster: set KUBECONFIG to the cluster to test"; exit 1; }
+	FANOUT_IMAGE_REPO=$(IMAGE_REPO) FANOUT_IMAGE_TAG=$(IMAGE_TAG) \
+		$(CARGO) test -p fanout-e2e --test cluster -- --ignored --nocapture
+
 ## The cluster suite on kind: chart, opted-in namespace, backends, gateway, spread.
 e2e-kind: kind-up deploy
-	KUBECONFIG=$${KUBECONFIG:-$$HOME/.kube/config} FANOUT_IMAGE_REPO=$(IMAGE_REPO) FANOUT_IMAGE_TAG=$(IMAGE_TAG) \
-		$(CARGO) test -p fanout-e2e --test cluster -- --ignored --nocapture
+	KUBECONFIG=$${KUBECONFIG:-$$HOME/.kube/config} $(MAKE) e2e-cluster
 
 ## A CA and serving certificate for running the webhook by hand.
 certs:

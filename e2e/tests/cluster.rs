@@ -1,5 +1,5 @@
 //! The cluster suite: the whole product on a real cluster (`make e2e-kind` for kind). Ignored
-//! unless asked for (`--run-ignored all`), and then it needs `KUBECONFIG`, `helm` on the PATH,
+//! unless asked for (`make e2e-kind`, `make e2e-cluster`), and then it needs `KUBECONFIG`, `helm` on the PATH,
 //! and the images in the cluster (`make e2e-kind` builds and loads them):
 //! `FANOUT_IMAGE_REPO` / `FANOUT_IMAGE_TAG` name them (default `ghcr.io/fanout-dev` / `dev`).
 //!
