@@ -1,7 +1,7 @@
-//! The cluster suite: the whole product on a real cluster (`make e2e-kind` for kind). Ignored
-//! unless asked for (`make e2e-kind`, `make e2e-cluster`), and then it needs `KUBECONFIG`, `helm` on the PATH,
-//! and the images in the cluster (`make e2e-kind` builds and loads them):
-//! `FANOUT_IMAGE_REPO` / `FANOUT_IMAGE_TAG` name them (default `ghcr.io/fanout-dev` / `dev`).
+//! The cluster suite: the whole product on a real cluster. Ignored unless asked for (`make
+//! e2e-kind` on kind, `make e2e-cluster` against `KUBECONFIG`); it needs `KUBECONFIG`, `helm` on
+//! the PATH, and the images in the cluster (`make e2e-kind` builds and loads them), named by
+//! `FANOUT_IMAGE_REPO` / `FANOUT_IMAGE_TAG` (default `ghcr.io/fanout-dev` / `dev`).
 //!
 //! It installs the chart, opts a fresh namespace in, deploys 5 backend pods behind a headless
 //! Service and a gateway pod naming it, and checks what the API server stored: the gateway
