@@ -20,13 +20,19 @@ impl WebhookProcess {
     /// Starts the server on `127.0.0.1:0` with the cert files in `certs` (tls.crt, tls.key) and
     /// extra `args`; returns once it listens.
     pub fn start(certs: &Path, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let (cert, key) = (certs.join("tls.crt"), certs.join("tls.key"));
+        let mut all = vec!["--tls-cert", cert.to_str().unwrap_or_default()];
+        all.extend(["--tls-key", key.to_str().unwrap_or_default()]);
+        all.extend(args);
+        Self::start_with(&all, envs)
+    }
+
+    /// Starts `serve` on `127.0.0.1:0` with `args` and `envs` only (e.g. `--cert-mode auto`);
+    /// returns once it listens.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut command = Command::new(bins::path("fanout-webhook", "fanout-webhook"));
         command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .arg("--tls-cert")
-            .arg(certs.join("tls.crt"))
-            .arg("--tls-key")
-            .arg(certs.join("tls.key"))
             .args(args)
             .env_remove("KUBECONFIG")
             .envs(envs.iter().copied())
@@ -84,4 +90,19 @@ impl Drop for WebhookProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A kubeconfig in `dir` for a plain-HTTP API at `api`, as a client outside the cluster uses.
+pub fn kubeconfig(dir: &Path, api: SocketAddr) -> String {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{api}\"}}\n\
+             users:\n- name: fake\n  user: {{token: fake}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\n"
+        ),
+    )
+    .expect("writing the kubeconfig");
+    path.display().to_string()
 }

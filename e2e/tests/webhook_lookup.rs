@@ -14,7 +14,7 @@ use base64::Engine;
 use fanout_certs::{Ca, service_dns_names, write_bundle};
 use fanout_e2e::fixtures;
 use fanout_e2e::https::Connection;
-use fanout_e2e::webhook::WebhookProcess;
+use fanout_e2e::webhook::{WebhookProcess, kubeconfig};
 use serde_json::{Value, json};
 
 type Seen = Arc<Mutex<Vec<String>>>;
@@ -62,20 +62,6 @@ async fn fake_api(minor: &'static str, seen: Seen) -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
-}
-
-fn kubeconfig(dir: &std::path::Path, api: std::net::SocketAddr) -> String {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{api}\"}}\n\
-             users:\n- name: fake\n  user: {{token: fake}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
-             current-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
 }
 
 /// Needs a multi-thread runtime: `WebhookProcess::start` blocks while the webhook asks the fake

@@ -145,7 +145,8 @@ impl FakeApi {
         kube::Client::new(service, NAMESPACE)
     }
 
-    async fn handle(
+    /// One request: (status code, JSON body). Also what an HTTP front end serves.
+    pub async fn handle(
         &self,
         method: &Method,
         path: &str,
