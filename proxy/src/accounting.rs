@@ -54,6 +54,8 @@ pub struct AttemptGuard {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     pub outcome: Outcome,
+    /// Response headers arrived (or the request was never sent): nothing left waiting.
+    answered: bool,
 }
 
 impl AttemptGuard {
@@ -64,6 +66,21 @@ impl AttemptGuard {
             upstream,
             metrics,
             outcome: Outcome::Status(None),
+            answered: true,
+        }
+    }
+
+    /// The request went out; it waits for its response headers.
+    pub fn sent(&mut self) {
+        self.endpoint.request_sent();
+        self.answered = false;
+    }
+
+    /// Its response headers came after `rtt`: a latency sample for the balancer.
+    pub fn answered(&mut self, rtt: std::time::Duration) {
+        if !self.answered {
+            self.answered = true;
+            self.endpoint.request_answered(rtt);
         }
     }
 
@@ -75,6 +92,9 @@ impl AttemptGuard {
 impl Drop for AttemptGuard {
     fn drop(&mut self) {
         self.endpoint.stream_ended();
+        if !self.answered {
+            self.endpoint.request_abandoned();
+        }
         let Outcome::Status(status) = self.outcome else {
             return;
         };

@@ -42,11 +42,15 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Peak-EWMA: jumps up to a slower sample at once, decays towards faster ones.
+/// Peak-EWMA: jumps up to a slower sample at once, decays towards faster ones. Also counts the
+/// requests still waiting for their response headers: while some wait, the time since the last
+/// news (a response, or the first of them being sent) is a floor under the estimate.
 #[derive(Debug)]
 struct PeakEwma {
     estimate_ns: f64,
     stamp: Instant,
+    awaiting: u32,
+    waiting_since: Instant,
 }
 
 impl PeakEwma {
@@ -71,6 +75,37 @@ impl PeakEwma {
     /// after a slow spell is tried again (and measured) before long.
     fn estimate(&self, now: Instant) -> f64 {
         self.estimate_ns * self.decay(now)
+    }
+
+    /// The estimate with the wait of pending requests as a floor. Without it, the one call that
+    /// probes an endpoint whose estimate decayed is followed by more while its answer is still
+    /// out: a slow endpoint would get a burst of calls on every probe, not one.
+    fn balancing_estimate(&self, now: Instant) -> f64 {
+        let waited = if self.awaiting > 0 {
+            now.saturating_duration_since(self.waiting_since).as_nanos() as f64
+        } else {
+            0.0
+        };
+        self.estimate(now).max(waited)
+    }
+
+    fn request_sent(&mut self, now: Instant) {
+        if self.awaiting == 0 {
+            self.waiting_since = now;
+        }
+        self.awaiting += 1;
+    }
+
+    /// Response headers arrived after `rtt`.
+    fn answered(&mut self, rtt: Duration, now: Instant) {
+        self.observe(rtt, now);
+        self.awaiting = self.awaiting.saturating_sub(1);
+        self.waiting_since = now;
+    }
+
+    /// A request ended without response headers (reset, error, deadline): no news.
+    fn abandoned(&mut self) {
+        self.awaiting = self.awaiting.saturating_sub(1);
     }
 }
 
@@ -150,6 +185,8 @@ impl Endpoint {
             ewma: Mutex::new(PeakEwma {
                 estimate_ns: INITIAL_RTT.as_nanos() as f64,
                 stamp: Instant::now(),
+                awaiting: 0,
+                waiting_since: Instant::now(),
             }),
             connect_failures: AtomicU32::new(0),
             removed: AtomicBool::new(false),
@@ -295,22 +332,38 @@ impl Endpoint {
         counters.push((status, counter));
     }
 
-    pub fn observe_rtt(&self, rtt: Duration) {
+    /// A request went out and waits for its response headers.
+    pub fn request_sent(&self) {
         if let Ok(mut ewma) = self.ewma.lock() {
-            ewma.observe(rtt, Instant::now());
+            ewma.request_sent(Instant::now());
         }
     }
 
-    /// The latency estimate now, decayed for the time since the last sample.
+    /// Its response headers came after `rtt`: a latency sample.
+    pub fn request_answered(&self, rtt: Duration) {
+        if let Ok(mut ewma) = self.ewma.lock() {
+            ewma.answered(rtt, Instant::now());
+        }
+    }
+
+    /// It ended without response headers.
+    pub fn request_abandoned(&self) {
+        if let Ok(mut ewma) = self.ewma.lock() {
+            ewma.abandoned();
+        }
+    }
+
+    /// The latency estimate now (see [`Endpoint::rtt_estimate_ns`]).
     pub fn rtt_estimate(&self) -> Duration {
         Duration::from_nanos(self.rtt_estimate_ns() as u64)
     }
 
-    /// The peak-EWMA latency estimate now, in nanoseconds.
+    /// The latency the balancer weighs, in nanoseconds: the peak-EWMA estimate decayed for the
+    /// time since the last sample, but no less than requests have been waiting for an answer.
     pub fn rtt_estimate_ns(&self) -> f64 {
         self.ewma
             .lock()
-            .map(|e| e.estimate(Instant::now()))
+            .map(|e| e.balancing_estimate(Instant::now()))
             .unwrap_or(0.0)
     }
 
@@ -484,6 +537,8 @@ mod tests {
         let mut ewma = PeakEwma {
             estimate_ns: 1e6,
             stamp: start,
+            awaiting: 0,
+            waiting_since: start,
         };
         ewma.observe(Duration::from_millis(10), start);
         assert!((ewma.estimate(start) - (1e6 + 9e6 * RISE_WEIGHT)).abs() < 1.0);
@@ -503,5 +558,35 @@ mod tests {
             ewma.observe(Duration::from_millis(1), later + Duration::from_millis(i));
         }
         assert!(ewma.estimate(later + Duration::from_millis(50)) < 1.5e6);
+    }
+
+    #[test]
+    fn requests_waiting_for_an_answer_hold_the_estimate_up() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut ewma = PeakEwma {
+            estimate_ns: 100e6,
+            stamp: start,
+            awaiting: 0,
+            waiting_since: start,
+        };
+        // Decayed over 3 s of silence, the slow endpoint looks fast: it is probed.
+        let probe = start + Duration::from_secs(3);
+        assert!(ewma.balancing_estimate(probe) < 10e6);
+        ewma.request_sent(probe);
+        // While the probe waits, its wait is the floor: 40 ms in, it looks 40 ms slow.
+        assert!(ewma.balancing_estimate(probe + ms(40)) >= 40e6);
+        // A second request sent meanwhile does not reset the wait.
+        ewma.request_sent(probe + ms(40));
+        assert!(ewma.balancing_estimate(probe + ms(60)) >= 60e6);
+        // The answer (100 ms) is a sample; the other request's wait counts from then.
+        ewma.answered(ms(100), probe + ms(100));
+        assert_eq!(ewma.awaiting, 1);
+        assert!(ewma.estimate(probe + ms(100)) > 10e6, "the sample raised it");
+        assert!(ewma.balancing_estimate(probe + ms(180)) >= 80e6);
+        // Abandoned without an answer: nothing waits, only the estimate remains.
+        ewma.abandoned();
+        let estimate = ewma.estimate(probe + ms(500));
+        assert_eq!(ewma.balancing_estimate(probe + ms(500)), estimate);
     }
 }

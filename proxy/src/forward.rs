@@ -252,6 +252,7 @@ impl Call<'_> {
             }
         };
         let sent = Instant::now();
+        guard.sent();
         let mut cursor = if self.source.is_empty_and_ended() {
             Cursor::finished()
         } else {
@@ -292,7 +293,7 @@ impl Call<'_> {
                 return Next::Done;
             }
         };
-        endpoint.observe_rtt(sent.elapsed());
+        guard.answered(sent.elapsed());
         let (parts, upstream_recv) = response.into_parts();
         if upstream_recv.is_end_stream() {
             // Trailers-Only: the status is in the headers, and no message was sent.
