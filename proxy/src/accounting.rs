@@ -54,8 +54,8 @@ pub struct AttemptGuard {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     pub outcome: Outcome,
-    /// Response headers arrived (or the request was never sent): nothing left waiting.
-    answered: bool,
+    /// When the request went out, while it waits for its response headers.
+    awaiting_since: Option<Instant>,
 }
 
 impl AttemptGuard {
@@ -66,21 +66,20 @@ impl AttemptGuard {
             upstream,
             metrics,
             outcome: Outcome::Status(None),
-            answered: true,
+            awaiting_since: None,
         }
     }
 
     /// The request went out; it waits for its response headers.
     pub fn sent(&mut self) {
         self.endpoint.request_sent();
-        self.answered = false;
+        self.awaiting_since = Some(Instant::now());
     }
 
-    /// Its response headers came after `rtt`: a latency sample for the balancer.
-    pub fn answered(&mut self, rtt: std::time::Duration) {
-        if !self.answered {
-            self.answered = true;
-            self.endpoint.request_answered(rtt);
+    /// Its response headers came: the time since it was sent is a latency sample.
+    pub fn answered(&mut self) {
+        if let Some(sent) = self.awaiting_since.take() {
+            self.endpoint.request_answered(sent.elapsed());
         }
     }
 
@@ -92,7 +91,7 @@ impl AttemptGuard {
 impl Drop for AttemptGuard {
     fn drop(&mut self) {
         self.endpoint.stream_ended();
-        if !self.answered {
+        if self.awaiting_since.is_some() {
             self.endpoint.request_abandoned();
         }
         let Outcome::Status(status) = self.outcome else {

@@ -582,7 +582,10 @@ mod tests {
         // The answer (100 ms) is a sample; the other request's wait counts from then.
         ewma.answered(ms(100), probe + ms(100));
         assert_eq!(ewma.awaiting, 1);
-        assert!(ewma.estimate(probe + ms(100)) > 10e6, "the sample raised it");
+        assert!(
+            ewma.estimate(probe + ms(100)) > 10e6,
+            "the sample raised it"
+        );
         assert!(ewma.balancing_estimate(probe + ms(180)) >= 80e6);
         // Abandoned without an answer: nothing waits, only the estimate remains.
         ewma.abandoned();

@@ -251,7 +251,6 @@ impl Call<'_> {
                 return Next::Done;
             }
         };
-        let sent = Instant::now();
         guard.sent();
         let mut cursor = if self.source.is_empty_and_ended() {
             Cursor::finished()
@@ -293,7 +292,7 @@ impl Call<'_> {
                 return Next::Done;
             }
         };
-        guard.answered(sent.elapsed());
+        guard.answered();
         let (parts, upstream_recv) = response.into_parts();
         if upstream_recv.is_end_stream() {
             // Trailers-Only: the status is in the headers, and no message was sent.
