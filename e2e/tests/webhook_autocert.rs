@@ -7,7 +7,6 @@
 #[allow(dead_code)]
 mod fake_api;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -43,22 +42,6 @@ async fn serve(api: FakeApi) -> std::net::SocketAddr {
     addr
 }
 
-/// The Secret's data, decoded.
-fn secret_data(api: &FakeApi) -> BTreeMap<String, String> {
-    let secret = api.secret().expect("the webhook created its Secret");
-    secret["data"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(v.as_str().unwrap())
-                .unwrap();
-            (k.clone(), String::from_utf8(bytes).unwrap())
-        })
-        .collect()
-}
-
 /// The environment the chart gives the webhook, for an API reached through `kubeconfig`.
 fn chart_env(kubeconfig: &str) -> Vec<(&str, &str)> {
     vec![
@@ -81,7 +64,7 @@ async fn self_managed_certificates_are_created_trusted_and_renewed_without_a_res
     let mut webhook = WebhookProcess::start_with(&[], &chart_env(&config)).unwrap();
 
     // By the time it listens, the Secret holds its certificate and every webhook trusts the CA.
-    let data = secret_data(&api);
+    let data = api.secret_data();
     let ca_bundle = api.webhook_configuration()["webhooks"][0]["clientConfig"]["caBundle"]
         .as_str()
         .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap())
@@ -128,7 +111,7 @@ async fn self_managed_certificates_are_created_trusted_and_renewed_without_a_res
     assert!(webhook.is_running());
     assert_eq!(webhook.pid(), pid);
     // It did not write over the other replica's certificate.
-    assert_eq!(secret_data(&api)["tls.crt"], renewed.cert_pem);
+    assert_eq!(api.secret_data()["tls.crt"], renewed.cert_pem);
 }
 
 /// Helm creates the webhook configuration after the Deployment: a webhook that starts first
@@ -157,7 +140,7 @@ async fn a_webhook_starting_before_its_configuration_waits_for_it() {
         .await
         .unwrap()
         .expect("it started once the configuration existed");
-    let ca_bundle = secret_data(&api)["ca.crt"].clone();
+    let ca_bundle = api.secret_data()["ca.crt"].clone();
     let mut connection = Connection::open(webhook.addr, DIALED, ca_bundle.as_bytes())
         .await
         .unwrap();

@@ -31,22 +31,6 @@ fn cert_api(api: &FakeApi) -> CertApi {
     CertApi::new(api.client(), NAMESPACE, SECRET, WEBHOOK)
 }
 
-/// The Secret's data, decoded.
-fn secret_data(api: &FakeApi) -> BTreeMap<String, String> {
-    let secret = api.secret().expect("the Secret exists");
-    secret["data"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(v.as_str().unwrap())
-                .unwrap();
-            (k.clone(), String::from_utf8(bytes).unwrap())
-        })
-        .collect()
-}
-
 /// The decoded `caBundle` of every webhook in the configuration.
 fn ca_bundles(api: &FakeApi) -> Vec<Option<String>> {
     api.webhook_configuration()["webhooks"]
@@ -148,7 +132,7 @@ async fn a_fresh_install_creates_a_ca_and_serving_cert_and_sets_the_ca_bundle() 
     assert_eq!(ensured.wrote.as_deref(), Some("no certificate Secret yet"));
     assert!(ensured.patched_ca_bundle);
 
-    let data = secret_data(&api);
+    let data = api.secret_data();
     assert_eq!(
         data.keys().collect::<Vec<_>>(),
         ["ca.crt", "ca.key", "tls.crt", "tls.key"]
@@ -223,7 +207,7 @@ async fn a_valid_secret_is_used_as_it_is_and_nothing_is_written() {
         }
     );
     assert_eq!(api.writes(), writes_after_first, "a second round wrote");
-    assert_eq!(secret_data(&api), as_data(&existing));
+    assert_eq!(api.secret_data(), as_data(&existing));
 }
 
 #[tokio::test]
@@ -245,7 +229,7 @@ async fn a_ca_bundle_reset_by_an_upgrade_is_set_again() {
     let ensured = round(&api).await;
     assert!(ensured.patched_ca_bundle);
     assert_eq!(ensured.wrote, None, "the Secret was fine");
-    let ca = secret_data(&api)["ca.crt"].clone();
+    let ca = api.secret_data()["ca.crt"].clone();
     assert_eq!(ca_bundles(&api), vec![Some(ca.clone()), Some(ca)]);
 }
 
@@ -256,7 +240,7 @@ async fn a_serving_cert_near_expiry_is_reissued_by_the_same_ca() {
     api.put_secret(&as_data(&expiring));
     let ensured = round(&api).await;
     assert_wrote(&ensured, "expires in 9 days");
-    let data = secret_data(&api);
+    let data = api.secret_data();
     assert_eq!(data["ca.crt"], expiring.ca_certs, "the CA was kept");
     assert_eq!(data["ca.key"], expiring.ca_key);
     assert_ne!(data["tls.crt"], expiring.tls_cert);
@@ -280,7 +264,7 @@ async fn a_ca_near_expiry_is_replaced_and_the_old_ca_stays_trusted_meanwhile() {
     api.put_secret(&as_data(&old));
     let ensured = round(&api).await;
     assert_wrote(&ensured, "the CA expires in 19 days");
-    let data = secret_data(&api);
+    let data = api.secret_data();
     let cas = inspect_all(&data["ca.crt"]).unwrap();
     assert_eq!(cas.len(), 2, "new CA, then the old one");
     assert!(cas[0].remaining(SystemTime::now()) > DAY * 3000);
@@ -309,7 +293,7 @@ async fn a_secret_for_another_service_name_or_incomplete_is_replaced() {
     let ensured = round(&api).await;
     assert_wrote(&ensured, "not all of");
     assert!(
-        inspect(&secret_data(&api)["tls.crt"])
+        inspect(&api.secret_data()["tls.crt"])
             .unwrap()
             .covers(&names())
     );
@@ -321,7 +305,7 @@ async fn a_secret_for_another_service_name_or_incomplete_is_replaced() {
     )]));
     let ensured = round(&api).await;
     assert_wrote(&ensured, "lacks some of");
-    assert_eq!(secret_data(&api).len(), 4);
+    assert_eq!(api.secret_data().len(), 4);
 }
 
 /// Two replicas start at once with no Secret: both read "missing", both generate, both create;
@@ -334,7 +318,7 @@ async fn two_replicas_starting_together_end_with_one_ca() {
         a.bundle, b.bundle,
         "the replicas serve different certificates"
     );
-    let data = secret_data(&api);
+    let data = api.secret_data();
     assert_eq!(as_data(&a.bundle), data);
     let creates: Vec<_> = api
         .writes()
@@ -367,7 +351,7 @@ async fn two_replicas_renewing_together_end_with_one_certificate() {
     api.put_secret(&as_data(&expiring));
     let (a, b) = race(&api).await;
     assert_eq!(a.bundle, b.bundle);
-    assert_eq!(as_data(&a.bundle), secret_data(&api));
+    assert_eq!(as_data(&a.bundle), api.secret_data());
     let replaces: Vec<_> = api
         .writes()
         .into_iter()
@@ -408,7 +392,7 @@ async fn without_its_webhook_configuration_nothing_is_written() {
 async fn a_running_webhook_serves_the_renewed_certificate_without_restarting() {
     let api = FakeApi::with_webhook_configuration();
     let cert = autocert::start(&cert_api(&api), &names()).await;
-    let first = secret_data(&api);
+    let first = api.secret_data();
     let bundle = first["ca.crt"].clone();
     assert_eq!(
         handshake(cert.clone(), &bundle).await.unwrap(),

@@ -100,6 +100,23 @@ impl FakeApi {
         self.object(&format!("{SECRETS}/{SECRET}"))
     }
 
+    /// The Secret's data, decoded; panics when there is no Secret.
+    pub fn secret_data(&self) -> BTreeMap<String, String> {
+        use base64::Engine;
+        let secret = self.secret().expect("the Secret exists");
+        secret["data"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_str().unwrap())
+                    .unwrap();
+                (k.clone(), String::from_utf8(bytes).unwrap())
+            })
+            .collect()
+    }
+
     pub fn webhook_configuration(&self) -> Value {
         self.object(&format!("{WEBHOOKS}/{WEBHOOK}")).unwrap()
     }
