@@ -36,9 +36,8 @@ fn key(name: &str) -> String {
 impl DnsServer {
     /// Serves UDP and TCP on `addr` (port 0 picks one; both use the same port).
     pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
-        let udp = UdpSocket::bind(addr).await?;
+        let (udp, tcp) = bind_both(addr).await?;
         let addr = udp.local_addr()?;
-        let tcp = TcpListener::bind(addr).await?;
         let zone = Arc::new(Zone::default());
         tokio::spawn(serve_udp(udp, zone.clone()));
         tokio::spawn(serve_tcp(tcp, zone.clone()));
@@ -149,5 +148,26 @@ async fn serve_tcp(listener: TcpListener, zone: Arc<Zone>) {
                 }
             }
         });
+    }
+}
+
+/// UDP and TCP on one port. With port 0 the kernel picks a free UDP port, which a TCP socket
+/// (another test's connection, say) may already hold: then another port is tried.
+async fn bind_both(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut attempts = 0;
+    loop {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.port() == 0
+                    && attempts < 20 =>
+            {
+                attempts += 1;
+                tracing::debug!(error = %e, "test DNS server: port taken for TCP, trying another");
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
