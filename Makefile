@@ -29,12 +29,11 @@ python-deps:
 	@$(PYTHON) -c 'import helm_sdkpy, yaml' 2>/dev/null || \
 		$(PYTHON) -m pip install --quiet --ignore-requires-python helm-sdkpy pyyaml
 
-## The binaries the end-to-end tests start, built as `e2e/src/bins.rs` builds them, so that no
-## test compiles (and starves the tests running beside it) on a fresh clone.
+## The binaries the end-to-end tests start, with the tests, built as `e2e/src/bins.rs` builds
+## them: one build with one feature set, so that no test compiles (and starves the tests running
+## beside it) on a fresh clone, and the test run's own build finds everything done.
 test-bins:
-	$(CARGO) build -p fanout-proxy --bin fanout-proxy
-	$(CARGO) build -p fanout-webhook --bin fanout-webhook
-	$(CARGO) build -p fanout-e2e --bin fanout-test-backend
+	$(CARGO) build --workspace --bins --tests
 
 lint:
 	$(CARGO) fmt --all -- --check

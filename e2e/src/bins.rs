@@ -1,11 +1,16 @@
 //! Workspace binaries for end-to-end runs. Cargo builds a test's own package's binaries only, so
 //! the others are built here once per process, in the profile the test itself was built in.
+//!
+//! The build asks for what `make test` (and `cargo nextest run --workspace`) already built, with
+//! the same feature set: debug binaries beside the workspace's tests, release binaries as `make
+//! bench` and `make demo` build them. A build of one package alone would resolve its
+//! dependencies' features differently and compile them all again, minutes on a CI runner.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
-static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static BUILT: Mutex<bool> = Mutex::new(false);
 
 fn target_dir() -> PathBuf {
     // <target>/<profile>/deps/<test-exe> or <target>/<profile>/<bin>
@@ -17,14 +22,22 @@ fn target_dir() -> PathBuf {
     dir
 }
 
-/// The path of binary `name` of package `package`, built if this process has not yet done so.
+/// The path of binary `name` of package `package`, built (with every workspace binary) if this
+/// process has not yet done so.
 pub fn path(package: &str, name: &str) -> PathBuf {
     let dir = target_dir();
+    let release = dir.ends_with("release");
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
+    if !*built {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args(["build", "--quiet", "-p", package, "--bin", name]);
+        command.args(["build", "--quiet", "--workspace", "--bins"]);
+        if release {
+            command.arg("--release");
+        } else {
+            // With the tests, so that dev-dependencies' features count as they do in a test run.
+            command.arg("--tests");
+        }
         // Cargo gives a test process its own package's variables; passed on, they would make
         // build scripts that watch them rebuild everything, alternating with a build by hand.
         for (key, _) in std::env::vars_os() {
@@ -48,15 +61,12 @@ pub fn path(package: &str, name: &str) -> PathBuf {
                 command.env_remove(key.as_ref());
             }
         }
-        if dir.ends_with("release") {
-            command.arg("--release");
-        }
         let status = command.status().expect("running cargo build");
         assert!(
             status.success(),
-            "cargo build -p {package} --bin {name} failed"
+            "cargo build of the workspace's binaries (for {package}'s {name}) failed"
         );
-        built.push(name.to_string());
+        *built = true;
     }
     dir.join(name)
 }

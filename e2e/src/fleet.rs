@@ -74,9 +74,11 @@ pub async fn endpoint_states(proxy: &ProxyProcess) -> Vec<EndpointView> {
         .collect()
 }
 
-/// Waits (up to 5 s) until at least `count` endpoints are in `state`.
+/// Waits until at least `count` endpoints are in `state`: up to 30 s, which a slow CI runner
+/// may need for a reconnect or a few health checks; a fast machine returns in milliseconds.
 pub async fn wait_for_endpoints(proxy: &ProxyProcess, state: &str, count: usize) {
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         let states = endpoint_states(proxy).await;
         if states.iter().filter(|e| e.state == state).count() >= count {
             return;
