@@ -87,3 +87,80 @@ pub async fn unary(
         trailers,
     })
 }
+
+/// A bare HTTP/2 server that ends every connection as a backend in a hurry to stop can: at the
+/// first request's HEADERS it sends a PING and a GOAWAY whose last stream id is 0 (the request
+/// was not processed, and may go elsewhere), then resets the connection at once, so the client
+/// meets the reset while it still owes the PING's answer. Returns the address and a count of
+/// the requests it turned away.
+pub async fn spawn_goaway_and_reset(
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const PREFACE: usize = 24;
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const ACK: u8 = 1;
+
+    fn frame_header(len: u32, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
+        let len = len.to_be_bytes();
+        let stream = stream.to_be_bytes();
+        [
+            len[1], len[2], len[3], kind, flags, stream[0], stream[1], stream[2], stream[3],
+        ]
+    }
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let turned_away = std::sync::Arc::new(AtomicU64::new(0));
+    let count = turned_away.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                if stream
+                    .write_all(&frame_header(0, SETTINGS, 0, 0))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = BytesMut::new();
+                let mut at = PREFACE;
+                loop {
+                    match stream.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    while buf.len() >= at + 9 {
+                        let head = &buf[at..at + 9];
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        if buf.len() < at + 9 + len {
+                            break;
+                        }
+                        at += 9 + len;
+                        if kind == SETTINGS && flags & ACK == 0 {
+                            let _ = stream.write_all(&frame_header(0, SETTINGS, ACK, 0)).await;
+                        } else if kind == HEADERS {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let mut out = BytesMut::new();
+                            out.put_slice(&frame_header(8, 6, 0, 0)); // PING
+                            out.put_u64(0x66616e6f7574);
+                            out.put_slice(&frame_header(8, 7, 0, 0)); // GOAWAY
+                            out.put_u32(0); // last stream id: none processed
+                            out.put_u32(0); // NO_ERROR
+                            let _ = stream.write_all(&out).await;
+                            // RST rather than FIN: the client's next write fails.
+                            let _ = stream.set_zero_linger();
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, turned_away))
+}

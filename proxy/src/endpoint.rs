@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 
+use crate::conn_io::ReadPastWriteErrors;
 use crate::eject::Ejection;
 use crate::health::{Health, Verdict};
 use crate::metrics::Metrics;
@@ -499,7 +500,7 @@ pub enum ConnectError {
     Handshake(#[source] h2::Error),
 }
 
-type Connection = h2::client::Connection<TcpStream, Bytes>;
+type Connection = h2::client::Connection<ReadPastWriteErrors<TcpStream>, Bytes>;
 
 async fn connect(
     addr: SocketAddr,
@@ -511,7 +512,7 @@ async fn connect(
         h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake(stream)
+            .handshake(ReadPastWriteErrors::new(stream))
             .await
             .map_err(ConnectError::Handshake)
     };

@@ -12,6 +12,7 @@
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
+//! - `conn_io`: an endpoint connection's bytes, read to the end after a write fails.
 //! - `eject`: passive ejection of endpoints that keep failing.
 //! - `health`: active `grpc.health.v1` checks.
 //! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod balance;
 pub mod check;
 pub mod cli;
+pub mod conn_io;
 pub mod dns;
 pub mod eject;
 pub mod endpoint;
