@@ -34,12 +34,13 @@ impl<T> ReadPastWriteErrors<T> {
         }
     }
 
-    /// The error is the peer's end, not ours: hold it back until everything it sent is read.
-    fn absorb(&mut self, result: io::Result<usize>, len: usize) -> io::Result<usize> {
+    /// A write error that is the peer's end, not ours, is held back (the write reported `done`)
+    /// until everything the peer sent has been read.
+    fn absorb<R>(&mut self, result: io::Result<R>, done: R) -> io::Result<R> {
         match result {
             Err(e) if is_peer_gone(e.kind()) => {
                 self.write_failed = Some(e.kind());
-                Ok(len)
+                Ok(done)
             }
             other => other,
         }
@@ -105,7 +106,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadPastWriteErrors<T> {
             return Poll::Ready(Ok(()));
         }
         let result = std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx));
-        Poll::Ready(this.absorb(result.map(|()| 0), 0).map(|_| ()))
+        Poll::Ready(this.absorb(result, ()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
