@@ -102,6 +102,8 @@ pub async fn spawn_goaway_and_reset(
     const PREFACE: usize = 24;
     const SETTINGS: u8 = 4;
     const HEADERS: u8 = 1;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
     const ACK: u8 = 1;
 
     fn frame_header(len: u32, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
@@ -147,9 +149,9 @@ pub async fn spawn_goaway_and_reset(
                         } else if kind == HEADERS {
                             count.fetch_add(1, Ordering::SeqCst);
                             let mut out = BytesMut::new();
-                            out.put_slice(&frame_header(8, 6, 0, 0)); // PING
+                            out.put_slice(&frame_header(8, PING, 0, 0));
                             out.put_u64(0x66616e6f7574);
-                            out.put_slice(&frame_header(8, 7, 0, 0)); // GOAWAY
+                            out.put_slice(&frame_header(8, GOAWAY, 0, 0));
                             out.put_u32(0); // last stream id: none processed
                             out.put_u32(0); // NO_ERROR
                             let _ = stream.write_all(&out).await;

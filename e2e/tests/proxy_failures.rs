@@ -29,8 +29,8 @@ struct Failure {
 
 /// Continuous open-loop load on the proxy: `rate` calls a second, started on a clock whatever
 /// the machine's speed (a slow machine holds more calls in flight, it does not offer fewer);
-/// every `stream_every`-th call (none if 0) a server stream (5 messages, 10 ms apart), the others unary,
-/// spread over `connections` HTTP/2 connections.
+/// every `stream_every`-th call (none if 0) a server stream (5 messages, 10 ms apart), the
+/// others unary, spread over `connections` HTTP/2 connections.
 struct Load {
     running: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
