@@ -12,7 +12,7 @@ build:
 	$(CARGO) build --workspace --bins
 
 ## Every test: unit, golden, property, and the end-to-end suites on loopback.
-test: test-bins chart-test
+test: test-bins chart-test python-deps
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
 else
@@ -24,10 +24,11 @@ chart-test: python-deps test-bins
 	$(PYTHON) charts/lint.py
 	$(PYTHON) -m unittest discover -s charts -p 'test_*.py'
 
-## The Helm engine (PyPI helm-sdkpy, which declares a newer Python than it needs) and PyYAML.
+## The Helm engine (PyPI helm-sdkpy, which declares a newer Python than it needs), PyYAML, and
+## grpcio (gRPC C-core, a peer server for the proxy's end-to-end tests).
 python-deps:
-	@$(PYTHON) -c 'import helm_sdkpy, yaml' 2>/dev/null || \
-		$(PYTHON) -m pip install --quiet --ignore-requires-python helm-sdkpy pyyaml
+	@$(PYTHON) -c 'import helm_sdkpy, yaml, grpc' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet --ignore-requires-python helm-sdkpy pyyaml grpcio
 
 ## The binaries the end-to-end tests start, with the tests, built as `e2e/src/bins.rs` builds
 ## them: one build with one feature set, so that no test compiles (and starves the tests running

@@ -53,6 +53,7 @@ CASES = [
     ("a proxy memory limit that is not a quantity",
      {"proxy": {"resources": {"limits": {"memory": "64 megs"}}}}, False),
     ("a value the chart does not know", {"replicas": 3}, False),
+    ("a readiness the proxy does not have", {"proxy": {"readiness": "always"}}, False),
 ]
 
 

@@ -158,6 +158,7 @@ class DefaultInstall(unittest.TestCase):
         self.assertEqual(e["FANOUT_PROXY_MEMORY_REQUEST"], "16Mi")
         self.assertEqual(e["FANOUT_PROXY_MEMORY_LIMIT"], "64Mi")
         self.assertEqual(e["FANOUT_NATIVE_SIDECAR"], "auto")
+        self.assertEqual(e["FANOUT_PROXY_READINESS"], "proxy")
 
     def test_the_webhook_binary_accepts_the_rendered_settings(self):
         """The rendered env, given to the real binary: it gets past every setting and stops
@@ -256,6 +257,7 @@ class Values(unittest.TestCase):
     def test_proxy_values(self):
         objects = render({"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 3},
                           "proxy": {"nativeSidecar": True, "logLevel": "debug",
+                                    "readiness": "upstreams",
                                     "image": {"repository": "registry.local/proxy", "tag": "dev"},
                                     "resources": {"limits": {"cpu": "1", "memory": ""}}}})
         webhook = one(objects, "MutatingWebhookConfiguration")["webhooks"][0]
@@ -263,6 +265,7 @@ class Values(unittest.TestCase):
         e = env(objects)
         self.assertEqual(e["FANOUT_NATIVE_SIDECAR"], "true")
         self.assertEqual(e["FANOUT_PROXY_LOG_LEVEL"], "debug")
+        self.assertEqual(e["FANOUT_PROXY_READINESS"], "upstreams")
         self.assertEqual(e["FANOUT_PROXY_IMAGE"], "registry.local/proxy:dev")
         self.assertEqual(e["FANOUT_PROXY_CPU_LIMIT"], "1")
         self.assertEqual(e["FANOUT_PROXY_MEMORY_LIMIT"], "")

@@ -27,6 +27,10 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Share of unary calls (0–100) answered UNAVAILABLE, in trailers.
     pub fail_percent: u32,
+    /// The first this many calls (of the backend's life) wait `slow_first_delay` more: a cold
+    /// pod warming up.
+    pub slow_first_calls: u64,
+    pub slow_first_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +46,8 @@ pub struct Backend {
     behaviour: Behaviour,
     stats: Arc<Stats>,
     seq: Arc<AtomicU64>,
+    /// Calls answered so far, for `slow_first_calls`.
+    answered: Arc<AtomicU64>,
     serving: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -103,6 +109,7 @@ impl Backend {
             behaviour,
             stats: Arc::default(),
             seq: Arc::default(),
+            answered: Arc::default(),
             serving: Arc::new(tokio::sync::watch::channel(true).0),
         }
     }
@@ -126,7 +133,12 @@ impl Backend {
     }
 
     async fn answer(&self, message: EchoRequest) -> Result<EchoReply, Status> {
-        let delay = self.behaviour.delay + Duration::from_millis(message.delay_ms.into());
+        let mut delay = self.behaviour.delay + Duration::from_millis(message.delay_ms.into());
+        if self.behaviour.slow_first_calls > 0
+            && self.answered.fetch_add(1, Ordering::Relaxed) < self.behaviour.slow_first_calls
+        {
+            delay += self.behaviour.slow_first_delay;
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

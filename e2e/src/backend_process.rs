@@ -1,15 +1,19 @@
-//! `fanout-test-backend` as a child process, for what only a process can show: a graceful stop
-//! on SIGTERM, a `kill -9`, a restart on the same address.
+//! `fanout-test-backend` (or a peer implementation, such as the grpcio backend) as a child
+//! process, for what only a process can show: a graceful stop on SIGTERM, a `kill -9`, a
+//! restart on the same address.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::bins;
+use crate::proxy::pod_ip;
 
 pub struct BackendProcess {
     pub addr: SocketAddr,
     pub id: String,
+    /// The program and its first arguments; `--listen`, `--id` and `args` follow.
+    program: Vec<std::ffi::OsString>,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -17,9 +21,32 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts `fanout-test-backend --listen addr --id id` with `args`; returns once it listens.
     pub async fn start(addr: SocketAddr, id: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let program = vec![bins::path("fanout-e2e", "fanout-test-backend").into_os_string()];
+        Self::start_program(program, addr, id, args).await
+    }
+
+    /// Starts the grpcio (gRPC C-core) backend, `e2e/peers/grpcio_backend.py`, with `args`.
+    pub async fn start_grpcio(addr: SocketAddr, id: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_backend.py");
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let check = Command::new(&python).args(["-c", "import grpc"]).output()?;
+        anyhow::ensure!(
+            check.status.success(),
+            "{python} cannot import grpc: `pip install grpcio` (make python-deps does)"
+        );
+        Self::start_program(vec![python.into(), script.into()], addr, id, args).await
+    }
+
+    async fn start_program(
+        program: Vec<std::ffi::OsString>,
+        addr: SocketAddr,
+        id: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut backend = Self {
             addr,
             id: id.to_string(),
+            program,
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
@@ -30,7 +57,8 @@ impl BackendProcess {
     /// Starts the process again (after a stop or a kill) on the same address.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "{} is still running", self.id);
-        let child = Command::new(bins::path("fanout-e2e", "fanout-test-backend"))
+        let child = Command::new(&self.program[0])
+            .args(&self.program[1..])
             .args(["--listen", &self.addr.to_string(), "--id", &self.id])
             .args(&self.args)
             .stdout(Stdio::null())
@@ -101,4 +129,26 @@ impl Drop for BackendProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// `count` backend processes `backend-0`… on 127.0.0.2… sharing one port, as the pods of one
+/// Service do; backend `n` gets `args(n)`.
+pub async fn on_pod_ips(
+    count: usize,
+    args: impl Fn(usize) -> Vec<&'static str>,
+) -> (u16, Vec<BackendProcess>) {
+    let port = std::net::TcpListener::bind((pod_ip(0), 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port on the first pod address")
+        .port();
+    let mut backends = Vec::new();
+    for n in 0..count {
+        let addr = SocketAddr::new(pod_ip(n), port);
+        backends.push(
+            BackendProcess::start(addr, &format!("backend-{n}"), &args(n))
+                .await
+                .expect("backend process starts"),
+        );
+    }
+    (port, backends)
 }

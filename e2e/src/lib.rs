@@ -10,8 +10,10 @@
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
 //! - `load`: a bare HTTP/2 gRPC load generator (saturation and fixed rate).
+//! - `open_load`: calls at a fixed rate for failure tests, and every call's outcome.
 //! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
 //! - `raw`: a bare HTTP/2 gRPC client that reports exactly what came back.
+//! - `spread`: calls over a few connections, and how they spread over backends in windows.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]
@@ -25,6 +27,8 @@ pub mod fixtures;
 pub mod fleet;
 pub mod https;
 pub mod load;
+pub mod open_load;
 pub mod proxy;
 pub mod raw;
+pub mod spread;
 pub mod webhook;

@@ -112,16 +112,35 @@ impl ProxyProcess {
         Self::start_file(path, config.admin.listen).await
     }
 
+    /// Runs the proxy with `config` logging at `info` (JSON lines) into `log`.
+    pub async fn start_logged(config: &ProxyConfig, log: &std::path::Path) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "fanout-proxy-{}-{}.json",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::write(&path, config.to_json_pretty())?;
+        let file = std::fs::File::create(log)?;
+        Self::spawn(path, config.admin.listen, "info".into(), Stdio::from(file)).await
+    }
+
     pub async fn start_file(path: PathBuf, admin: SocketAddr) -> anyhow::Result<Self> {
+        let level = std::env::var("FANOUT_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(path, admin, level, Stdio::inherit()).await
+    }
+
+    async fn spawn(
+        path: PathBuf,
+        admin: SocketAddr,
+        level: String,
+        stderr: Stdio,
+    ) -> anyhow::Result<Self> {
         let child = Command::new(bins::path("fanout-proxy", "fanout-proxy"))
             .args(["run", "--config"])
             .arg(&path)
-            .env(
-                "FANOUT_LOG",
-                std::env::var("FANOUT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("FANOUT_LOG", level)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()?;
         let mut proxy = Self {
             child,

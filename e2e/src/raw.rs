@@ -146,6 +146,13 @@ pub async fn spawn_goaway_and_reset(
                         at += 9 + len;
                         if kind == SETTINGS && flags & ACK == 0 {
                             let _ = stream.write_all(&frame_header(0, SETTINGS, ACK, 0)).await;
+                        } else if kind == PING && flags & ACK == 0 && len == 8 {
+                            // Answered as every HTTP/2 server must (the proxy PINGs a new
+                            // connection before it sends calls on it).
+                            let mut pong = BytesMut::new();
+                            pong.put_slice(&frame_header(8, PING, ACK, 0));
+                            pong.put_slice(&buf[at - 8..at]);
+                            let _ = stream.write_all(&pong).await;
                         } else if kind == HEADERS {
                             count.fetch_add(1, Ordering::SeqCst);
                             let mut out = BytesMut::new();
@@ -165,4 +172,57 @@ pub async fn spawn_goaway_and_reset(
         }
     });
     Ok((addr, turned_away))
+}
+
+/// A `grpc.health.v1` server that answers every request with the status in `status` (1:
+/// SERVING, 2: NOT_SERVING, ...) and counts the requests in `checks`.
+pub struct HealthServer {
+    pub addr: SocketAddr,
+    pub status: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub checks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+pub async fn spawn_health_server(addr: SocketAddr) -> std::io::Result<HealthServer> {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let server = HealthServer {
+        addr: listener.local_addr()?,
+        status: Arc::new(AtomicU64::new(1)),
+        checks: Arc::new(AtomicU64::new(0)),
+    };
+    let (status, checks) = (server.status.clone(), server.checks.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (status, checks) = (status.clone(), checks.clone());
+            let service = hyper::service::service_fn(move |_request| {
+                checks.fetch_add(1, Ordering::SeqCst);
+                let status = status.load(Ordering::SeqCst);
+                let mut message = BytesMut::new();
+                message.put_slice(&[0, 0, 0, 0, 2, 0x08]);
+                message.put_u8(status as u8);
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let frames = vec![
+                    Ok::<_, Infallible>(Frame::data(message.freeze())),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(StreamBody::new(futures::stream::iter(frames)))
+                    .expect("static response parts");
+                async move { Ok::<_, Infallible>(response) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(server)
 }

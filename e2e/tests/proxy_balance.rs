@@ -2,15 +2,17 @@
 //! ClusterIP Service would pin each connection to one backend; through fanout every call is
 //! balanced on its own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use fanout_e2e::backend::Behaviour;
 use fanout_e2e::backend::proto::EchoRequest;
+use fanout_e2e::backend_process;
 use fanout_e2e::dns::DnsServer;
-use fanout_e2e::fleet::{Fleet, NAME, client, proxy_over_dns};
-use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip, spawn_backends};
+use fanout_e2e::fleet::{Fleet, NAME, client, proxy_over_dns, wait_for_endpoints};
+use fanout_e2e::proxy::{ProxyProcess, free_port, loopback_config, pod_ip, spawn_backends};
+use fanout_e2e::spread;
 use fanout_proxy_config::{Discovery, DnsDiscovery, ProxyConfig, UpstreamConfig};
 use futures::StreamExt;
 
@@ -172,4 +174,93 @@ async fn a_dns_outage_keeps_the_last_endpoints_and_removed_pods_leave() {
     let mut backends: Vec<_> = after.keys().cloned().collect();
     backends.sort();
     assert_eq!(backends, ["backend-0", "backend-1"]);
+}
+
+/// The fewest calls each of `count` backends answered in any window of 1,000 calls, of `calls`
+/// made through `local` over `connections` connections with `in_flight` on each.
+async fn least_in_any_window(
+    local: SocketAddr,
+    count: usize,
+    calls: usize,
+    connections: usize,
+    in_flight: usize,
+) -> (Vec<String>, BTreeMap<String, usize>) {
+    let clients = futures::future::join_all((0..connections).map(|_| client(local))).await;
+    let order: Vec<String> = spread::answers(&clients, calls, in_flight)
+        .await
+        .into_iter()
+        .map(|answer| answer.expect("no call fails"))
+        .collect();
+    let names: Vec<String> = (0..count).map(|n| format!("backend-{n}")).collect();
+    let least = spread::window_minimum(&order, &names, 1_000);
+    (order, least)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_proxy_gives_a_cold_backend_half_its_share_in_every_window() {
+    // A cold pod: backend-0's first three calls take 20 ms more. Each run has fresh backends
+    // and a fresh proxy, whose calls start the moment every endpoint is connected; every
+    // backend answers at least half of its fair share (100 of 1,000) in every window.
+    for (connections, in_flight) in [(1, 1), (4, 8)] {
+        let (port, _backends) = backend_process::on_pod_ips(5, |n| {
+            if n == 0 {
+                vec!["--slow-first-calls", "3", "--slow-first-delay-ms", "20"]
+            } else {
+                vec![]
+            }
+        })
+        .await;
+        let fleet = proxy_over_dns(port, 5, |_| {}).await;
+        let (_, least) = least_in_any_window(fleet.local, 5, 3_000, connections, in_flight).await;
+        eprintln!("cold backend-0, {connections}x{in_flight}: fewest per window {least:?}");
+        for (backend, fewest) in &least {
+            assert!(
+                *fewest >= 100,
+                "{connections} connections x {in_flight} in flight: {backend} answered \
+                 {fewest} of a window of 1,000 calls (fair: 200): {least:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_connects_later_gets_half_its_share_once_up() {
+    for (connections, in_flight) in [(1, 1), (4, 8)] {
+        let (port, mut backends) = backend_process::on_pod_ips(5, |_| vec![]).await;
+        // backend-4 is in DNS but down when the proxy starts; it comes up while calls flow.
+        backends[4].kill().await.unwrap();
+        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        dns.set(NAME, &(0..5).map(pod_ip).collect::<Vec<_>>());
+        let mut discovery = DnsDiscovery::new(NAME, port);
+        discovery.nameservers = vec![dns.addr];
+        let (config, local) = loopback_config(Discovery::Dns(discovery), |_| {});
+        let proxy = ProxyProcess::start(&config).await.unwrap();
+        wait_for_endpoints(&proxy, "ready", 4).await;
+        let calls = tokio::spawn(least_in_any_window(local, 5, 5_000, connections, in_flight));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        backends[4].restart().await.unwrap();
+        let (order, _) = calls.await.unwrap();
+        let joined = order
+            .iter()
+            .position(|b| b == "backend-4")
+            .expect("backend-4 answered once up");
+        let names: Vec<String> = (0..5).map(|n| format!("backend-{n}")).collect();
+        let least = spread::window_minimum(&order[joined..], &names, 1_000);
+        eprintln!(
+            "backend-4 up after {joined} calls, {connections}x{in_flight}: fewest per window \
+             {least:?}"
+        );
+        assert!(
+            !least.is_empty(),
+            "a window of calls after backend-4 came up"
+        );
+        for (backend, fewest) in &least {
+            assert!(
+                *fewest >= 100,
+                "{connections}x{in_flight}: {backend} answered {fewest} of 1,000: {least:?}"
+            );
+        }
+    }
 }

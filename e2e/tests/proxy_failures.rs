@@ -4,175 +4,21 @@
 //! boundary matters (signals), in-process otherwise.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fanout_e2e::backend::proto::{EchoRequest, StatsRequest, StreamRequest};
+use fanout_e2e::backend::proto::{EchoRequest, StatsRequest};
 use fanout_e2e::backend::{Backend, Behaviour, HealthSwitch};
-use fanout_e2e::backend_process::BackendProcess;
+use fanout_e2e::backend_process;
 use fanout_e2e::bench::percentile;
 use fanout_e2e::fleet::{
     EndpointView, Fleet, client, endpoint_states, proxy_over_dns, wait_for_endpoints,
 };
+use fanout_e2e::open_load::{Load, LoadResult};
 use fanout_e2e::proxy::{ProxyProcess, loopback_config, pod_ip, spawn_backends};
 use fanout_e2e::raw;
 use fanout_proxy_config::{Balancer, Discovery, HealthCheck};
-
-/// A failed call: when it started and ended, and the status the client got.
-#[derive(Debug)]
-struct Failure {
-    started: Instant,
-    #[allow(dead_code, reason = "shown through Debug when a test fails")]
-    status: tonic::Status,
-}
-
-/// Continuous open-loop load on the proxy: `rate` calls a second, started on a clock whatever
-/// the machine's speed (a slow machine holds more calls in flight, it does not offer fewer);
-/// every `stream_every`-th call (none if 0) a server stream (5 messages, 10 ms apart), the
-/// others unary, spread over `connections` HTTP/2 connections.
-struct Load {
-    running: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<Failure>>>,
-    driver: tokio::task::JoinHandle<(u64, Duration)>,
-}
-
-/// What a load run did: calls offered and succeeded, the failures, calls offered per second.
-struct LoadResult {
-    offered: u64,
-    ok: u64,
-    failures: Vec<Failure>,
-    rate: f64,
-}
-
-impl Load {
-    async fn start(local: SocketAddr, connections: usize, rate: u32, stream_every: u64) -> Self {
-        let running = Arc::new(AtomicBool::new(true));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let clients = futures::future::join_all((0..connections).map(|_| client(local))).await;
-        let driver = {
-            let (running, ok, failures) = (running.clone(), ok.clone(), failures.clone());
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let mut calls = tokio::task::JoinSet::new();
-                // A missed tick is made up at once (the default burst behaviour), so the
-                // calls offered keep to the rate even when this task is scheduled late.
-                let mut clock = tokio::time::interval(Duration::from_secs(1) / rate);
-                let mut offered = 0u64;
-                while running.load(Ordering::Relaxed) {
-                    clock.tick().await;
-                    let mut client = clients[offered as usize % connections].clone();
-                    let streaming = stream_every != 0 && offered % stream_every == stream_every - 1;
-                    let (ok, failures) = (ok.clone(), failures.clone());
-                    calls.spawn(async move {
-                        let started = Instant::now();
-                        let result = if streaming {
-                            server_stream(&mut client).await
-                        } else {
-                            client
-                                .unary(EchoRequest {
-                                    delay_ms: 2,
-                                    ..Default::default()
-                                })
-                                .await
-                                .map(|_| ())
-                        };
-                        match result {
-                            Ok(()) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(status) => {
-                                failures.lock().unwrap().push(Failure { started, status })
-                            }
-                        }
-                    });
-                    offered += 1;
-                    while let Some(done) = calls.try_join_next() {
-                        done.unwrap();
-                    }
-                }
-                let offering = started.elapsed();
-                while let Some(done) = calls.join_next().await {
-                    done.unwrap();
-                }
-                (offered, offering)
-            })
-        };
-        Self {
-            running,
-            ok,
-            failures,
-            driver,
-        }
-    }
-
-    /// Stops offering calls, waits for those in flight, and tells what happened.
-    async fn stop(self) -> LoadResult {
-        self.running.store(false, Ordering::Relaxed);
-        let (offered, offering) = self.driver.await.unwrap();
-        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
-        let ok = self.ok.load(Ordering::Relaxed);
-        assert_eq!(
-            ok + failures.len() as u64,
-            offered,
-            "every call offered ends, in success or failure"
-        );
-        LoadResult {
-            offered,
-            ok,
-            failures,
-            rate: offered as f64 / offering.as_secs_f64(),
-        }
-    }
-}
-
-async fn server_stream(
-    client: &mut fanout_e2e::backend::proto::test_client::TestClient<tonic::transport::Channel>,
-) -> Result<(), tonic::Status> {
-    let mut stream = client
-        .server_stream(StreamRequest {
-            count: 5,
-            interval_ms: 10,
-            reply_bytes: 16,
-        })
-        .await?
-        .into_inner();
-    let mut messages = 0;
-    while let Some(message) = stream.message().await? {
-        let _ = message;
-        messages += 1;
-    }
-    if messages == 5 {
-        Ok(())
-    } else {
-        Err(tonic::Status::data_loss(format!(
-            "{messages} of 5 messages"
-        )))
-    }
-}
-
-/// 10 backend processes on 127.0.0.2–11, one port; backend `n` gets `args(n)`.
-async fn backend_processes(
-    args: impl Fn(usize) -> Vec<&'static str>,
-) -> (u16, Vec<BackendProcess>) {
-    let port = std::net::TcpListener::bind((pod_ip(0), 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut backends = Vec::new();
-    for n in 0..10 {
-        let addr = SocketAddr::new(pod_ip(n), port);
-        backends.push(
-            BackendProcess::start(addr, &format!("backend-{n}"), &args(n))
-                .await
-                .unwrap(),
-        );
-    }
-    (port, backends)
-}
 
 async fn calls_served(addr: SocketAddr) -> u64 {
     let mut client = client(addr).await;
@@ -186,7 +32,7 @@ async fn calls_served(addr: SocketAddr) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_no_calls() {
-    let (port, mut backends) = backend_processes(|_| vec![]).await;
+    let (port, mut backends) = backend_process::on_pod_ips(10, |_| vec![]).await;
     let fleet = proxy_over_dns(port, 10, |_| {}).await;
     let load = Load::start(fleet.local, 4, 300, 4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -230,7 +76,7 @@ async fn a_rolling_restart_under_load_fails_no_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_fails_only_the_calls_in_flight_and_the_endpoint_returns() {
     // Calls take 20 ms, so the victim always has some in flight.
-    let (port, mut backends) = backend_processes(|_| vec!["--delay-ms", "20"]).await;
+    let (port, mut backends) = backend_process::on_pod_ips(10, |_| vec!["--delay-ms", "20"]).await;
     let fleet = proxy_over_dns(port, 10, |_| {}).await;
     let load = Load::start(fleet.local, 4, 400, 0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -455,8 +301,10 @@ async fn with_retries_off_the_failing_backend_is_ejected_within_the_threshold() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_times_slower_backend_gets_few_calls_and_p99_holds() {
     // Processes, so that the backends' latency is their own and not the test's scheduling.
-    let (port, _backends) =
-        backend_processes(|n| vec!["--delay-ms", if n == 9 { "100" } else { "10" }]).await;
+    let (port, _backends) = backend_process::on_pod_ips(10, |n| {
+        vec!["--delay-ms", if n == 9 { "100" } else { "10" }]
+    })
+    .await;
     let Fleet { local, proxy, .. } = proxy_over_dns(port, 10, |_| {}).await;
 
     let clients = futures::future::join_all((0..4).map(|_| client(local))).await;

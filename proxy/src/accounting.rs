@@ -72,14 +72,17 @@ impl AttemptGuard {
 
     /// The request went out; it waits for its response headers.
     pub fn sent(&mut self) {
-        self.endpoint.request_sent();
-        self.awaiting_since = Some(Instant::now());
+        let clock = self.upstream.clock();
+        self.endpoint.request_sent(&clock);
+        self.awaiting_since = Some(clock.now);
     }
 
     /// Its response headers came: the time since it was sent is a latency sample.
     pub fn answered(&mut self) {
         if let Some(sent) = self.awaiting_since.take() {
-            self.endpoint.request_answered(sent.elapsed());
+            let clock = self.upstream.clock();
+            self.endpoint
+                .request_answered(clock.now.saturating_duration_since(sent), &clock);
         }
     }
 

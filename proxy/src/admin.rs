@@ -1,5 +1,7 @@
-//! The admin server on `0.0.0.0:15020`: `/live`, `/ready`, `/metrics`, `/endpoints`, and
-//! `POST /shutdown` from loopback peers only.
+//! The admin server on `0.0.0.0:15020`: `/live`; `/ready/proxy` (the proxy can serve: what
+//! the injected readiness probe asks by default); `/ready` (and every upstream has a ready
+//! endpoint); `/grpc-health` (the pod's own gRPC server, for HTTP health checkers);
+//! `/metrics`; `/endpoints`; and `POST /shutdown` from loopback peers only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::grpc_health::AppHealth;
 use crate::metrics::{EndpointStateLabels, Metrics};
 use crate::upstream::Upstream;
 
@@ -23,6 +26,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Notified by `POST /shutdown`.
     pub shutdown: Arc<Notify>,
+    /// `GET /grpc-health`, when the config asks for it; replaced by a config reload.
+    pub grpc_health: RwLock<Option<Arc<AppHealth>>>,
 }
 
 fn reply(
@@ -45,10 +50,16 @@ impl Admin {
             .clone()
     }
 
-    pub fn handle(&self, request: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    pub async fn handle(
+        &self,
+        request: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
             (&Method::GET, "/ready") => self.ready(),
+            (&Method::GET, "/ready/proxy") => self.proxy_ready(),
+            (&Method::GET, "/grpc-health") => self.grpc_health().await,
             (&Method::GET, "/metrics") => {
                 self.update_gauges();
                 reply(
@@ -74,6 +85,49 @@ impl Admin {
                 "only POST from loopback\n",
             ),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+
+    /// 200 once the proxy can serve: its config is loaded and its listeners bound (it would not
+    /// answer otherwise), and every upstream's discovery has answered once or had long enough.
+    /// A pod's readiness says whether it can serve, not whether its upstreams are up: an
+    /// outage of an upstream must not make its callers NotReady too.
+    fn proxy_ready(&self) -> Response<Full<Bytes>> {
+        let waiting: Vec<_> = self
+            .upstreams()
+            .iter()
+            .filter(|u| !u.first_discovery_settled())
+            .map(
+                |u| json!({"upstream": &*u.name, "reason": "waiting for a first discovery answer"}),
+            )
+            .collect();
+        if waiting.is_empty() {
+            reply(StatusCode::OK, "application/json", "{\"ready\":true}\n")
+        } else {
+            let body = serde_json::to_vec(&json!({"ready": false, "not_ready": waiting}))
+                .unwrap_or_default();
+            reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body)
+        }
+    }
+
+    async fn grpc_health(&self) -> Response<Full<Bytes>> {
+        let health = self
+            .grpc_health
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match health {
+            Some(health) => {
+                let answer = health.answer().await;
+                let mut body = serde_json::to_vec(&answer.body).unwrap_or_default();
+                body.push(b'\n');
+                reply(answer.status, "application/json", body)
+            }
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "grpc-health is not configured (pod annotation fanout.dev/grpc-health)\n",
+            ),
         }
     }
 
@@ -119,8 +173,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = admin.handle(&request, peer);
-                async move { Ok::<_, Infallible>(response) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(&request, peer).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

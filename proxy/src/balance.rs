@@ -1,15 +1,32 @@
 //! Choosing an endpoint for each new stream.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use fanout_proxy_config::Balancer;
+use tokio::time::Instant;
 
-use crate::endpoint::Endpoint;
+use crate::latency::{Clock, NOISE_RATIO};
+
+/// What the balancer weighs of an endpoint.
+pub trait Candidate {
+    fn is_ready(&self) -> bool;
+    /// Streams open on it.
+    fn outstanding(&self) -> usize;
+    /// Its latency estimate in nanoseconds; `None` before it has answered anything.
+    fn latency(&self, clock: &Clock) -> Option<f64>;
+    /// The pick number it was last chosen at (0: never).
+    fn last_pick(&self) -> u64;
+    fn set_last_pick(&self, pick: u64);
+}
 
 pub struct Picker {
     kind: Balancer,
     next: AtomicUsize,
+    /// Picks so far: the call clock latency estimates age by.
+    picks: AtomicU64,
+    /// The size of the upstream's endpoint set, kept by the upstream.
+    endpoints: AtomicUsize,
 }
 
 impl Picker {
@@ -17,16 +34,39 @@ impl Picker {
         Self {
             kind,
             next: AtomicUsize::new(fastrand::usize(..1024)),
+            picks: AtomicU64::new(0),
+            endpoints: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn set_endpoint_count(&self, count: usize) {
+        self.endpoints.store(count, Ordering::Relaxed);
+    }
+
+    /// Where the upstream is now, in time and in calls.
+    pub fn clock(&self) -> Clock {
+        self.clock_at(Instant::now())
+    }
+
+    fn clock_at(&self, now: Instant) -> Clock {
+        Clock {
+            now,
+            picks: self.picks.load(Ordering::Relaxed),
+            endpoints: self.endpoints.load(Ordering::Relaxed),
         }
     }
 
     /// An endpoint among the ready ones, or `None` when none is ready.
-    pub fn pick(&self, endpoints: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+    pub fn pick<E: Candidate>(&self, endpoints: &[Arc<E>]) -> Option<Arc<E>> {
+        self.pick_at(endpoints, Instant::now())
+    }
+
+    fn pick_at<E: Candidate>(&self, endpoints: &[Arc<E>], now: Instant) -> Option<Arc<E>> {
         let n = endpoints.len();
         if n == 0 {
             return None;
         }
-        match self.kind {
+        let picked = match self.kind {
             Balancer::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
@@ -34,37 +74,44 @@ impl Picker {
                     .find(|e| e.is_ready())
                     .cloned()
             }
-            Balancer::LeastRequest => p2c(endpoints, |a, b| b.outstanding() < a.outstanding()),
-            Balancer::PeakEwma => p2c(endpoints, peak_ewma_prefers_second),
-        }
+            Balancer::LeastRequest => p2c(endpoints, |a, b| {
+                let (load_a, load_b) = (a.outstanding(), b.outstanding());
+                load_b < load_a || (load_b == load_a && b.last_pick() < a.last_pick())
+            }),
+            Balancer::PeakEwma => {
+                let clock = self.clock_at(now);
+                p2c(endpoints, |a, b| peak_ewma_prefers_second(a, b, &clock))
+            }
+        }?;
+        let pick = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
+        picked.set_last_pick(pick);
+        Some(picked)
     }
 }
 
-/// Latency estimates closer than this ratio are treated as equal: on a quiet network their
-/// difference is scheduling noise, and chasing it skews load between identical endpoints.
-const LATENCY_NOISE_RATIO: f64 = 2.0;
-
-/// Peak-EWMA cost (latency × (outstanding + 1)) where latencies differ beyond noise; otherwise
-/// the endpoint with fewer streams outstanding.
-fn peak_ewma_prefers_second(a: &Endpoint, b: &Endpoint) -> bool {
-    let (rtt_a, rtt_b) = (a.rtt_estimate_ns(), b.rtt_estimate_ns());
-    let (load_a, load_b) = ((a.outstanding() + 1) as f64, (b.outstanding() + 1) as f64);
-    if rtt_a.max(rtt_b) <= rtt_a.min(rtt_b) * LATENCY_NOISE_RATIO {
-        load_b < load_a
-    } else {
-        rtt_b * load_b < rtt_a * load_a
+/// Peak-EWMA cost (latency × (outstanding + 1)) where both latencies are known and differ
+/// beyond noise; otherwise the endpoint with fewer streams outstanding, and between equals the
+/// one chosen longer ago, so identical endpoints take turns even one call at a time. An
+/// endpoint with no estimate yet is weighed by its load alone: never slower than a measured one.
+fn peak_ewma_prefers_second<E: Candidate>(a: &E, b: &E, clock: &Clock) -> bool {
+    let (load_a, load_b) = (a.outstanding() + 1, b.outstanding() + 1);
+    match (a.latency(clock), b.latency(clock)) {
+        (Some(rtt_a), Some(rtt_b)) if rtt_a.max(rtt_b) > rtt_a.min(rtt_b) * NOISE_RATIO => {
+            rtt_b * (load_b as f64) < rtt_a * (load_a as f64)
+        }
+        _ => load_b < load_a || (load_b == load_a && b.last_pick() < a.last_pick()),
     }
 }
 
 /// Power of two choices: two distinct ready endpoints at random; the second wins if
 /// preferred. Draws from the whole set first (no allocation on the hot path) and falls back to
 /// the list of ready ones when draws keep hitting endpoints that are not.
-fn p2c(
-    endpoints: &[Arc<Endpoint>],
-    prefers_second: impl Fn(&Endpoint, &Endpoint) -> bool,
-) -> Option<Arc<Endpoint>> {
+fn p2c<E: Candidate>(
+    endpoints: &[Arc<E>],
+    prefers_second: impl Fn(&E, &E) -> bool,
+) -> Option<Arc<E>> {
     let n = endpoints.len();
-    let choose = |a: &Arc<Endpoint>, b: &Arc<Endpoint>| {
+    let choose = |a: &Arc<E>, b: &Arc<E>| {
         Some(if prefers_second(a, b) {
             b.clone()
         } else {
@@ -81,7 +128,7 @@ fn p2c(
             return choose(&endpoints[a], &endpoints[b]);
         }
     }
-    let ready: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| e.is_ready()).collect();
+    let ready: Vec<&Arc<E>> = endpoints.iter().filter(|e| e.is_ready()).collect();
     match ready.len() {
         0 => None,
         1 => Some(ready[0].clone()),
@@ -92,3 +139,6 @@ fn p2c(
         }
     }
 }
+
+#[cfg(test)]
+mod simulation;

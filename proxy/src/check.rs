@@ -30,7 +30,7 @@ mod tests {
         assert_eq!(
             lines,
             [format!(
-                "{}: upstreams: must list at least one upstream",
+                "{}: upstreams: must list at least one upstream (or set grpc_health)",
                 file.display()
             )]
         );

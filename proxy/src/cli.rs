@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::admin::{self, Admin};
+use crate::grpc_health::AppHealth;
 use crate::metrics::Metrics;
 use crate::serving::Serving;
 use crate::upstream::Activity;
@@ -150,6 +151,12 @@ pub async fn run(path: PathBuf, mut config: ProxyConfig) -> Result<(), BindError
         upstreams: RwLock::new(serving.upstreams()),
         metrics,
         shutdown: shutdown.clone(),
+        grpc_health: RwLock::new(
+            config
+                .grpc_health
+                .clone()
+                .map(|h| Arc::new(AppHealth::new(h))),
+        ),
     });
     tracing::info!(listen = %config.admin.listen, "admin serving");
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
@@ -181,6 +188,10 @@ pub async fn run(path: PathBuf, mut config: ProxyConfig) -> Result<(), BindError
                         tracing::info!("config changed; applying");
                         serving.apply(&new).await;
                         serving.publish(&admin);
+                        if new.grpc_health != config.grpc_health {
+                            *admin.grpc_health.write().unwrap_or_else(|e| e.into_inner()) =
+                                new.grpc_health.clone().map(|h| Arc::new(AppHealth::new(h)));
+                        }
                         config = new;
                     }
                     Err(e) => {

@@ -6,9 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use h2::PingPong;
 use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -16,22 +19,14 @@ use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 
+use crate::balance::Candidate;
 use crate::conn_io::ReadPastWriteErrors;
 use crate::eject::Ejection;
 use crate::health::{Health, Verdict};
+use crate::latency::{Clock, Latency};
 use crate::metrics::Metrics;
 use fanout_proxy_config::HealthCheck;
 
-/// Latency samples decay with this time constant (as in Finagle and Linkerd).
-const EWMA_DECAY: Duration = Duration::from_secs(1);
-/// How far one slower sample moves the estimate up. Not all the way (a pure peak): one
-/// scheduling hiccup would then push an endpoint out of rotation for a second, skewing load
-/// between identical endpoints; three or four slow samples in a row do it.
-const RISE_WEIGHT: f64 = 0.3;
-/// Faster samples move the estimate down at least this much each.
-const FALL_WEIGHT_MIN: f64 = 0.05;
-/// A new endpoint's latency before any sample: low, so it is tried soon.
-const INITIAL_RTT: Duration = Duration::from_millis(1);
 /// HTTP/2 flow-control windows on both sides of the proxy: fixed and generous, so a stream is
 /// not held back on loopback or in-cluster links, without the BDP pings of adaptive windows.
 pub const STREAM_WINDOW: u32 = 1 << 20;
@@ -42,73 +37,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Peak-EWMA: jumps up to a slower sample at once, decays towards faster ones. Also counts the
-/// requests still waiting for their response headers: while some wait, the time since the last
-/// news (a response, or the first of them being sent) is a floor under the estimate.
-#[derive(Debug)]
-struct PeakEwma {
-    estimate_ns: f64,
-    stamp: Instant,
-    awaiting: u32,
-    waiting_since: Instant,
-}
-
-impl PeakEwma {
-    fn decay(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
-    }
-
-    fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        let current = self.estimate(now);
-        let weight = if rtt > current {
-            RISE_WEIGHT
-        } else {
-            1.0 - self.decay(now)
-        };
-        self.estimate_ns = current + (rtt - current) * weight.max(FALL_WEIGHT_MIN);
-        self.stamp = now;
-    }
-
-    /// The estimate now: without new samples it decays towards zero, so an endpoint avoided
-    /// after a slow spell is tried again (and measured) before long.
-    fn estimate(&self, now: Instant) -> f64 {
-        self.estimate_ns * self.decay(now)
-    }
-
-    /// The estimate with the wait of pending requests as a floor. Without it, the one call that
-    /// probes an endpoint whose estimate decayed is followed by more while its answer is still
-    /// out: a slow endpoint would get a burst of calls on every probe, not one.
-    fn balancing_estimate(&self, now: Instant) -> f64 {
-        let waited = if self.awaiting > 0 {
-            now.saturating_duration_since(self.waiting_since).as_nanos() as f64
-        } else {
-            0.0
-        };
-        self.estimate(now).max(waited)
-    }
-
-    fn request_sent(&mut self, now: Instant) {
-        if self.awaiting == 0 {
-            self.waiting_since = now;
-        }
-        self.awaiting += 1;
-    }
-
-    /// Response headers arrived after `rtt`.
-    fn answered(&mut self, rtt: Duration, now: Instant) {
-        self.observe(rtt, now);
-        self.awaiting = self.awaiting.saturating_sub(1);
-        self.waiting_since = now;
-    }
-
-    /// A request ended without response headers (reset, error, deadline): no news.
-    fn abandoned(&mut self) {
-        self.awaiting = self.awaiting.saturating_sub(1);
-    }
-}
 
 /// Why an endpoint is not taking calls, for `/endpoints` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +76,9 @@ pub struct Endpoint {
     outstanding: AtomicUsize,
     /// Streams ever started on this endpoint (attempts, so a retry counts where it went).
     started: AtomicU64,
-    ewma: Mutex<PeakEwma>,
+    latency: Mutex<Latency>,
+    /// The pick number this endpoint was last chosen at, for the balancer's turn-taking.
+    last_pick: AtomicU64,
     connect_failures: AtomicU32,
     removed: AtomicBool,
     ejection: Mutex<Ejection>,
@@ -183,12 +113,8 @@ impl Endpoint {
             next_sender: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             started: AtomicU64::new(0),
-            ewma: Mutex::new(PeakEwma {
-                estimate_ns: INITIAL_RTT.as_nanos() as f64,
-                stamp: Instant::now(),
-                awaiting: 0,
-                waiting_since: Instant::now(),
-            }),
+            latency: Mutex::new(Latency::new(Instant::now())),
+            last_pick: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
             removed: AtomicBool::new(false),
             ejection: Mutex::new(Ejection::default()),
@@ -334,38 +260,33 @@ impl Endpoint {
     }
 
     /// A request went out and waits for its response headers.
-    pub fn request_sent(&self) {
-        if let Ok(mut ewma) = self.ewma.lock() {
-            ewma.request_sent(Instant::now());
+    pub fn request_sent(&self, clock: &Clock) {
+        if let Ok(mut latency) = self.latency.lock() {
+            latency.sent(clock);
         }
     }
 
-    /// Its response headers came after `rtt`: a latency sample.
-    pub fn request_answered(&self, rtt: Duration) {
-        if let Ok(mut ewma) = self.ewma.lock() {
-            ewma.answered(rtt, Instant::now());
+    /// Its response headers came after `rtt`: a latency sample, aged by `clock`.
+    pub fn request_answered(&self, rtt: Duration, clock: &Clock) {
+        if let Ok(mut latency) = self.latency.lock() {
+            latency.answered(rtt, clock);
         }
     }
 
     /// It ended without response headers.
     pub fn request_abandoned(&self) {
-        if let Ok(mut ewma) = self.ewma.lock() {
-            ewma.abandoned();
+        if let Ok(mut latency) = self.latency.lock() {
+            latency.abandoned();
         }
     }
 
-    /// The latency estimate now (see [`Endpoint::rtt_estimate_ns`]).
-    pub fn rtt_estimate(&self) -> Duration {
-        Duration::from_nanos(self.rtt_estimate_ns() as u64)
-    }
-
-    /// The latency the balancer weighs, in nanoseconds: the peak-EWMA estimate decayed for the
-    /// time since the last sample, but no less than requests have been waiting for an answer.
-    pub fn rtt_estimate_ns(&self) -> f64 {
-        self.ewma
+    /// The latency estimate as of `clock`; `None` before the endpoint answered anything.
+    pub fn rtt_estimate(&self, clock: &Clock) -> Option<Duration> {
+        self.latency
             .lock()
-            .map(|e| e.balancing_estimate(Instant::now()))
-            .unwrap_or(0.0)
+            .ok()?
+            .estimate(clock)
+            .map(|ns| Duration::from_nanos(ns as u64))
     }
 
     /// Takes the endpoint out of balancing; its connection closes once its streams are done.
@@ -380,15 +301,13 @@ impl Endpoint {
 
     /// Drives one connection until it ends, the endpoint is removed and idle, or a keepalive
     /// PING goes unanswered.
-    async fn serve_connection(&self, connection: Connection) {
+    async fn serve_connection(&self, connection: Connection, mut ping_pong: Option<PingPong>) {
         enum Event {
             Ended,
             Pong(bool),
             Timer,
             Woken,
         }
-        let mut connection = connection;
-        let mut ping_pong = connection.ping_pong();
         tokio::pin!(connection);
         let timer = tokio::time::sleep(KEEPALIVE_INTERVAL);
         tokio::pin!(timer);
@@ -454,14 +373,14 @@ impl Endpoint {
         let mut backoff = BACKOFF_MIN;
         while !self.is_removed() {
             match connect(self.addr, connect_timeout).await {
-                Ok((sender, connection)) => {
+                Ok((sender, connection, ping_pong)) => {
                     backoff = BACKOFF_MIN;
                     self.connect_failures.store(0, Ordering::Relaxed);
                     if let Ok(mut senders) = self.senders.lock() {
                         senders[slot] = Some(sender);
                     }
                     events.changed();
-                    self.serve_connection(connection).await;
+                    self.serve_connection(connection, ping_pong).await;
                     if let Ok(mut senders) = self.senders.lock() {
                         senders[slot] = None;
                     }
@@ -498,23 +417,47 @@ pub enum ConnectError {
     Io(#[source] std::io::Error),
     #[error("HTTP/2 handshake: {0}")]
     Handshake(#[source] h2::Error),
+    #[error("closed before answering a first PING")]
+    ClosedBeforePong,
 }
 
 type Connection = h2::client::Connection<ReadPastWriteErrors<TcpStream>, Bytes>;
 
+/// A connection, and its PING handle for keepalives, once the endpoint has answered a first
+/// PING: it has then accepted the connection and read its preface and settings, so the first
+/// call's answer measures the call and not the connection's setup (a latency sample that
+/// included it would make a new endpoint look slow).
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<(SendRequest<Bytes>, Connection), ConnectError> {
+) -> Result<(SendRequest<Bytes>, Connection, Option<PingPong>), ConnectError> {
     let attempt = async {
         let stream = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
         let _ = stream.set_nodelay(true);
-        h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake(ReadPastWriteErrors::new(stream))
             .await
-            .map_err(ConnectError::Handshake)
+            .map_err(ConnectError::Handshake)?;
+        let mut ping_pong = connection.ping_pong();
+        if let Some(ping_pong) = ping_pong.as_mut() {
+            ping_pong
+                .send_ping(h2::Ping::opaque())
+                .map_err(ConnectError::Handshake)?;
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = ping_pong.poll_pong(cx) {
+                    return Poll::Ready(result.map(|_| ()).map_err(ConnectError::Handshake));
+                }
+                match Pin::new(&mut connection).poll(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Err(ConnectError::ClosedBeforePong)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(ConnectError::Handshake(e))),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?;
+        }
+        Ok((sender, connection, ping_pong))
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -523,74 +466,29 @@ async fn connect(
 
 /// A connection takes new streams unless it is closed or the endpoint sent GOAWAY. A sender
 /// that has not queued a stream of its own answers at once, so a no-op waker is enough.
-fn usable(sender: &mut SendRequest<Bytes>) -> bool {
+pub(crate) fn usable(sender: &mut SendRequest<Bytes>) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     matches!(sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slow_samples_raise_the_estimate_and_it_decays_back() {
-        let start = Instant::now();
-        let mut ewma = PeakEwma {
-            estimate_ns: 1e6,
-            stamp: start,
-            awaiting: 0,
-            waiting_since: start,
-        };
-        ewma.observe(Duration::from_millis(10), start);
-        assert!((ewma.estimate(start) - (1e6 + 9e6 * RISE_WEIGHT)).abs() < 1.0);
-        for _ in 0..5 {
-            ewma.observe(Duration::from_millis(10), start);
-        }
-        assert!(
-            ewma.estimate(start) > 8e6,
-            "a run of slow samples shows: {}",
-            ewma.estimate(start)
-        );
-        // Unsampled, the estimate decays (so the endpoint is tried again).
-        let later = start + EWMA_DECAY;
-        assert!((ewma.estimate(later) - ewma.estimate(start) * (-1f64).exp()).abs() < 1.0);
-        // Fast samples bring it down.
-        for i in 0..50 {
-            ewma.observe(Duration::from_millis(1), later + Duration::from_millis(i));
-        }
-        assert!(ewma.estimate(later + Duration::from_millis(50)) < 1.5e6);
+impl Candidate for Endpoint {
+    fn is_ready(&self) -> bool {
+        Endpoint::is_ready(self)
     }
 
-    #[test]
-    fn requests_waiting_for_an_answer_hold_the_estimate_up() {
-        let start = Instant::now();
-        let ms = Duration::from_millis;
-        let mut ewma = PeakEwma {
-            estimate_ns: 100e6,
-            stamp: start,
-            awaiting: 0,
-            waiting_since: start,
-        };
-        // Decayed over 3 s of silence, the slow endpoint looks fast: it is probed.
-        let probe = start + Duration::from_secs(3);
-        assert!(ewma.balancing_estimate(probe) < 10e6);
-        ewma.request_sent(probe);
-        // While the probe waits, its wait is the floor: 40 ms in, it looks 40 ms slow.
-        assert!(ewma.balancing_estimate(probe + ms(40)) >= 40e6);
-        // A second request sent meanwhile does not reset the wait.
-        ewma.request_sent(probe + ms(40));
-        assert!(ewma.balancing_estimate(probe + ms(60)) >= 60e6);
-        // The answer (100 ms) is a sample; the other request's wait counts from then.
-        ewma.answered(ms(100), probe + ms(100));
-        assert_eq!(ewma.awaiting, 1);
-        assert!(
-            ewma.estimate(probe + ms(100)) > 10e6,
-            "the sample raised it"
-        );
-        assert!(ewma.balancing_estimate(probe + ms(180)) >= 80e6);
-        // Abandoned without an answer: nothing waits, only the estimate remains.
-        ewma.abandoned();
-        let estimate = ewma.estimate(probe + ms(500));
-        assert_eq!(ewma.balancing_estimate(probe + ms(500)), estimate);
+    fn outstanding(&self) -> usize {
+        Endpoint::outstanding(self)
+    }
+
+    fn latency(&self, clock: &Clock) -> Option<f64> {
+        self.latency.lock().ok()?.balancing(clock)
+    }
+
+    fn last_pick(&self) -> u64 {
+        self.last_pick.load(Ordering::Relaxed)
+    }
+
+    fn set_last_pick(&self, pick: u64) {
+        self.last_pick.store(pick, Ordering::Relaxed);
     }
 }

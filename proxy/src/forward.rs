@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::accounting::{AttemptGuard, CallGuard, Outcome};
 use crate::endpoint::Endpoint;
+use crate::failure_log::Failure;
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::pump::{Cursor, PumpError, Source};
@@ -178,6 +179,7 @@ impl Call<'_> {
             self.metrics
                 .record_request(&self.upstream.name, "none", Some(grpc::UNAVAILABLE));
             let message = format!("fanout: upstream {}: {reason}", self.upstream.name);
+            self.log_failure(None, Failure::Status(grpc::UNAVAILABLE), &reason);
             self.answer(grpc::UNAVAILABLE, &message);
             return;
         };
@@ -187,6 +189,20 @@ impl Call<'_> {
                 Next::Retry(next) => endpoint = next,
             }
         }
+    }
+
+    fn log_failure(
+        &self,
+        endpoint: Option<&Endpoint>,
+        failure: Failure,
+        reason: &dyn std::fmt::Display,
+    ) {
+        self.upstream.failures.failed(
+            &self.upstream.name,
+            endpoint.map(|e| e.addr),
+            failure,
+            reason,
+        );
     }
 
     /// Answers the client with a Trailers-Only status of the proxy's own.
@@ -247,6 +263,8 @@ impl Call<'_> {
                 if let Some(next) = self.retry_to(endpoint, false, "unsent") {
                     return Next::Retry(next);
                 }
+                let why = format!("not sent ({message}), and no retry left");
+                self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
                 self.answer(grpc::UNAVAILABLE, &message);
                 return Next::Done;
             }
@@ -270,12 +288,18 @@ impl Call<'_> {
                     if let Some(next) = self.retry_to(endpoint, false, reason) {
                         return Next::Retry(next);
                     }
+                    let why = format!("unprocessed ({e}), and no retry left");
+                    self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
                     self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
                 } else if let (true, Some(reason)) = (e.is_reset(), e.reason()) {
                     guard.set_status(None);
+                    let why = format!("reset by the endpoint before its answer: {e}");
+                    self.log_failure(Some(endpoint), Failure::Reset(reason), &why);
                     self.respond.send_reset(reason);
                 } else {
                     guard.set_status(None);
+                    let why = format!("before its answer: {e}");
+                    self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
                     self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
                 }
                 return Next::Done;
@@ -288,6 +312,11 @@ impl Call<'_> {
             Waited::Deadline => {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
+                self.log_failure(
+                    Some(endpoint),
+                    Failure::Status(grpc::DEADLINE_EXCEEDED),
+                    &"the deadline passed before the endpoint answered",
+                );
                 self.answer(grpc::DEADLINE_EXCEEDED, "fanout: deadline exceeded");
                 return Next::Done;
             }
@@ -335,6 +364,11 @@ impl Call<'_> {
             Streamed::Deadline => {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
+                self.log_failure(
+                    Some(endpoint),
+                    Failure::Status(grpc::DEADLINE_EXCEEDED),
+                    &"the deadline passed while the response streamed",
+                );
                 let _ = client_send.send_trailers(grpc::status_headers(
                     grpc::DEADLINE_EXCEEDED,
                     "fanout: deadline exceeded",
@@ -343,8 +377,14 @@ impl Call<'_> {
             Streamed::UpstreamFailed(e) => {
                 guard.set_status(None);
                 match (e.is_reset(), e.reason()) {
-                    (true, Some(reason)) => client_send.send_reset(reason),
+                    (true, Some(reason)) => {
+                        let why = format!("reset while the response streamed: {e}");
+                        self.log_failure(Some(endpoint), Failure::Reset(reason), &why);
+                        client_send.send_reset(reason)
+                    }
                     _ => {
+                        let why = format!("lost while the response streamed: {e}");
+                        self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
                         let _ = client_send.send_trailers(grpc::status_headers(
                             grpc::UNAVAILABLE,
                             &failed(&self.upstream.name, &e),

@@ -9,13 +9,16 @@
 //! - `pump`: one direction of a stream under flow control, kept for replay while it fits.
 //! - `retry`: the retry budget.
 //! - `accounting`: per-call and per-attempt bookkeeping (drain, metrics, ejection).
+//! - `failure_log`: a rate-limited line for every call the proxy fails or sees reset.
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
 //! - `conn_io`: an endpoint connection's bytes, read to the end after a write fails.
 //! - `eject`: passive ejection of endpoints that keep failing.
 //! - `health`: active `grpc.health.v1` checks.
+//! - `grpc_health`: `GET /grpc-health`, the pod's own `grpc.health.v1` for HTTP health checkers.
 //! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
+//! - `latency`: each endpoint's latency estimate, aged in time and in calls.
 //! - `dns`: the DNS client of discovery.
 //! - `admin`: `/live`, `/ready`, `/metrics`, `/endpoints`, `POST /shutdown`.
 //! - `metrics`: Prometheus metrics.
@@ -31,9 +34,12 @@ pub mod conn_io;
 pub mod dns;
 pub mod eject;
 pub mod endpoint;
+pub mod failure_log;
 pub mod forward;
 pub mod grpc;
+pub mod grpc_health;
 pub mod health;
+pub mod latency;
 pub mod metrics;
 pub mod pump;
 pub mod retry;

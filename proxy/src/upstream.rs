@@ -15,6 +15,8 @@ use tokio::time::Instant;
 use crate::balance::Picker;
 use crate::dns;
 use crate::endpoint::{Endpoint, Events, State};
+use crate::failure_log::FailureLog;
+use crate::latency::Clock;
 use crate::retry::Budget;
 
 /// Streams in flight across the proxy, and when that last changed: the drain waits on it.
@@ -69,6 +71,8 @@ pub struct Upstream {
     picker: Picker,
     /// Caps retries at the configured share of calls.
     pub budget: Budget,
+    /// Says why calls failed, a few lines a second at most.
+    pub failures: FailureLog,
     /// An endpoint became ready or the set changed: wakes streams waiting for an endpoint.
     changed: Notify,
     resolve_now: Notify,
@@ -76,7 +80,13 @@ pub struct Upstream {
     discovered: AtomicBool,
     last_discovery_error: Mutex<Option<String>>,
     discovery_task: Mutex<Option<tokio::task::AbortHandle>>,
+    started: Instant,
 }
+
+/// The proxy counts as ready to serve once every upstream's discovery answered, or after this
+/// long without an answer (a DNS server that never answers must not hold a pod back for ever;
+/// calls then wait for endpoints or fail with a reason).
+pub const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
 struct UpstreamEvents(std::sync::Weak<Upstream>);
 
@@ -101,6 +111,7 @@ impl Upstream {
             name: config.name.as_str().into(),
             picker: Picker::new(config.balancer),
             budget: Budget::new(config.retry.budget_percent),
+            failures: FailureLog::default(),
             config,
             endpoints: RwLock::new(Arc::new(Vec::new())),
             changed: Notify::new(),
@@ -108,6 +119,7 @@ impl Upstream {
             discovered: AtomicBool::new(false),
             last_discovery_error: Mutex::new(None),
             discovery_task: Mutex::new(None),
+            started: Instant::now(),
         });
         let task = tokio::spawn(discover(upstream.clone()));
         *upstream
@@ -166,6 +178,7 @@ impl Upstream {
         }
         tracing::info!(upstream = %self.name, added = added.len(), removed = by_addr.len(),
             endpoints = next.len(), "endpoints changed");
+        self.picker.set_endpoint_count(next.len());
         if let Ok(mut slot) = self.endpoints.write() {
             *slot = Arc::new(next);
         }
@@ -203,6 +216,11 @@ impl Upstream {
         }
     }
 
+    /// Where the upstream is, in time and in calls, for aging latency samples.
+    pub fn clock(&self) -> Clock {
+        self.picker.clock()
+    }
+
     /// Picks again, avoiding `avoid` when another endpoint is ready.
     pub fn pick_other(&self, avoid: &Endpoint) -> Option<Arc<Endpoint>> {
         let others: Vec<Arc<Endpoint>> = self
@@ -235,6 +253,11 @@ impl Upstream {
         tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr, ejected_for = ?length,
             "endpoint ejected after failed calls");
         self.changed.notify_waiters();
+    }
+
+    /// Discovery has answered once (with endpoints, none, or an error), or has had long enough.
+    pub fn first_discovery_settled(&self) -> bool {
+        self.discovered.load(Ordering::Relaxed) || self.started.elapsed() >= FIRST_DISCOVERY_WAIT
     }
 
     pub fn has_ready_endpoint(&self) -> bool {
@@ -277,6 +300,7 @@ impl Upstream {
     }
 
     pub fn state_json(&self) -> Value {
+        let clock = self.clock();
         let endpoints: Vec<Value> = self
             .endpoints()
             .iter()
@@ -287,7 +311,7 @@ impl Upstream {
                     "outstanding": e.outstanding(),
                     "started": e.started(),
                     "connections": e.connections(),
-                    "rtt_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
+                    "rtt_ms": e.rtt_estimate(&clock).map(|rtt| rtt.as_secs_f64() * 1000.0),
                 })
             })
             .collect();

@@ -12,6 +12,11 @@ pub const INJECTED: &str = "fanout.dev/injected";
 pub const NATIVE_SIDECAR: &str = "fanout.dev/native-sidecar";
 /// `grpc` or `grpc:<service>`: active `grpc.health.v1` checks of every upstream's endpoints.
 pub const HEALTH_CHECK: &str = "fanout.dev/health-check";
+/// `proxy` or `upstreams`: what the proxy's readiness probe asks (the chart sets the default).
+pub const READINESS: &str = "fanout.dev/readiness";
+/// `<port>[/<service>]`: the proxy answers `GET /grpc-health` on its admin port from the app's
+/// `grpc.health.v1` on `127.0.0.1:<port>`, for HTTP health checkers (cloud load balancers).
+pub const GRPC_HEALTH: &str = "fanout.dev/grpc-health";
 pub const PROXY_CPU_REQUEST: &str = "fanout.dev/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT: &str = "fanout.dev/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "fanout.dev/proxy-memory-request";

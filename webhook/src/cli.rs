@@ -13,7 +13,9 @@ use crate::admission::Admitter;
 use crate::autocert::{self, api::CertApi};
 use crate::lookup::{KubeLookup, NoLookup, ServiceLookup};
 use crate::metrics::Metrics;
-use crate::settings::{NativeSidecarMode, ProxyResources, Settings, version_has_native_sidecars};
+use crate::settings::{
+    NativeSidecarMode, ProxyResources, Readiness, Settings, version_has_native_sidecars,
+};
 use crate::tls::{ReloadingCert, error_chain, install_provider};
 use crate::{manifest, quantity, server};
 
@@ -138,6 +140,10 @@ struct SettingsArgs {
     /// FANOUT_LOG of injected proxies (e.g. info, debug, fanout_proxy=debug); empty: their default.
     #[arg(long, env = "FANOUT_PROXY_LOG_LEVEL", default_value = "")]
     proxy_log_level: String,
+    /// The proxy's readiness probe: proxy (whether it can serve) or upstreams (and whether
+    /// every upstream has a ready endpoint); pods override it with fanout.dev/readiness.
+    #[arg(long, env = "FANOUT_PROXY_READINESS", default_value = "proxy")]
+    proxy_readiness: Readiness,
     /// Bound on each Service lookup.
     #[arg(long, env = "FANOUT_LOOKUP_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     lookup_timeout: Duration,
@@ -185,6 +191,7 @@ impl SettingsArgs {
             cluster_domain: self.cluster_domain.trim_matches('.').to_string(),
             native_sidecar: self.native_sidecar,
             proxy_log_level,
+            readiness: self.proxy_readiness,
             ..Settings::default()
         };
         if let Some(image) = &self.proxy_image {

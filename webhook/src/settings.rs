@@ -37,6 +37,49 @@ impl fmt::Display for NativeSidecarMode {
     }
 }
 
+/// What the injected proxy's readiness probe asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// Whether the proxy can serve (`/ready/proxy`): config loaded, listeners bound, first
+    /// discovery answer in or timed out. An upstream's outage does not make its callers
+    /// NotReady too.
+    #[default]
+    Proxy,
+    /// Also whether every upstream has a ready endpoint (`/ready`).
+    Upstreams,
+}
+
+impl Readiness {
+    /// The admin path the probe asks.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Proxy => "/ready/proxy",
+            Self::Upstreams => "/ready",
+        }
+    }
+}
+
+impl FromStr for Readiness {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "proxy" => Ok(Self::Proxy),
+            "upstreams" => Ok(Self::Upstreams),
+            other => Err(format!("{other:?} is neither \"proxy\" nor \"upstreams\"")),
+        }
+    }
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Proxy => "proxy",
+            Self::Upstreams => "upstreams",
+        })
+    }
+}
+
 /// Requests and limits of the proxy container; `None` leaves that one unset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyResources {
@@ -70,6 +113,8 @@ pub struct Settings {
     /// `FANOUT_LOG` of the proxy (a tracing filter such as `info` or `fanout_proxy=debug`);
     /// `None` keeps the proxy's default.
     pub proxy_log_level: Option<String>,
+    /// The proxy's readiness probe, unless a pod's `fanout.dev/readiness` says otherwise.
+    pub readiness: Readiness,
     /// Written to `fanout.dev/injected`.
     pub version: String,
 }
@@ -85,6 +130,7 @@ impl Default for Settings {
             native_sidecar: NativeSidecarMode::Auto,
             cluster_has_native_sidecars: false,
             proxy_log_level: None,
+            readiness: Readiness::default(),
             version,
         }
     }
@@ -116,6 +162,14 @@ mod tests {
             "GKE/EKS minor versions carry a '+'"
         );
         assert!(!version_has_native_sidecars("x", "y"));
+    }
+
+    #[test]
+    fn readiness_parses_from_chart_values() {
+        assert_eq!("proxy".parse(), Ok(Readiness::Proxy));
+        assert_eq!("upstreams".parse(), Ok(Readiness::Upstreams));
+        assert!("ready".parse::<Readiness>().is_err());
+        assert_eq!(Readiness::default().path(), "/ready/proxy");
     }
 
     #[test]

@@ -121,7 +121,7 @@ async fn generate_name_pod_without_volumes_or_init_containers() {
     assert_eq!(proxy["ports"][0]["containerPort"], 15020);
     assert_eq!(proxy["ports"][0]["name"], "fanout-admin");
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
-    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready/proxy");
     assert_eq!(
         proxy["resources"],
         json!({"limits": {"memory": "64Mi"}, "requests": {"cpu": "10m", "memory": "16Mi"}})

@@ -109,7 +109,11 @@ async fn workload_templates_are_injected_and_other_kinds_pass_through() {
         objects,
         ["deployment/gateway", "cronjob/report", "statefulset/plain"]
     );
-    assert!(reports[2].result.contains("no fanout.dev/upstreams"));
+    assert!(
+        reports[2].result.contains("neither a fanout.dev/upstreams"),
+        "{}",
+        reports[2].result
+    );
 
     // Injecting the output again changes nothing.
     let (again, _) = inject_yaml(&output, "default", &common::settings(), &NoLookup)

@@ -20,6 +20,14 @@ struct Args {
     /// Share of unary calls (0-100) answered UNAVAILABLE.
     #[arg(long, default_value_t = 0)]
     fail_percent: u32,
+    /// The first N calls wait --slow-first-delay-ms more (a cold pod).
+    #[arg(long, default_value_t = 0)]
+    slow_first_calls: u64,
+    #[arg(long, default_value_t = 0)]
+    slow_first_delay_ms: u64,
+    /// grpc.health.v1 reports NOT_SERVING for this long after the start, then SERVING.
+    #[arg(long, default_value_t = 0)]
+    not_serving_for_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -30,8 +38,20 @@ async fn main() -> anyhow::Result<()> {
         Behaviour {
             delay: Duration::from_millis(args.delay_ms),
             fail_percent: args.fail_percent,
+            slow_first_calls: args.slow_first_calls,
+            slow_first_delay: Duration::from_millis(args.slow_first_delay_ms),
         },
     );
+    if args.not_serving_for_ms > 0 {
+        let health = backend.health();
+        health.set_serving(false);
+        let serving_after = Duration::from_millis(args.not_serving_for_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(serving_after).await;
+            eprintln!("fanout-test-backend: now SERVING");
+            health.set_serving(true);
+        });
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!(
         "fanout-test-backend {} listening on {}",

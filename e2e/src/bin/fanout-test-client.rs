@@ -1,7 +1,11 @@
-//! `fanout-test-client [--target ADDR] --calls N`: the gateway of the cluster suite. Waits until a
-//! call through `--target` (default: `$FANOUT_UPSTREAM_BACKEND`, what the webhook sets) succeeds,
-//! then makes N unary calls over one HTTP/2 connection, as a gRPC client pod does, and prints one
-//! JSON line: calls answered per backend id, and failures.
+//! `fanout-test-client [--target ADDR] --calls N [--connections C --in-flight M]`: the gateway of
+//! the cluster suite. Waits until a call through `--target` (default: `$FANOUT_UPSTREAM_BACKEND`,
+//! what the webhook sets) succeeds, then makes N unary calls over C HTTP/2 connections with M in
+//! flight on each, as gRPC client pods do, and prints one JSON line: calls answered per backend
+//! id, the fewest each backend answered in any window of `--window` calls, and failures.
+//!
+//! `fanout-test-client --probe URL --count N --every-ms T`: N HTTP GETs of URL, one JSON line
+//! each (status and body), as a cloud load balancer's health checker would send them.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,26 +14,51 @@ use anyhow::Context;
 use clap::Parser;
 use fanout_e2e::backend::proto::EchoRequest;
 use fanout_e2e::backend::proto::test_client::TestClient;
+use fanout_e2e::spread;
 
 #[derive(Parser)]
 #[command(name = "fanout-test-client")]
 struct Args {
-    #[arg(long, env = "FANOUT_UPSTREAM_BACKEND")]
-    target: String,
+    #[arg(
+        long,
+        env = "FANOUT_UPSTREAM_BACKEND",
+        required_unless_present = "probe"
+    )]
+    target: Option<String>,
     #[arg(long, default_value_t = 1000)]
-    calls: u32,
+    calls: usize,
+    /// HTTP/2 connections, each its own client.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Calls in flight on each connection.
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// Windows of this many calls (in the order they were answered) for `window_min`.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
     /// How long to wait for the first successful call.
     #[arg(long, default_value_t = 60)]
     wait_seconds: u64,
+    /// Probe this URL over HTTP/1.1 instead of making calls.
+    #[arg(long)]
+    probe: Option<String>,
+    #[arg(long, default_value_t = 60)]
+    count: u32,
+    #[arg(long, default_value_t = 500)]
+    every_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.probe {
+        return probe(url, args.count, Duration::from_millis(args.every_ms)).await;
+    }
+    let target = args.target.clone().context("--target")?;
     let started = Instant::now();
-    let mut client = loop {
+    let first = loop {
         let attempt = async {
-            let mut client = TestClient::connect(format!("http://{}", args.target)).await?;
+            let mut client = TestClient::connect(format!("http://{target}")).await?;
             client.unary(EchoRequest::default()).await?;
             anyhow::Ok(client)
         };
@@ -39,20 +68,72 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("not yet: {e:#}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(e).context(format!("no call through {} succeeded", args.target)),
+            Err(e) => return Err(e).context(format!("no call through {target} succeeded")),
         }
     };
+    let mut clients = vec![first];
+    for _ in 1..args.connections.max(1) {
+        clients.push(TestClient::connect(format!("http://{target}")).await?);
+    }
+    let answers = spread::answers(&clients, args.calls, args.in_flight).await;
+
     let mut backends: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();
-    for _ in 0..args.calls {
-        match client.unary(EchoRequest::default()).await {
-            Ok(reply) => *backends.entry(reply.into_inner().backend).or_default() += 1,
-            Err(status) => *failures.entry(format!("{:?}", status.code())).or_default() += 1,
+    let mut order = Vec::with_capacity(answers.len());
+    for answer in answers {
+        match answer {
+            Ok(backend) => {
+                *backends.entry(backend.clone()).or_default() += 1;
+                order.push(backend);
+            }
+            Err(code) => *failures.entry(code).or_default() += 1,
         }
     }
+    let window_min = spread::window_minimum(&order, backends.keys(), args.window);
     println!(
         "{}",
-        serde_json::json!({"target": args.target, "backends": backends, "failures": failures})
+        serde_json::json!({"target": target, "calls": args.calls,
+            "connections": args.connections, "in_flight": args.in_flight,
+            "backends": backends, "window": args.window, "window_min": window_min,
+            "failures": failures})
     );
     Ok(())
+}
+
+/// `count` GETs of `url`, `every` apart; one JSON line each.
+async fn probe(url: &str, count: u32, every: Duration) -> anyhow::Result<()> {
+    let uri: http::Uri = url.parse().context("--probe URL")?;
+    let authority = uri.authority().context("--probe URL needs a host")?.clone();
+    let started = Instant::now();
+    for n in 0..count {
+        let line = match get(&uri, &authority).await {
+            Ok((status, body)) => serde_json::json!({"probe": n,
+                "ms": started.elapsed().as_millis() as u64, "status": status, "body": body}),
+            Err(e) => serde_json::json!({"probe": n,
+                "ms": started.elapsed().as_millis() as u64, "error": format!("{e:#}")}),
+        };
+        println!("{line}");
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
+async fn get(uri: &http::Uri, authority: &http::uri::Authority) -> anyhow::Result<(u16, String)> {
+    use http_body_util::{BodyExt, Empty};
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = http::Request::get(uri.path())
+            .header("host", authority.as_str())
+            .body(Empty::<bytes::Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .context("no answer within 3 s")?
 }

@@ -33,7 +33,38 @@ pub struct ProxyConfig {
     pub version: u32,
     pub admin: AdminConfig,
     pub drain: DrainConfig,
+    /// May be empty when `grpc_health` is set: the proxy then only answers health checks.
     pub upstreams: Vec<UpstreamConfig>,
+    /// `GET /grpc-health` on the admin port, answered from the pod's own `grpc.health.v1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_health: Option<GrpcHealth>,
+}
+
+/// The pod's own gRPC server, asked `grpc.health.v1.Health/Check` on loopback for HTTP health
+/// checkers (cloud load balancers) that cannot speak gRPC.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GrpcHealth {
+    /// The app's gRPC port on `127.0.0.1`.
+    pub port: u16,
+    /// The `service` asked about; empty: the whole server.
+    pub service: String,
+    /// How long one check may take.
+    #[serde(serialize_with = "duration::serialize")]
+    pub timeout: Duration,
+    /// A check's answer is reused for this long, so frequent probes do not hammer the app.
+    #[serde(serialize_with = "duration::serialize")]
+    pub cache: Duration,
+}
+
+impl GrpcHealth {
+    pub fn new(port: u16, service: impl Into<String>) -> Self {
+        Self {
+            port,
+            service: service.into(),
+            timeout: Duration::from_secs(1),
+            cache: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -250,6 +281,7 @@ impl ProxyConfig {
             admin: AdminConfig::default(),
             drain: DrainConfig::default(),
             upstreams,
+            grpc_health: None,
         }
     }
 

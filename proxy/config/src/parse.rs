@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::reader::{self, Object, check_uint, kind, parse_socket_addr};
 use crate::{
     AdminConfig, Balancer, CONFIG_VERSION, Discovery, DnsDiscovery, DrainConfig, Ejection,
-    HealthCheck, MAX_RETRY_BUFFER_BYTES, ProxyConfig, Retry, Timeouts, UpstreamConfig,
+    GrpcHealth, HealthCheck, MAX_RETRY_BUFFER_BYTES, ProxyConfig, Retry, Timeouts, UpstreamConfig,
 };
 
 /// One problem in a config document, at a path such as `upstreams[0].discovery.dns.port`.
@@ -108,7 +108,8 @@ fn read_config(value: &Value, faults: &reader::Faults) -> Option<ProxyConfig> {
             drain
         }
     };
-    let upstreams = read_upstreams(&root);
+    let grpc_health = root.object("grpc_health").and_then(read_grpc_health);
+    let upstreams = read_upstreams(&root, root.get("grpc_health").is_some());
     root.finish();
     if let Some(upstreams) = &upstreams {
         check_listeners(upstreams, &admin, faults);
@@ -118,17 +119,29 @@ fn read_config(value: &Value, faults: &reader::Faults) -> Option<ProxyConfig> {
         admin,
         drain,
         upstreams: upstreams?,
+        grpc_health,
     })
 }
 
-fn read_upstreams(root: &Object<'_>) -> Option<Vec<UpstreamConfig>> {
-    let list = root.required("upstreams")?;
+/// `upstreams` may be empty (or absent) only for a proxy that answers `grpc_health` alone.
+fn read_upstreams(root: &Object<'_>, health_only: bool) -> Option<Vec<UpstreamConfig>> {
+    let list = if health_only {
+        match root.get("upstreams") {
+            Some(list) => list,
+            None => return Some(Vec::new()),
+        }
+    } else {
+        root.required("upstreams")?
+    };
     let Value::Array(items) = list else {
         root.fault("upstreams", format!("must be a list, got {}", kind(list)));
         return None;
     };
-    if items.is_empty() {
-        root.fault("upstreams", "must list at least one upstream");
+    if items.is_empty() && !health_only {
+        root.fault(
+            "upstreams",
+            "must list at least one upstream (or set grpc_health)",
+        );
         return None;
     }
     let mut upstreams = Vec::with_capacity(items.len());
@@ -340,6 +353,25 @@ fn read_health_check(obj: Object<'_>) -> HealthCheck {
     }
     obj.finish();
     check
+}
+
+fn read_grpc_health(obj: Object<'_>) -> Option<GrpcHealth> {
+    let port = obj.required("port").and_then(|v| {
+        check_uint(v, 1, 65535)
+            .map_err(|m| obj.fault("port", m))
+            .ok()
+    });
+    let d = GrpcHealth::new(0, "");
+    let service = obj.string("service").unwrap_or_default().to_string();
+    let timeout = obj.duration_or("timeout", d.timeout, Duration::from_millis(1));
+    let cache = obj.duration_or("cache", d.cache, Duration::ZERO);
+    obj.finish();
+    Some(GrpcHealth {
+        port: port? as u16,
+        service,
+        timeout,
+        cache,
+    })
 }
 
 fn read_ejection(obj: Object<'_>) -> Ejection {

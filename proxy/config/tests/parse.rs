@@ -146,3 +146,36 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_health_only_config_needs_no_upstreams() {
+    let text = r#"{"version":1,"grpc_health":{"port":50051}}"#;
+    let config = ProxyConfig::from_json(text).unwrap();
+    assert!(config.upstreams.is_empty());
+    let health = config.grpc_health.clone().unwrap();
+    assert_eq!(health.port, 50051);
+    assert_eq!(health.service, "");
+    assert_eq!(health.timeout, Duration::from_secs(1));
+    assert_eq!(health.cache, Duration::from_secs(1));
+    // What the webhook renders reads back.
+    let mut rendered = ProxyConfig::new(Vec::new());
+    rendered.grpc_health = Some(fanout_proxy_config::GrpcHealth::new(8080, "shop.Cart"));
+    assert_eq!(
+        ProxyConfig::from_json(&rendered.to_json()).unwrap(),
+        rendered
+    );
+}
+
+#[test]
+fn grpc_health_faults_are_named_and_upstreams_are_still_required_without_it() {
+    assert_eq!(
+        lines(r#"{"version":1,"upstreams":[]}"#),
+        ["upstreams: must list at least one upstream (or set grpc_health)"]
+    );
+    let faults =
+        lines(r#"{"version":1,"grpc_health":{"port":70000,"timeout":"soon","colour":"red"}}"#);
+    assert_eq!(faults.len(), 3, "{faults:?}");
+    assert!(faults[0].starts_with("grpc_health.port:"), "{faults:?}");
+    assert!(faults[1].starts_with("grpc_health.timeout:"), "{faults:?}");
+    assert!(faults[2].starts_with("grpc_health.colour:"), "{faults:?}");
+}

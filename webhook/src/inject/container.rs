@@ -16,7 +16,7 @@ use crate::annotations::{
     PROXY_CPU_LIMIT, PROXY_CPU_REQUEST, PROXY_MEMORY_LIMIT, PROXY_MEMORY_REQUEST, PROXY_UID,
 };
 use crate::quantity;
-use crate::settings::{ProxyResources, Settings};
+use crate::settings::{ProxyResources, Readiness, Settings};
 
 /// The chart's resources with the pod's annotation overrides, each checked.
 pub fn resources(
@@ -97,7 +97,12 @@ pub fn security_context() -> SecurityContext {
     }
 }
 
-pub fn proxy_container(settings: &Settings, resources: &ProxyResources, native: bool) -> Container {
+pub fn proxy_container(
+    settings: &Settings,
+    resources: &ProxyResources,
+    native: bool,
+    readiness: Readiness,
+) -> Container {
     let quantities = |pairs: [(&str, &Option<String>); 2]| {
         let map: BTreeMap<String, Quantity> = pairs
             .into_iter()
@@ -124,7 +129,7 @@ pub fn proxy_container(settings: &Settings, resources: &ProxyResources, native: 
             ..Default::default()
         }]),
         liveness_probe: Some(http_probe("/live", 10, 3)),
-        readiness_probe: Some(http_probe("/ready", 5, 2)),
+        readiness_probe: Some(http_probe(readiness.path(), 5, 2)),
         // A native sidecar's startup probe holds back the next containers until the proxy is live.
         startup_probe: native.then(|| Probe {
             initial_delay_seconds: None,

@@ -12,17 +12,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use fanout_proxy_config::{
-    ADMIN_PORT, Discovery, DnsDiscovery, HealthCheck, ProxyConfig, UpstreamConfig,
+    ADMIN_PORT, Discovery, DnsDiscovery, GrpcHealth, HealthCheck, ProxyConfig, UpstreamConfig,
 };
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
 use crate::annotations::{
-    CONFIG_VOLUME, HEALTH_CHECK, INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER, UPSTREAMS,
+    CONFIG_VOLUME, GRPC_HEALTH, HEALTH_CHECK, INJECT, INJECTED, NATIVE_SIDECAR, PROXY_CONTAINER,
+    READINESS, UPSTREAMS,
 };
 use crate::lookup::ServiceLookup;
-use crate::settings::{NativeSidecarMode, ProxyResources, Settings};
+use crate::settings::{NativeSidecarMode, ProxyResources, Readiness, Settings};
 use crate::upstreams::{self, UpstreamRef};
 use resolve::ResolvedUpstream;
 
@@ -52,7 +53,9 @@ impl SkipReason {
             Self::OptedOut => "pod annotation fanout.dev/inject is \"disabled\"",
             Self::OptedOutByLabel => "pod label fanout.dev/inject is \"disabled\"",
             Self::HostNetwork => "pod uses hostNetwork; the proxy's ports would clash on the node",
-            Self::NoUpstreams => "pod has no fanout.dev/upstreams annotation",
+            Self::NoUpstreams => {
+                "pod has neither a fanout.dev/upstreams nor a fanout.dev/grpc-health annotation"
+            }
             Self::AlreadyInjected => "pod already has the fanout proxy",
         }
     }
@@ -110,6 +113,10 @@ pub struct Plan {
     pub native_sidecar: bool,
     /// Active health checks for every upstream, when the pod asks for them.
     pub health_check: Option<HealthCheck>,
+    /// What the proxy's readiness probe asks.
+    pub readiness: Readiness,
+    /// `GET /grpc-health` from the app's own `grpc.health.v1`, when the pod asks for it.
+    pub grpc_health: Option<GrpcHealth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,9 +170,11 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
     if spec.host_network == Some(true) {
         return Err(NotInjected::Skipped(SkipReason::HostNetwork));
     }
-    let Some(upstreams_value) = annotations.get(UPSTREAMS) else {
+    let upstreams_value = annotations.get(UPSTREAMS);
+    let grpc_health_value = annotations.get(GRPC_HEALTH);
+    if upstreams_value.is_none() && grpc_health_value.is_none() {
         return Err(NotInjected::Skipped(SkipReason::NoUpstreams));
-    };
+    }
 
     let mut faults = Vec::new();
     let taken_ports: Vec<(String, u16)> = spec
@@ -196,9 +205,12 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
             "the pod already has a volume named {CONFIG_VOLUME:?}, which fanout injects"
         ));
     }
-    let upstreams = upstreams::parse(upstreams_value, &taken_ports)
-        .map_err(|e| faults.push(e.to_string()))
-        .ok();
+    let upstreams = match upstreams_value {
+        Some(value) => upstreams::parse(value, &taken_ports)
+            .map_err(|e| faults.push(e.to_string()))
+            .ok(),
+        None => Some(Vec::new()),
+    };
     let resources = container::resources(&settings.resources, annotations)
         .map_err(|f| faults.extend(f))
         .ok();
@@ -228,15 +240,63 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
         .get(HEALTH_CHECK)
         .and_then(|value| parse_health_check(value).map_err(|f| faults.push(f)).ok())
         .flatten();
+    let readiness = match annotations.get(READINESS) {
+        None => settings.readiness,
+        Some(value) => value.parse().unwrap_or_else(|e| {
+            faults.push(format!("annotation {READINESS}: {e}"));
+            settings.readiness
+        }),
+    };
+    let grpc_health = grpc_health_value
+        .and_then(|value| parse_grpc_health(value).map_err(|f| faults.push(f)).ok());
+    if let (Some(health), Some(upstreams)) = (&grpc_health, &upstreams)
+        && let Some(clash) = upstreams.iter().find(|u| u.local_port == health.port)
+    {
+        faults.push(format!(
+            "annotation {GRPC_HEALTH}: port {} is where the proxy listens for upstream {:?}, not \
+             the app's gRPC port",
+            health.port, clash.text
+        ));
+    }
     match (upstreams, resources) {
         (Some(upstreams), Some(resources)) if faults.is_empty() => Ok(Plan {
             upstreams,
             resources,
             native_sidecar,
             health_check,
+            readiness,
+            grpc_health,
         }),
         _ => Err(invalid(faults)),
     }
+}
+
+/// `fanout.dev/grpc-health`: `<port>` or `<port>/<service>`, the app's gRPC port on loopback
+/// and the `grpc.health.v1` service to ask about (the whole server when absent).
+fn parse_grpc_health(value: &str) -> Result<GrpcHealth, String> {
+    let value = value.trim();
+    let (port, service) = value.split_once('/').unwrap_or((value, ""));
+    let fault = |why: &str| {
+        format!("annotation {GRPC_HEALTH}: {value:?} is not <port>[/<service>] ({why})")
+    };
+    let port: u16 = match port.parse() {
+        Ok(port) if port > 0 => port,
+        _ => return Err(fault("the port is a number from 1 to 65535")),
+    };
+    if port == ADMIN_PORT {
+        return Err(fault("15020 is the proxy's own admin port"));
+    }
+    if value.contains('/')
+        && (service.is_empty()
+            || !service
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(fault(
+            "a service name is letters, digits, '.', '_' and '-', as in grpc.health.v1",
+        ));
+    }
+    Ok(GrpcHealth::new(port, service))
 }
 
 /// `fanout.dev/health-check`: `grpc` (the whole server), `grpc:<service>`, or `disabled`.
@@ -276,8 +336,9 @@ fn invalid(faults: Vec<String>) -> NotInjected {
 pub fn render_config(
     resolved: &[ResolvedUpstream],
     health_check: Option<&HealthCheck>,
+    grpc_health: Option<&GrpcHealth>,
 ) -> ProxyConfig {
-    ProxyConfig::new(
+    let mut config = ProxyConfig::new(
         resolved
             .iter()
             .map(|r| {
@@ -290,7 +351,9 @@ pub fn render_config(
                 upstream
             })
             .collect(),
-    )
+    );
+    config.grpc_health = grpc_health.cloned();
+    config
 }
 
 /// The whole decision for one pod object as the API server sent it.
@@ -334,13 +397,40 @@ pub async fn inject(
         }));
     }
 
-    let config = render_config(&resolved, plan.health_check.as_ref());
+    if let Some(health) = &plan.grpc_health {
+        let declared = pod.spec.iter().flat_map(|spec| {
+            spec.containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .flat_map(|c| c.ports.iter().flatten())
+        });
+        if !declared
+            .into_iter()
+            .any(|p| p.container_port == i32::from(health.port))
+        {
+            warnings.push(format!(
+                "fanout: annotation {GRPC_HEALTH} names port {}, which no container declares; \
+                 the proxy asks 127.0.0.1:{} all the same",
+                health.port, health.port
+            ));
+        }
+    }
+    let config = render_config(
+        &resolved,
+        plan.health_check.as_ref(),
+        plan.grpc_health.as_ref(),
+    );
     let patch = patch::build(
         raw_pod,
         patch::PatchInput {
             config_json: config.to_json(),
             version: &settings.version,
-            proxy: container::proxy_container(settings, &plan.resources, plan.native_sidecar),
+            proxy: container::proxy_container(
+                settings,
+                &plan.resources,
+                plan.native_sidecar,
+                plan.readiness,
+            ),
             volume: container::config_volume(),
             env: resolved
                 .iter()

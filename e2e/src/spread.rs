@@ -1,0 +1,84 @@
+//! How calls spread over backends: unary calls over a few connections, the backend of each in
+//! the order they were answered, and the fewest calls each backend answered in any window.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use tonic::transport::Channel;
+
+use crate::backend::proto::EchoRequest;
+use crate::backend::proto::test_client::TestClient;
+
+/// `total` unary calls spread over `clients` (one HTTP/2 connection each), `in_flight` at a
+/// time on each: the answering backend of each call, or its status code, in the order the
+/// calls finished.
+pub async fn answers(
+    clients: &[TestClient<Channel>],
+    total: usize,
+    in_flight: usize,
+) -> Vec<Result<String, String>> {
+    let per_client = total / clients.len();
+    let streams = clients.iter().enumerate().map(|(i, client)| {
+        let count = per_client + usize::from(i < total % clients.len());
+        let client = client.clone();
+        futures::stream::iter(0..count)
+            .map(move |_| {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .unary(EchoRequest::default())
+                        .await
+                        .map(|reply| reply.into_inner().backend)
+                        .map_err(|status| format!("{:?}", status.code()))
+                }
+            })
+            .buffer_unordered(in_flight.max(1))
+    });
+    futures::stream::select_all(streams).collect().await
+}
+
+/// For each of `backends`, the fewest calls it answered in any window of `window` consecutive
+/// answers of `order` (sliding by a tenth of a window); empty when there are fewer answers than
+/// a window.
+pub fn window_minimum<'a>(
+    order: &[String],
+    backends: impl IntoIterator<Item = &'a String>,
+    window: usize,
+) -> BTreeMap<String, usize> {
+    let mut least: BTreeMap<String, usize> = backends
+        .into_iter()
+        .map(|b| (b.clone(), usize::MAX))
+        .collect();
+    if window == 0 || order.len() < window {
+        return BTreeMap::new();
+    }
+    let mut start = 0;
+    while start + window <= order.len() {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for backend in &order[start..start + window] {
+            *counts.entry(backend.as_str()).or_default() += 1;
+        }
+        for (backend, least) in least.iter_mut() {
+            *least = (*least).min(counts.get(backend.as_str()).copied().unwrap_or(0));
+        }
+        start += (window / 10).max(1);
+    }
+    least
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fewest_in_any_window() {
+        let order: Vec<String> = "aabbaabbaabbbbbbbbbb".chars().map(String::from).collect();
+        let backends = ["a".to_string(), "b".to_string(), "c".to_string()];
+        let least = window_minimum(&order, &backends, 10);
+        // Windows start at 0, 1, ..., 10: the first has 4 b, the last is all b.
+        assert_eq!(least["a"], 0);
+        assert_eq!(least["b"], 4);
+        assert_eq!(least["c"], 0, "a backend that never answered has 0");
+        assert!(window_minimum(&order[..5], &backends, 10).is_empty());
+    }
+}

@@ -1,0 +1,74 @@
+//! The proxy in front of a gRPC implementation other than tonic: gRPC C-core (Python grpcio),
+//! stopped the way its users stop it, `server.stop(grace)`, one pod after another under load.
+//!
+//! What C-core sends when it stops (seen in the proxy's HTTP/2 frames): a first GOAWAY (last
+//! stream id 2^31-1, "Server shutdown") and a PING; then, for a call it had received but not
+//! yet handed to the application, a Trailers-Only answer `grpc-status: 1` (CANCELLED),
+//! `grpc-message: CANCELLED`, and RST_STREAM(NO_ERROR) (grpc/grpc#41785: the pending call is
+//! zombified and ends with absl's default CancelledError; grpc/grpc#41786 proposes UNAVAILABLE
+//! instead, which the proxy would retry). The application never saw those calls, but nothing
+//! on the wire proves it: the same answer is what a handler that was cancelled, or cancelled
+//! itself, leaves behind, and the stream was accepted (it is below the final GOAWAY's last
+//! stream id). So the proxy passes it on, as a gRPC client talking to the server directly would
+//! get it, rather than retry a call that may have run. About one rolling restart in three
+//! meets such a call; the test allows exactly that and no other failure.
+
+use std::time::Duration;
+
+use fanout_e2e::backend_process::BackendProcess;
+use fanout_e2e::fleet::{proxy_over_dns, wait_for_endpoints};
+use fanout_e2e::open_load::{Load, LoadResult};
+use fanout_e2e::proxy::pod_ip;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_grpcio_backends_under_load_fails_no_calls() {
+    let port = std::net::TcpListener::bind((pod_ip(0), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut backends = Vec::new();
+    for n in 0..10 {
+        let addr = std::net::SocketAddr::new(pod_ip(n), port);
+        let backend =
+            BackendProcess::start_grpcio(addr, &format!("backend-{n}"), &["--grace", "5"])
+                .await
+                .unwrap();
+        backends.push(backend);
+    }
+    let fleet = proxy_over_dns(port, 10, |_| {}).await;
+    let load = Load::start(fleet.local, 4, 300, 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for backend in &mut backends {
+        let code = backend.stop(Duration::from_secs(15)).await.unwrap();
+        assert_eq!(code, Some(0), "{} did not stop cleanly", backend.id);
+        backend.restart().await.unwrap();
+        wait_for_endpoints(&fleet.proxy, "ready", 10).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let LoadResult {
+        offered,
+        failures,
+        rate,
+        ..
+    } = load.stop().await;
+    let (_, metrics) = fleet.proxy.admin_get("/metrics").await.unwrap();
+    let retries: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fanout_proxy_retries_total"))
+        .collect();
+    eprintln!(
+        "grpcio rolling restart: {offered} calls at {rate:.0} calls/s, {} failed (C-core's \
+         CANCELLED of calls pending at its shutdown); {retries:?}",
+        failures.len()
+    );
+    assert!(rate >= 200.0, "the load fell behind: {rate:.0} calls/s");
+    let (pending_cancelled, other): (Vec<_>, Vec<_>) = failures.iter().partition(|f| {
+        f.status.code() == tonic::Code::Cancelled && f.status.message() == "CANCELLED"
+    });
+    assert!(other.is_empty(), "calls failed: {other:#?}");
+    eprintln!(
+        "{} calls CANCELLED by C-core while it stopped",
+        pending_cancelled.len()
+    );
+}
