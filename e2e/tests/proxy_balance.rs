@@ -238,7 +238,7 @@ async fn a_backend_that_connects_later_gets_half_its_share_once_up() {
         let (config, local) = loopback_config(Discovery::Dns(discovery), |_| {});
         let proxy = ProxyProcess::start(&config).await.unwrap();
         wait_for_endpoints(&proxy, "ready", 4).await;
-        let calls = tokio::spawn(least_in_any_window(local, 5, 5_000, connections, in_flight));
+        let calls = tokio::spawn(least_in_any_window(local, 5, 3_000, connections, in_flight));
         tokio::time::sleep(Duration::from_millis(300)).await;
         backends[4].restart().await.unwrap();
         let (order, _) = calls.await.unwrap();

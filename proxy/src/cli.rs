@@ -75,7 +75,16 @@ pub fn main() -> ExitCode {
         Command::Check { file } => match check::load(&file) {
             Ok(config) => {
                 let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-                println!("{}: ok, upstreams {}", file.display(), names.join(", "));
+                let upstreams = if names.is_empty() {
+                    "no upstreams".to_string()
+                } else {
+                    format!("upstreams {}", names.join(", "))
+                };
+                let health = config
+                    .grpc_health
+                    .map(|h| format!("; grpc-health of 127.0.0.1:{}", h.port))
+                    .unwrap_or_default();
+                println!("{}: ok, {upstreams}{health}", file.display());
                 ExitCode::SUCCESS
             }
             Err(lines) => fail(lines),
