@@ -21,23 +21,10 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts `fanout-test-backend --listen addr --id id` with `args`; returns once it listens.
     pub async fn start(addr: SocketAddr, id: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let program = vec![bins::path("fanout-e2e", "fanout-test-backend").into_os_string()];
-        Self::start_program(program, addr, id, args).await
+        Self::start_as(Implementation::Tonic.program()?, addr, id, args).await
     }
 
-    /// Starts the grpcio (gRPC C-core) backend, `e2e/peers/grpcio_backend.py`, with `args`.
-    pub async fn start_grpcio(addr: SocketAddr, id: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_backend.py");
-        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        let check = Command::new(&python).args(["-c", "import grpc"]).output()?;
-        anyhow::ensure!(
-            check.status.success(),
-            "{python} cannot import grpc: `pip install grpcio` (make python-deps does)"
-        );
-        Self::start_program(vec![python.into(), script.into()], addr, id, args).await
-    }
-
-    async fn start_program(
+    async fn start_as(
         program: Vec<std::ffi::OsString>,
         addr: SocketAddr,
         id: &str,
@@ -131,12 +118,54 @@ impl Drop for BackendProcess {
     }
 }
 
+/// Which gRPC server a backend process runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Implementation {
+    /// `fanout-test-backend` (tonic, Rust).
+    Tonic,
+    /// `e2e/peers/grpcio_backend.py` (gRPC C-core through Python grpcio): the test service's
+    /// unary call only.
+    Grpcio,
+}
+
+impl Implementation {
+    fn program(self) -> anyhow::Result<Vec<std::ffi::OsString>> {
+        match self {
+            Implementation::Tonic => Ok(vec![
+                bins::path("fanout-e2e", "fanout-test-backend").into_os_string(),
+            ]),
+            Implementation::Grpcio => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_backend.py");
+                let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+                let check = Command::new(&python).args(["-c", "import grpc"]).output()?;
+                anyhow::ensure!(
+                    check.status.success(),
+                    "{python} cannot import grpc: `pip install grpcio` (make python-deps does)"
+                );
+                Ok(vec![python.into(), script.into()])
+            }
+        }
+    }
+}
+
 /// `count` backend processes `backend-0`… on 127.0.0.2… sharing one port, as the pods of one
 /// Service do; backend `n` gets `args(n)`.
 pub async fn on_pod_ips(
     count: usize,
     args: impl Fn(usize) -> Vec<&'static str>,
 ) -> (u16, Vec<BackendProcess>) {
+    on_pod_ips_as(Implementation::Tonic, count, args).await
+}
+
+/// As [`on_pod_ips`], running `implementation`.
+pub async fn on_pod_ips_as(
+    implementation: Implementation,
+    count: usize,
+    args: impl Fn(usize) -> Vec<&'static str>,
+) -> (u16, Vec<BackendProcess>) {
+    let program = implementation
+        .program()
+        .expect("the backend program runs here");
     let port = std::net::TcpListener::bind((pod_ip(0), 0))
         .and_then(|l| l.local_addr())
         .expect("a free port on the first pod address")
@@ -145,7 +174,7 @@ pub async fn on_pod_ips(
     for n in 0..count {
         let addr = SocketAddr::new(pod_ip(n), port);
         backends.push(
-            BackendProcess::start(addr, &format!("backend-{n}"), &args(n))
+            BackendProcess::start_as(program.clone(), addr, &format!("backend-{n}"), &args(n))
                 .await
                 .expect("backend process starts"),
         );

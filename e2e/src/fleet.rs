@@ -8,6 +8,7 @@ use fanout_proxy_config::{Discovery, DnsDiscovery, UpstreamConfig};
 use tonic::transport::Channel;
 
 use crate::backend::proto::test_client::TestClient;
+use crate::backend_process::BackendProcess;
 use crate::dns::DnsServer;
 use crate::proxy::{ProxyProcess, loopback_config, pod_ip};
 
@@ -94,4 +95,31 @@ pub async fn wait_for_endpoints(proxy: &ProxyProcess, state: &str, count: usize)
 /// One HTTP/2 connection, as one gateway pod's gRPC client keeps.
 pub async fn client(addr: SocketAddr) -> TestClient<Channel> {
     TestClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+/// Each backend in turn stops gracefully (SIGTERM: GOAWAY, its calls in flight finish; it must
+/// exit 0 within `stop_within`), comes back on the same address, and is in service again before
+/// the next one goes: a rolling restart of a Deployment.
+pub async fn rolling_restart(
+    backends: &mut [BackendProcess],
+    proxy: &ProxyProcess,
+    stop_within: Duration,
+) {
+    let count = backends.len();
+    for backend in backends.iter_mut() {
+        let code = backend.stop(stop_within).await.unwrap();
+        assert_eq!(code, Some(0), "{} did not stop cleanly", backend.id);
+        backend.restart().await.unwrap();
+        wait_for_endpoints(proxy, "ready", count).await;
+    }
+}
+
+/// The `fanout_proxy_retries_total` lines of the proxy's metrics.
+pub async fn retry_counts(proxy: &ProxyProcess) -> String {
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("fanout_proxy_retries_total"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -81,6 +81,17 @@ pub async fn spawn_backends_on(
     panic!("no port free on every backend address");
 }
 
+/// `config` written to a file of its own under the temporary directory.
+fn config_file(config: &ProxyConfig) -> std::io::Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!(
+        "fanout-proxy-{}-{}.json",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&path, config.to_json_pretty())?;
+    Ok(path)
+}
+
 pub struct ProxyProcess {
     child: Child,
     pub admin: SocketAddr,
@@ -103,24 +114,13 @@ mod tempfile_path {
 impl ProxyProcess {
     /// Runs the proxy with `config` and waits until its admin endpoint is live.
     pub async fn start(config: &ProxyConfig) -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!(
-            "fanout-proxy-{}-{}.json",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::write(&path, config.to_json_pretty())?;
-        Self::start_file(path, config.admin.listen).await
+        Self::start_file(config_file(config)?, config.admin.listen).await
     }
 
     /// Runs the proxy with `config` logging at `info` (JSON lines) into `log`.
     pub async fn start_logged(config: &ProxyConfig, log: &std::path::Path) -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!(
-            "fanout-proxy-{}-{}.json",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::write(&path, config.to_json_pretty())?;
         let file = std::fs::File::create(log)?;
+        let path = config_file(config)?;
         Self::spawn(path, config.admin.listen, "info".into(), Stdio::from(file)).await
     }
 

@@ -13,7 +13,8 @@ use fanout_e2e::backend::{Backend, Behaviour, HealthSwitch};
 use fanout_e2e::backend_process;
 use fanout_e2e::bench::percentile;
 use fanout_e2e::fleet::{
-    EndpointView, Fleet, client, endpoint_states, proxy_over_dns, wait_for_endpoints,
+    EndpointView, Fleet, client, endpoint_states, proxy_over_dns, retry_counts, rolling_restart,
+    wait_for_endpoints,
 };
 use fanout_e2e::open_load::{Load, LoadResult};
 use fanout_e2e::proxy::{ProxyProcess, loopback_config, pod_ip, spawn_backends};
@@ -37,14 +38,7 @@ async fn a_rolling_restart_under_load_fails_no_calls() {
     let load = Load::start(fleet.local, 4, 300, 4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Each backend in turn stops gracefully (GOAWAY; its calls in flight finish), comes back
-    // on the same address, and is in service again before the next one goes.
-    for backend in &mut backends {
-        let code = backend.stop(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(code, Some(0), "{} did not stop cleanly", backend.id);
-        backend.restart().await.unwrap();
-        wait_for_endpoints(&fleet.proxy, "ready", 10).await;
-    }
+    rolling_restart(&mut backends, &fleet.proxy, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let LoadResult {
         offered,
@@ -53,17 +47,9 @@ async fn a_rolling_restart_under_load_fails_no_calls() {
         ..
     } = load.stop().await;
     eprintln!(
-        "rolling restart: {offered} calls at {rate:.0} calls/s, {} failed",
-        failures.len()
-    );
-    let (_, metrics) = fleet.proxy.admin_get("/metrics").await.unwrap();
-    eprintln!(
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("fanout_proxy_retries"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        "rolling restart: {offered} calls at {rate:.0} calls/s, {} failed\n{}",
+        failures.len(),
+        retry_counts(&fleet.proxy).await
     );
     assert!(rate >= 200.0, "the load fell behind: {rate:.0} calls/s");
     assert!(failures.is_empty(), "calls failed: {failures:#?}");

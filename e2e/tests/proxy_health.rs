@@ -22,6 +22,18 @@ fn ghost_upstream(nameserver: SocketAddr) -> (ProxyConfig, SocketAddr) {
     })
 }
 
+/// Waits until `path` on the admin port answers 200.
+async fn ready_within(proxy: &ProxyProcess, path: &str, timeout: Duration) {
+    let started = Instant::now();
+    while proxy.admin_get(path).await.unwrap().0 != 200 {
+        assert!(
+            started.elapsed() < timeout,
+            "{path} not 200 within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_is_ready_to_serve_once_discovery_has_answered_even_with_no_endpoints() {
     // A nameserver that never answers: discovery's first answer is its timeout.
@@ -34,18 +46,7 @@ async fn the_proxy_is_ready_to_serve_once_discovery_has_answered_even_with_no_en
         body.contains("app.shop") && body.contains("waiting for a first discovery answer"),
         "{body}"
     );
-    let started = Instant::now();
-    loop {
-        let (status, _) = proxy.admin_get("/ready/proxy").await.unwrap();
-        if status == 200 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "/ready/proxy never 200"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ready_within(&proxy, "/ready/proxy", Duration::from_secs(10)).await;
     // The upstream-aware readiness still says the upstream has nothing.
     let (status, body) = proxy.admin_get("/ready").await.unwrap();
     assert_eq!(status, 503, "{body}");
@@ -58,11 +59,7 @@ async fn an_upstream_without_endpoints_leaves_proxy_readiness_alone() {
         .unwrap();
     let (config, _) = ghost_upstream(dns.addr);
     let proxy = ProxyProcess::start(&config).await.unwrap();
-    let started = Instant::now();
-    while proxy.admin_get("/ready/proxy").await.unwrap().0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ready_within(&proxy, "/ready/proxy", Duration::from_secs(10)).await;
     let (status, body) = proxy.admin_get("/ready").await.unwrap();
     assert_eq!(status, 503);
     assert!(body.contains("no A or AAAA records"), "{body}");

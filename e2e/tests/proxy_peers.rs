@@ -15,36 +15,18 @@
 
 use std::time::Duration;
 
-use fanout_e2e::backend_process::BackendProcess;
-use fanout_e2e::fleet::{proxy_over_dns, wait_for_endpoints};
+use fanout_e2e::backend_process::{self, Implementation};
+use fanout_e2e::fleet::{proxy_over_dns, retry_counts, rolling_restart};
 use fanout_e2e::open_load::{Load, LoadResult};
-use fanout_e2e::proxy::pod_ip;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_grpcio_backends_under_load_fails_no_calls() {
-    let port = std::net::TcpListener::bind((pod_ip(0), 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut backends = Vec::new();
-    for n in 0..10 {
-        let addr = std::net::SocketAddr::new(pod_ip(n), port);
-        let backend =
-            BackendProcess::start_grpcio(addr, &format!("backend-{n}"), &["--grace", "5"])
-                .await
-                .unwrap();
-        backends.push(backend);
-    }
+    let (port, mut backends) =
+        backend_process::on_pod_ips_as(Implementation::Grpcio, 10, |_| vec!["--grace", "5"]).await;
     let fleet = proxy_over_dns(port, 10, |_| {}).await;
     let load = Load::start(fleet.local, 4, 300, 0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for backend in &mut backends {
-        let code = backend.stop(Duration::from_secs(15)).await.unwrap();
-        assert_eq!(code, Some(0), "{} did not stop cleanly", backend.id);
-        backend.restart().await.unwrap();
-        wait_for_endpoints(&fleet.proxy, "ready", 10).await;
-    }
+    rolling_restart(&mut backends, &fleet.proxy, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let LoadResult {
         offered,
@@ -52,15 +34,10 @@ async fn a_rolling_restart_of_grpcio_backends_under_load_fails_no_calls() {
         rate,
         ..
     } = load.stop().await;
-    let (_, metrics) = fleet.proxy.admin_get("/metrics").await.unwrap();
-    let retries: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("fanout_proxy_retries_total"))
-        .collect();
     eprintln!(
-        "grpcio rolling restart: {offered} calls at {rate:.0} calls/s, {} failed (C-core's \
-         CANCELLED of calls pending at its shutdown); {retries:?}",
-        failures.len()
+        "grpcio rolling restart: {offered} calls at {rate:.0} calls/s, {} failed\n{}",
+        failures.len(),
+        retry_counts(&fleet.proxy).await
     );
     assert!(rate >= 200.0, "the load fell behind: {rate:.0} calls/s");
     let (pending_cancelled, other): (Vec<_>, Vec<_>) = failures.iter().partition(|f| {

@@ -42,6 +42,17 @@ fn reply(
         .expect("static response parts are valid")
 }
 
+/// 200 when nothing is `not_ready`, else 503 with the reasons as JSON.
+fn readiness(not_ready: Vec<serde_json::Value>) -> Response<Full<Bytes>> {
+    if not_ready.is_empty() {
+        reply(StatusCode::OK, "application/json", "{\"ready\":true}\n")
+    } else {
+        let body = serde_json::to_vec(&json!({"ready": false, "not_ready": not_ready}))
+            .unwrap_or_default();
+        reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body)
+    }
+}
+
 impl Admin {
     fn upstreams(&self) -> Vec<Arc<Upstream>> {
         self.upstreams
@@ -101,13 +112,7 @@ impl Admin {
                 |u| json!({"upstream": &*u.name, "reason": "waiting for a first discovery answer"}),
             )
             .collect();
-        if waiting.is_empty() {
-            reply(StatusCode::OK, "application/json", "{\"ready\":true}\n")
-        } else {
-            let body = serde_json::to_vec(&json!({"ready": false, "not_ready": waiting}))
-                .unwrap_or_default();
-            reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body)
-        }
+        readiness(waiting)
     }
 
     async fn grpc_health(&self) -> Response<Full<Bytes>> {
@@ -141,13 +146,7 @@ impl Admin {
                     .map(|reason| json!({"upstream": &*u.name, "reason": reason}))
             })
             .collect();
-        if not_ready.is_empty() {
-            reply(StatusCode::OK, "application/json", "{\"ready\":true}\n")
-        } else {
-            let body = serde_json::to_vec(&json!({"ready": false, "not_ready": not_ready}))
-                .unwrap_or_default();
-            reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body)
-        }
+        readiness(not_ready)
     }
 
     fn update_gauges(&self) {

@@ -99,8 +99,8 @@ impl FailureLog {
         tracing::info!(upstream, endpoint, client_got = %failure, reason = %reason, "call failed");
     }
 
-    /// Lines left out so far in this period (for tests).
-    pub fn left_out(&self) -> u64 {
+    #[cfg(test)]
+    fn left_out(&self) -> u64 {
         self.period.lock().map(|p| p.left_out).unwrap_or(0)
     }
 }

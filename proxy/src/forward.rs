@@ -191,6 +191,7 @@ impl Call<'_> {
         }
     }
 
+    /// Logs a failed call (rate-limited): `reason` is formatted only when the line is written.
     fn log_failure(
         &self,
         endpoint: Option<&Endpoint>,
@@ -263,8 +264,11 @@ impl Call<'_> {
                 if let Some(next) = self.retry_to(endpoint, false, "unsent") {
                     return Next::Retry(next);
                 }
-                let why = format!("not sent ({message}), and no retry left");
-                self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
+                self.log_failure(
+                    Some(endpoint),
+                    Failure::Status(grpc::UNAVAILABLE),
+                    &format_args!("not sent ({message}), and no retry left"),
+                );
                 self.answer(grpc::UNAVAILABLE, &message);
                 return Next::Done;
             }
@@ -288,18 +292,27 @@ impl Call<'_> {
                     if let Some(next) = self.retry_to(endpoint, false, reason) {
                         return Next::Retry(next);
                     }
-                    let why = format!("unprocessed ({e}), and no retry left");
-                    self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
+                    self.log_failure(
+                        Some(endpoint),
+                        Failure::Status(grpc::UNAVAILABLE),
+                        &format_args!("unprocessed ({e}), and no retry left"),
+                    );
                     self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
                 } else if let (true, Some(reason)) = (e.is_reset(), e.reason()) {
                     guard.set_status(None);
-                    let why = format!("reset by the endpoint before its answer: {e}");
-                    self.log_failure(Some(endpoint), Failure::Reset(reason), &why);
+                    self.log_failure(
+                        Some(endpoint),
+                        Failure::Reset(reason),
+                        &format_args!("reset by the endpoint before its answer: {e}"),
+                    );
                     self.respond.send_reset(reason);
                 } else {
                     guard.set_status(None);
-                    let why = format!("before its answer: {e}");
-                    self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
+                    self.log_failure(
+                        Some(endpoint),
+                        Failure::Status(grpc::UNAVAILABLE),
+                        &format_args!("before its answer: {e}"),
+                    );
                     self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
                 }
                 return Next::Done;
@@ -378,13 +391,19 @@ impl Call<'_> {
                 guard.set_status(None);
                 match (e.is_reset(), e.reason()) {
                     (true, Some(reason)) => {
-                        let why = format!("reset while the response streamed: {e}");
-                        self.log_failure(Some(endpoint), Failure::Reset(reason), &why);
+                        self.log_failure(
+                            Some(endpoint),
+                            Failure::Reset(reason),
+                            &format_args!("reset while the response streamed: {e}"),
+                        );
                         client_send.send_reset(reason)
                     }
                     _ => {
-                        let why = format!("lost while the response streamed: {e}");
-                        self.log_failure(Some(endpoint), Failure::Status(grpc::UNAVAILABLE), &why);
+                        self.log_failure(
+                            Some(endpoint),
+                            Failure::Status(grpc::UNAVAILABLE),
+                            &format_args!("lost while the response streamed: {e}"),
+                        );
                         let _ = client_send.send_trailers(grpc::status_headers(
                             grpc::UNAVAILABLE,
                             &failed(&self.upstream.name, &e),

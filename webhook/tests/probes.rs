@@ -36,6 +36,18 @@ fn admitter() -> Admitter {
     admitter_with(Arc::new(catalogue()))
 }
 
+/// The admitter of a chart installed with `proxy.readiness` set to `readiness`.
+fn admitter_with_readiness(readiness: Readiness) -> Admitter {
+    let mut admitter = admitter();
+    admitter.settings.readiness = readiness;
+    admitter
+}
+
+/// The path the stored pod's proxy readiness probe asks.
+fn readiness_path(pod: &Value) -> &Value {
+    &proxy(pod)["readinessProbe"]["httpGet"]["path"]
+}
+
 fn proxy(pod: &Value) -> &Value {
     pod["spec"]["containers"]
         .as_array()
@@ -73,35 +85,21 @@ async fn the_readiness_probe_asks_whether_the_proxy_can_serve_unless_told_otherw
     let default = review(json!({"fanout.dev/upstreams": "app:50051"}));
     let answer = admit(admitter(), &default).await;
     let pod = answer.patched(&default);
-    assert_eq!(
-        proxy(&pod)["readinessProbe"]["httpGet"]["path"],
-        "/ready/proxy"
-    );
+    assert_eq!(readiness_path(&pod), "/ready/proxy");
     assert_eq!(proxy(&pod)["livenessProbe"]["httpGet"]["path"], "/live");
 
     let upstreams = review(json!({"fanout.dev/upstreams": "app:50051",
         "fanout.dev/readiness": "upstreams"}));
     let answer = admit(admitter(), &upstreams).await;
-    let pod = answer.patched(&upstreams);
-    assert_eq!(proxy(&pod)["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(readiness_path(&answer.patched(&upstreams)), "/ready");
 
     // The chart's value sets the default; a pod's annotation still wins.
-    let mut chart_upstreams = admitter();
-    chart_upstreams.settings.readiness = Readiness::Upstreams;
-    let answer = admit(chart_upstreams, &default).await;
-    assert_eq!(
-        proxy(&answer.patched(&default))["readinessProbe"]["httpGet"]["path"],
-        "/ready"
-    );
-    let mut chart_upstreams = admitter();
-    chart_upstreams.settings.readiness = Readiness::Upstreams;
+    let answer = admit(admitter_with_readiness(Readiness::Upstreams), &default).await;
+    assert_eq!(readiness_path(&answer.patched(&default)), "/ready");
     let by_pod = review(json!({"fanout.dev/upstreams": "app:50051",
         "fanout.dev/readiness": "proxy"}));
-    let answer = admit(chart_upstreams, &by_pod).await;
-    assert_eq!(
-        proxy(&answer.patched(&by_pod))["readinessProbe"]["httpGet"]["path"],
-        "/ready/proxy"
-    );
+    let answer = admit(admitter_with_readiness(Readiness::Upstreams), &by_pod).await;
+    assert_eq!(readiness_path(&answer.patched(&by_pod)), "/ready/proxy");
 
     let bad = review(json!({"fanout.dev/upstreams": "app:50051",
         "fanout.dev/readiness": "always"}));

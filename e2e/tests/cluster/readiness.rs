@@ -45,6 +45,19 @@ async fn ready(pods: &Api<Pod>, name: &str) -> Result<bool, String> {
     Ok(is_ready(&pod) == Some(true))
 }
 
+/// Waits until pod `name` is Ready (`want` true) or NotReady (false).
+async fn becomes(pods: &Api<Pod>, name: &str, want: bool, timeout: Duration) {
+    let what = if want { "Ready" } else { "NotReady" };
+    eventually(&format!("{name} {what}"), timeout, || async {
+        if ready(pods, name).await? == want {
+            Ok(())
+        } else {
+            Err(format!("not {what} yet"))
+        }
+    })
+    .await;
+}
+
 async fn scale(deployments: &Api<Deployment>, replicas: i32) {
     deployments
         .patch(
@@ -64,17 +77,7 @@ pub async fn run(client: &Client, namespace: &str) {
     assert_eq!(readiness_path(&by_proxy).as_deref(), Some("/ready/proxy"));
     assert_eq!(readiness_path(&by_upstreams).as_deref(), Some("/ready"));
     for name in ["caller-proxy", "caller-upstreams"] {
-        eventually(
-            &format!("{name} Ready"),
-            Duration::from_secs(120),
-            || async {
-                match ready(&pods, name).await? {
-                    true => Ok(()),
-                    false => Err("not Ready".to_string()),
-                }
-            },
-        )
-        .await;
+        becomes(&pods, name, true, Duration::from_secs(120)).await;
     }
 
     // The upstream goes away entirely.
@@ -94,17 +97,7 @@ pub async fn run(client: &Client, namespace: &str) {
     })
     .await;
     let gone = Instant::now();
-    eventually(
-        "caller-upstreams NotReady without backends",
-        Duration::from_secs(120),
-        || async {
-            match ready(&pods, "caller-upstreams").await? {
-                false => Ok(()),
-                true => Err("still Ready".to_string()),
-            }
-        },
-    )
-    .await;
+    becomes(&pods, "caller-upstreams", false, Duration::from_secs(120)).await;
     let not_ready_after = gone.elapsed();
     // The default readiness holds: the caller can still serve its own clients.
     let watched = Instant::now();
@@ -119,17 +112,7 @@ pub async fn run(client: &Client, namespace: &str) {
     // A backend comes back: the upstreams-aware caller is Ready again.
     scale(&deployments, 1).await;
     let back = Instant::now();
-    eventually(
-        "caller-upstreams Ready again",
-        Duration::from_secs(180),
-        || async {
-            match ready(&pods, "caller-upstreams").await? {
-                true => Ok(()),
-                false => Err("still NotReady".to_string()),
-            }
-        },
-    )
-    .await;
+    becomes(&pods, "caller-upstreams", true, Duration::from_secs(180)).await;
     eprintln!(
         "readiness: ok (with 0 backends: caller-upstreams NotReady after {:.0} s, caller-proxy \
          Ready throughout; caller-upstreams Ready {:.0} s after scaling to 1)",

@@ -271,6 +271,14 @@ pub fn plan(pod: &Pod, settings: &Settings) -> Result<Plan, NotInjected> {
     }
 }
 
+/// A `grpc.health.v1` service name: a gRPC service's full name (`shop.v1.Cart`).
+fn is_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// `fanout.dev/grpc-health`: `<port>` or `<port>/<service>`, the app's gRPC port on loopback
 /// and the `grpc.health.v1` service to ask about (the whole server when absent).
 fn parse_grpc_health(value: &str) -> Result<GrpcHealth, String> {
@@ -286,12 +294,7 @@ fn parse_grpc_health(value: &str) -> Result<GrpcHealth, String> {
     if port == ADMIN_PORT {
         return Err(fault("15020 is the proxy's own admin port"));
     }
-    if value.contains('/')
-        && (service.is_empty()
-            || !service
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if value.contains('/') && !is_service_name(service) {
         return Err(fault(
             "a service name is letters, digits, '.', '_' and '-', as in grpc.health.v1",
         ));
@@ -305,14 +308,7 @@ fn parse_health_check(value: &str) -> Result<Option<HealthCheck>, String> {
     let service = match value.split_once(':') {
         _ if value == "disabled" => return Ok(None),
         None if value == "grpc" => "",
-        Some(("grpc", service))
-            if !service.is_empty()
-                && service
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) =>
-        {
-            service
-        }
+        Some(("grpc", service)) if is_service_name(service) => service,
         _ => {
             return Err(format!(
                 "annotation {HEALTH_CHECK}: {value:?} is not \"grpc\", \"grpc:<service>\" or \"disabled\""
