@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::grpc_health::AppHealth;
-use crate::metrics::{EndpointStateLabels, Metrics};
+use crate::metrics::{DiscoverySourceLabels, EndpointStateLabels, Metrics};
 use crate::upstream::Upstream;
 
 pub struct Admin {
@@ -151,6 +151,16 @@ impl Admin {
 
     fn update_gauges(&self) {
         for upstream in &self.upstreams() {
+            let status = upstream.discovery_status();
+            for source in ["endpoints", "dns", "srv", "static"] {
+                self.metrics
+                    .discovery_source
+                    .get_or_create(&DiscoverySourceLabels {
+                        upstream: upstream.name.to_string(),
+                        source,
+                    })
+                    .set(i64::from(status.source == source));
+            }
             for (state, count) in upstream.state_counts() {
                 self.metrics
                     .endpoints

@@ -71,6 +71,8 @@ fn init_logging() {
 }
 
 pub fn main() -> ExitCode {
+    // The discovery server's TLS: ring, installed once for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Check { file } => match check::load(&file) {
             Ok(config) => {

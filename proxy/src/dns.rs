@@ -1,12 +1,13 @@
-//! A small DNS client for discovery: A and AAAA of one absolute name, asked of given nameservers
-//! (or those of `/etc/resolv.conf`), over UDP with TCP when the answer is truncated. No cache:
-//! every refresh asks, so pods that come and go are seen within one refresh interval.
+//! A small DNS client for discovery: A and AAAA of one absolute name, or the SRV records of a
+//! named Service port, asked of given nameservers (or those of `/etc/resolv.conf`), over UDP
+//! with TCP when the answer is truncated. No cache: every refresh asks, so pods that come and go
+//! are seen within one refresh interval.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -117,6 +118,27 @@ async fn query(
     record_type: RecordType,
     timeout: Duration,
 ) -> Result<Answer, DnsError> {
+    let message = exchange(server, name, record_type, timeout).await?;
+    let ips: Vec<IpAddr> = message
+        .answers
+        .iter()
+        .filter(|r| r.record_type() == record_type)
+        .filter_map(|r| r.data.ip_addr())
+        .collect();
+    Ok(if ips.is_empty() {
+        Answer::NotFound
+    } else {
+        Answer::Found(ips)
+    })
+}
+
+/// One question to one server; NXDOMAIN is an empty answer, other errors are errors.
+async fn exchange(
+    server: SocketAddr,
+    name: &Name,
+    record_type: RecordType,
+    timeout: Duration,
+) -> Result<Message, DnsError> {
     let (id, bytes) = request(name, record_type);
     let io = |source| DnsError::Io { server, source };
     let exchange = async {
@@ -142,26 +164,66 @@ async fn query(
             }
         }
     };
-    let message = tokio::time::timeout(timeout, exchange)
+    let mut message = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| DnsError::Timeout { server, timeout })??;
     match message.metadata.response_code {
-        ResponseCode::NoError => {
-            let ips: Vec<IpAddr> = message
-                .answers
-                .iter()
-                .filter(|r| r.record_type() == record_type)
-                .filter_map(|r| r.data.ip_addr())
-                .collect();
-            Ok(if ips.is_empty() {
-                Answer::NotFound
-            } else {
-                Answer::Found(ips)
-            })
+        ResponseCode::NoError => Ok(message),
+        ResponseCode::NXDomain => {
+            message.answers.clear();
+            Ok(message)
         }
-        ResponseCode::NXDomain => Ok(Answer::NotFound),
         code => Err(DnsError::Server { server, code }),
     }
+}
+
+/// Resolves the SRV records of `name` to addresses: each target's port, and its A/AAAA records
+/// from the answer's additional section or, where absent there, asked for.
+pub async fn resolve_srv(
+    name: &str,
+    nameservers: &[SocketAddr],
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, DnsError> {
+    let mut fqdn = Name::from_ascii(name).map_err(|_| DnsError::Name(name.to_string()))?;
+    fqdn.set_fqdn(true);
+    let mut last_error = DnsError::NoNameservers;
+    for server in nameservers {
+        let message = match exchange(*server, &fqdn, RecordType::SRV, timeout).await {
+            Ok(message) => message,
+            Err(e) => {
+                last_error = e;
+                continue;
+            }
+        };
+        let targets: Vec<(Name, u16)> = message
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) if srv.port > 0 => Some((srv.target.clone(), srv.port)),
+                _ => None,
+            })
+            .collect();
+        let mut addrs = Vec::new();
+        for (target, port) in targets {
+            let mut ips: Vec<IpAddr> = message
+                .additionals
+                .iter()
+                .filter(|r| r.name == target)
+                .filter_map(|r| r.data.ip_addr())
+                .collect();
+            if ips.is_empty()
+                && let Answer::Found(found) =
+                    resolve(&target.to_ascii(), std::slice::from_ref(server), timeout).await?
+            {
+                ips = found;
+            }
+            addrs.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, port)));
+        }
+        addrs.sort();
+        addrs.dedup();
+        return Ok(addrs);
+    }
+    Err(last_error)
 }
 
 async fn query_tcp(server: SocketAddr, bytes: &[u8], id: u16) -> Result<Message, DnsError> {

@@ -19,6 +19,8 @@
 //! - `grpc_health`: `GET /grpc-health`, the pod's own `grpc.health.v1` for HTTP health checkers.
 //! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
 //! - `latency`: each endpoint's latency estimate, aged in time and in calls.
+//! - `discover`: an upstream's discovery: static, DNS (A/AAAA, SRV), or the discovery server.
+//! - `subscribe`: the discovery server's stream of snapshots, with DNS as fallback.
 //! - `dns`: the DNS client of discovery.
 //! - `admin`: `/live`, `/ready`, `/metrics`, `/endpoints`, `POST /shutdown`.
 //! - `metrics`: Prometheus metrics.
@@ -31,6 +33,7 @@ pub mod balance;
 pub mod check;
 pub mod cli;
 pub mod conn_io;
+pub mod discover;
 pub mod dns;
 pub mod eject;
 pub mod endpoint;
@@ -45,5 +48,6 @@ pub mod pump;
 pub mod retry;
 pub mod server;
 pub mod serving;
+pub mod subscribe;
 pub mod upstream;
 pub mod wait;

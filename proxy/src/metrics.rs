@@ -34,11 +34,19 @@ pub struct EndpointStateLabels {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscoverySourceLabels {
+    pub upstream: String,
+    /// `endpoints`, `dns`, `srv` or `static`.
+    pub source: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<UpstreamLabels, Histogram>,
     pub endpoints: Family<EndpointStateLabels, Gauge>,
+    pub discovery_source: Family<DiscoverySourceLabels, Gauge>,
     retries: Family<RetryLabels, Counter>,
     retries_refused: Family<UpstreamLabels, Counter>,
 }
@@ -66,6 +74,13 @@ impl Default for Metrics {
             "Endpoints of each upstream by state",
             endpoints.clone(),
         );
+        let discovery_source = Family::<DiscoverySourceLabels, Gauge>::default();
+        registry.register(
+            "fanout_proxy_discovery_source",
+            "1 for the source the upstream's endpoint set comes from now (endpoints: the \
+             discovery server; dns or srv: DNS, configured or as the server's fallback)",
+            discovery_source.clone(),
+        );
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
             "fanout_proxy_retries",
@@ -83,6 +98,7 @@ impl Default for Metrics {
             requests,
             duration,
             endpoints,
+            discovery_source,
             retries,
             retries_refused,
         }

@@ -6,15 +6,28 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fanout_proxy_config::{ProxyConfig, UpstreamConfig};
+use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
 use tokio::task::AbortHandle;
 
 use crate::admin::Admin;
 use crate::cli::{BindError, bind};
+use crate::discover::DiscoveryClient;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::server;
 use crate::upstream::{Activity, Upstream};
+
+/// The discovery server's client, made once for the config that names it.
+fn discovery_client(config: &ProxyConfig) -> Option<DiscoveryClient> {
+    let server = config.discovery_server.as_ref()?;
+    match DiscoveryClient::new(server) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::error!(error = %e, "discovery server unusable; upstreams use DNS");
+            None
+        }
+    }
+}
 
 struct Entry {
     config: UpstreamConfig,
@@ -27,6 +40,8 @@ pub struct Serving {
     order: Vec<String>,
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
+    discovery: Option<DiscoveryClient>,
+    discovery_server: Option<fanout_proxy_config::DiscoveryServer>,
 }
 
 impl Serving {
@@ -45,6 +60,8 @@ impl Serving {
             order: Vec::new(),
             metrics,
             activity,
+            discovery: discovery_client(config),
+            discovery_server: config.discovery_server.clone(),
         };
         for (upstream, listener) in config.upstreams.iter().zip(listeners) {
             serving.add(upstream.clone(), listener);
@@ -53,7 +70,7 @@ impl Serving {
     }
 
     fn add(&mut self, config: UpstreamConfig, listener: tokio::net::TcpListener) {
-        let upstream = Upstream::start(config.clone());
+        let upstream = Upstream::start(config.clone(), self.discovery.clone());
         tracing::info!(upstream = %upstream.name, listen = %config.listen, "serving");
         let forwarder = Arc::new(Forwarder::new(
             upstream,
@@ -92,6 +109,12 @@ impl Serving {
 
     /// Moves to `config`. A listener that cannot be bound leaves that upstream as it was.
     pub async fn apply(&mut self, config: &ProxyConfig) {
+        // A new discovery server (address or CA) restarts the upstreams that subscribe to it.
+        let server_changed = config.discovery_server != self.discovery_server;
+        if server_changed {
+            self.discovery = discovery_client(config);
+            self.discovery_server = config.discovery_server.clone();
+        }
         let wanted: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
         for name in self.order.clone() {
             if !wanted.contains(&name.as_str()) {
@@ -104,10 +127,16 @@ impl Serving {
                 .get(&upstream.name)
                 .map(|e| (e.config.clone(), e.forwarder.clone()));
             match current {
-                Some((old, _)) if old == *upstream => {}
+                Some((old, _))
+                    if old == *upstream
+                        && !(server_changed
+                            && matches!(upstream.discovery, Discovery::Endpoints(_))) => {}
                 Some((old, forwarder)) if old.listen == upstream.listen => {
                     let previous = forwarder.upstream();
-                    forwarder.replace_upstream(Upstream::start(upstream.clone()));
+                    forwarder.replace_upstream(Upstream::start(
+                        upstream.clone(),
+                        self.discovery.clone(),
+                    ));
                     previous.stop();
                     if let Some(entry) = self.entries.get_mut(&upstream.name) {
                         entry.config = upstream.clone();

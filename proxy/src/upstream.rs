@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use fanout_proxy_config::{Discovery, UpstreamConfig};
+use fanout_proxy_config::UpstreamConfig;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::balance::Picker;
-use crate::dns;
+use crate::discover::{self, DiscoveryClient};
 use crate::endpoint::{Endpoint, Events, State};
 use crate::failure_log::FailureLog;
 use crate::latency::Clock;
@@ -79,6 +79,8 @@ pub struct Upstream {
     /// Discovery has produced a first answer (or failed its first try).
     discovered: AtomicBool,
     last_discovery_error: Mutex<Option<String>>,
+    /// Which source feeds the endpoint set now, for `/endpoints` and metrics.
+    pub(crate) status: Mutex<DiscoveryStatus>,
     discovery_task: Mutex<Option<tokio::task::AbortHandle>>,
     started: Instant,
 }
@@ -87,6 +89,17 @@ pub struct Upstream {
 /// long without an answer (a DNS server that never answers must not hold a pod back for ever;
 /// calls then wait for endpoints or fail with a reason).
 pub const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the endpoint set comes from right now.
+#[derive(Debug, Clone, Default)]
+pub struct DiscoveryStatus {
+    /// `endpoints`, `dns`, `srv` or `static`: the source of the current set.
+    pub source: &'static str,
+    /// `endpoints` upstreams: whether a discovery server stream is delivering.
+    pub server_connected: Option<bool>,
+    /// Endpoint sets received from the source so far.
+    pub updates: u64,
+}
 
 struct UpstreamEvents(std::sync::Weak<Upstream>);
 
@@ -105,8 +118,9 @@ impl Events for UpstreamEvents {
 }
 
 impl Upstream {
-    /// Starts discovery for `config`; endpoints connect as they are found.
-    pub fn start(config: UpstreamConfig) -> Arc<Self> {
+    /// Starts discovery for `config`; endpoints connect as they are found. `endpoints`
+    /// upstreams subscribe through `client`.
+    pub fn start(config: UpstreamConfig, client: Option<DiscoveryClient>) -> Arc<Self> {
         let upstream = Arc::new(Self {
             name: config.name.as_str().into(),
             picker: Picker::new(config.balancer),
@@ -118,10 +132,11 @@ impl Upstream {
             resolve_now: Notify::new(),
             discovered: AtomicBool::new(false),
             last_discovery_error: Mutex::new(None),
+            status: Mutex::new(DiscoveryStatus::default()),
             discovery_task: Mutex::new(None),
             started: Instant::now(),
         });
-        let task = tokio::spawn(discover(upstream.clone()));
+        let task = tokio::spawn(discover::run(upstream.clone(), client));
         *upstream
             .discovery_task
             .lock()
@@ -255,6 +270,33 @@ impl Upstream {
         self.changed.notify_waiters();
     }
 
+    /// A discovery source answered: `error` says why the answer holds no endpoints, if so.
+    pub(crate) fn discovery_answered(&self, source: &'static str, error: Option<String>) {
+        *self
+            .last_discovery_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = error;
+        {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.source = source;
+            status.updates += 1;
+        }
+        self.discovered.store(true, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until a connection to an endpoint was lost (discovery may want to ask again).
+    pub(crate) async fn connection_lost(&self) {
+        self.resolve_now.notified().await;
+    }
+
+    pub fn discovery_status(&self) -> DiscoveryStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Discovery has answered once (with endpoints, none, or an error), or has had long enough.
     pub fn first_discovery_settled(&self) -> bool {
         self.discovered.load(Ordering::Relaxed) || self.started.elapsed() >= FIRST_DISCOVERY_WAIT
@@ -315,10 +357,17 @@ impl Upstream {
                 })
             })
             .collect();
+        let status = self.discovery_status();
         json!({
             "name": &*self.name,
             "listen": self.config.listen.to_string(),
             "ready": self.has_ready_endpoint(),
+            "discovery": {
+                "configured": self.config.discovery.source(),
+                "source": status.source,
+                "server_connected": status.server_connected,
+                "updates": status.updates,
+            },
             "endpoints": endpoints,
         })
     }
@@ -338,63 +387,5 @@ impl Upstream {
             *counts.entry(endpoint.state().as_str()).or_default() += 1;
         }
         counts
-    }
-}
-
-/// Keeps the endpoint set current.
-async fn discover(upstream: Arc<Upstream>) {
-    match upstream.config.discovery.clone() {
-        Discovery::Static(addrs) => {
-            upstream.set_addresses(&addrs);
-            upstream.discovered.store(true, Ordering::Relaxed);
-        }
-        Discovery::Dns(dns) => {
-            let nameservers = if dns.nameservers.is_empty() {
-                dns::system_nameservers()
-            } else {
-                dns.nameservers.clone()
-            };
-            let query_timeout = dns
-                .refresh
-                .clamp(Duration::from_millis(200), Duration::from_secs(2));
-            // Re-resolving on every connection failure is bounded to this rate.
-            let min_interval = Duration::from_millis(200).min(dns.refresh);
-            loop {
-                let started = Instant::now();
-                let answer = dns::resolve(&dns.name, &nameservers, query_timeout).await;
-                let error = match answer {
-                    Ok(dns::Answer::Found(ips)) => {
-                        let addrs: Vec<SocketAddr> = ips
-                            .into_iter()
-                            .map(|ip| SocketAddr::new(ip, dns.port))
-                            .collect();
-                        upstream.set_addresses(&addrs);
-                        None
-                    }
-                    Ok(dns::Answer::NotFound) => {
-                        upstream.set_addresses(&[]);
-                        Some(format!("{} has no A or AAAA records", dns.name))
-                    }
-                    Err(e) => {
-                        // Keep the last good set: a DNS outage must not take the endpoints away.
-                        tracing::warn!(upstream = %upstream.name, error = %e,
-                            "DNS lookup failed; keeping the last endpoints");
-                        Some(e.to_string())
-                    }
-                };
-                *upstream
-                    .last_discovery_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = error;
-                upstream.discovered.store(true, Ordering::Relaxed);
-                upstream.changed.notify_waiters();
-                tokio::select! {
-                    () = tokio::time::sleep(dns.refresh) => {}
-                    () = upstream.resolve_now.notified() => {
-                        tokio::time::sleep_until(started + min_interval).await;
-                    }
-                }
-            }
-        }
     }
 }

@@ -11,10 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::admission::Admitter;
 use crate::autocert::{self, api::CertApi};
+use crate::discovery::{self, DiscoveryService, Hub, Limits};
 use crate::lookup::{KubeLookup, NoLookup, ServiceLookup};
 use crate::metrics::Metrics;
 use crate::settings::{
-    NativeSidecarMode, ProxyResources, Readiness, Settings, version_has_native_sidecars,
+    DiscoveryTarget, NativeSidecarMode, ProxyResources, Readiness, Settings, SharedPem,
+    version_has_native_sidecars,
 };
 use crate::tls::{ReloadingCert, error_chain, install_provider};
 use crate::{manifest, quantity, server};
@@ -42,9 +44,9 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve admission reviews over HTTPS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inject manifests offline: YAML in, YAML out.
-    Inject(InjectArgs),
+    Inject(Box<InjectArgs>),
 }
 
 #[derive(Args)]
@@ -65,7 +67,28 @@ struct ServeArgs {
     #[command(flatten)]
     auto: AutoCertArgs,
     #[command(flatten)]
+    discovery: DiscoveryArgs,
+    #[command(flatten)]
     settings: SettingsArgs,
+}
+
+/// The discovery server (`serve`), on its own port with the webhook's certificate.
+#[derive(Args)]
+struct DiscoveryArgs {
+    /// Serve discovery here (e.g. 0.0.0.0:15012); unset: no discovery server.
+    #[arg(long, env = "FANOUT_DISCOVERY_LISTEN")]
+    discovery_listen: Option<SocketAddr>,
+    /// Namespaces whose Services are not served (comma-separated).
+    #[arg(
+        long,
+        env = "FANOUT_DISCOVERY_EXCLUDE_NAMESPACES",
+        value_delimiter = ','
+    )]
+    discovery_exclude_namespaces: Vec<String>,
+    #[arg(long, env = "FANOUT_DISCOVERY_MAX_CONNECTIONS", default_value_t = Limits::default().connections)]
+    discovery_max_connections: usize,
+    #[arg(long, env = "FANOUT_DISCOVERY_MAX_WATCHES_PER_CONNECTION", default_value_t = Limits::default().watches_per_connection)]
+    discovery_max_watches_per_connection: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -144,6 +167,14 @@ struct SettingsArgs {
     /// every upstream has a ready endpoint); pods override it with fanout.dev/readiness.
     #[arg(long, env = "FANOUT_PROXY_READINESS", default_value = "proxy")]
     proxy_readiness: Readiness,
+    /// The discovery server proxies subscribe to (host:port, a name its certificate carries);
+    /// empty: proxies find endpoints through DNS alone.
+    #[arg(long, env = "FANOUT_DISCOVERY_ADDRESS", default_value = "")]
+    discovery_address: String,
+    /// PEM CAs the proxies trust for the discovery server. `serve` defaults to the CA of its own
+    /// certificate (the self-managed Secret's ca.crt, or ca.crt beside --tls-cert).
+    #[arg(long, env = "FANOUT_DISCOVERY_CA_FILE")]
+    discovery_ca_file: Option<PathBuf>,
     /// Bound on each Service lookup.
     #[arg(long, env = "FANOUT_LOOKUP_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     lookup_timeout: Duration,
@@ -182,6 +213,40 @@ impl SettingsArgs {
                 "--proxy-log-level: {level:?} is not a log filter: {e}"
             ));
         }
+        let discovery_address = self.discovery_address.trim();
+        let discovery = if discovery_address.is_empty() {
+            None
+        } else {
+            let ca = match &self.discovery_ca_file {
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => pem,
+                    Ok(_) => {
+                        faults.push(format!(
+                            "--discovery-ca-file: {} holds no PEM certificate",
+                            path.display()
+                        ));
+                        String::new()
+                    }
+                    Err(e) => {
+                        faults.push(format!("--discovery-ca-file: {}: {e}", path.display()));
+                        String::new()
+                    }
+                },
+                None => String::new(),
+            };
+            let valid = discovery_address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                faults.push(format!(
+                    "--discovery-address: {discovery_address:?} is not host:port"
+                ));
+            }
+            Some(DiscoveryTarget {
+                address: discovery_address.to_string(),
+                ca: SharedPem::new(ca),
+            })
+        };
         if !faults.is_empty() {
             bail!("{}", faults.join("\n"));
         }
@@ -192,6 +257,7 @@ impl SettingsArgs {
             native_sidecar: self.native_sidecar,
             proxy_log_level,
             readiness: self.proxy_readiness,
+            discovery,
             ..Settings::default()
         };
         if let Some(image) = &self.proxy_image {
@@ -251,11 +317,11 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(cli.log_format);
-            runtime.block_on(serve(args))
+            runtime.block_on(serve(*args))
         }
         Command::Inject(args) => {
             init_logging(Some(cli.log_format.unwrap_or(LogFormat::Text)));
-            runtime.block_on(inject(args))
+            runtime.block_on(inject(*args))
         }
     }
 }
@@ -303,16 +369,42 @@ async fn serving_cert(
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (settings, lookup) = args.settings.build().await?;
+    let (mut settings, lookup) = args.settings.build().await?;
     let cert = serving_cert(&args, &settings.cluster_domain).await?;
+    if let Some(target) = &mut settings.discovery
+        && target.ca.get().is_empty()
+    {
+        // Shared, not copied: renewals reach the next rendered config.
+        target.ca = cert.ca.clone();
+    }
     let tls = cert
         .server_config()
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.send_replace(true);
+    });
+    let shutdown = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let discovery_server = match args.discovery.discovery_listen {
+        Some(addr) => {
+            let server = serve_discovery(&args.discovery, addr, tls.clone(), shutdown()).await?;
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
     tracing::info!(listen = %listener.local_addr()?, image = %settings.proxy_image,
-        native_sidecar = %settings.native_sidecar, "serving admission reviews");
+        native_sidecar = %settings.native_sidecar,
+        discovery = settings.discovery.as_ref().map(|d| d.address.as_str()).unwrap_or("off"),
+        "serving admission reviews");
     let admitter = Arc::new(Admitter {
         settings,
         lookup,
@@ -322,11 +414,55 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listener,
         tls,
         server::app(admitter),
-        shutdown_signal(),
+        shutdown(),
         Duration::from_secs(10),
+        10_000,
     )
     .await;
+    if let Some(discovery) = discovery_server {
+        let _ = discovery.await;
+    }
     Ok(())
+}
+
+/// Binds the discovery port and starts the watches; the returned future serves until
+/// `shutdown`.
+async fn serve_discovery(
+    args: &DiscoveryArgs,
+    addr: SocketAddr,
+    mut tls: rustls::ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let client = kube::Client::try_default()
+        .await
+        .context("the discovery server needs the Kubernetes API")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for discovery"))?;
+    // gRPC is HTTP/2 only.
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let hub = Hub::new();
+    tokio::spawn(discovery::watch::run(client, hub.clone()));
+    let limits = Limits {
+        watches_per_connection: args.discovery_max_watches_per_connection.max(1),
+        connections: args.discovery_max_connections.max(1),
+    };
+    let excluded: Vec<String> = args
+        .discovery_exclude_namespaces
+        .iter()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    tracing::info!(listen = %listener.local_addr()?, ?excluded, "serving discovery");
+    let service = DiscoveryService::new(hub, excluded, limits);
+    Ok(server::serve(
+        listener,
+        tls,
+        discovery::app(service),
+        shutdown,
+        Duration::from_secs(1),
+        limits.connections,
+    ))
 }
 
 async fn shutdown_signal() {

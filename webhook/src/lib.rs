@@ -14,6 +14,8 @@
 //! - `server`: the HTTPS server (`fn app() -> Router` and the TLS accept loop).
 //! - `tls`: the serving certificate, reloaded from disk when it changes.
 //! - `autocert`: self-managed certificates: CA and serving cert in a Secret, `caBundle` patched.
+//! - `discovery`: the discovery server: one watch of Services and EndpointSlices, served to
+//!   every proxy as gRPC streams.
 //! - `cli`: the `serve` and `inject` commands.
 //! - `manifest`: offline injection of YAML manifests (`fanout-webhook inject`).
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod admission;
 pub mod annotations;
 pub mod autocert;
 pub mod cli;
+pub mod discovery;
 pub mod inject;
 pub mod lookup;
 pub mod manifest;

@@ -2,6 +2,7 @@
 //! loop around it.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Admitter;
@@ -57,20 +59,39 @@ async fn metrics(State(admitter): State<Arc<Admitter>>) -> Response {
         .into_response()
 }
 
+/// The client's address, in every request's extensions: discovery counts watches per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
 /// Accepts TLS connections until `shutdown` resolves, then lets open connections finish their
-/// requests (up to `drain`).
+/// requests (up to `drain`). At most `max_connections` are open at once; more wait in the
+/// listen backlog.
 pub async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     app: Router,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
+    max_connections: usize,
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Discovery streams live for days: PINGs find clients that vanished without a FIN.
+    builder
+        .http2()
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let permits = Arc::new(Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -85,10 +106,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

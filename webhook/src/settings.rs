@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 /// When the proxy runs as a native sidecar (an init container with `restartPolicy: Always`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,6 +116,8 @@ pub struct Settings {
     pub proxy_log_level: Option<String>,
     /// The proxy's readiness probe, unless a pod's `fanout.dev/readiness` says otherwise.
     pub readiness: Readiness,
+    /// Where proxies subscribe for endpoints; `None`: they use DNS alone.
+    pub discovery: Option<DiscoveryTarget>,
     /// Written to `fanout.dev/injected`.
     pub version: String,
 }
@@ -131,8 +134,56 @@ impl Default for Settings {
             cluster_has_native_sidecars: false,
             proxy_log_level: None,
             readiness: Readiness::default(),
+            discovery: None,
             version,
         }
+    }
+}
+
+/// The discovery server as rendered into proxy configs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryTarget {
+    /// `host:port` the proxies dial; the host is a name the server's certificate carries.
+    pub address: String,
+    /// The CAs proxies trust for it, kept current by whoever manages the certificate.
+    pub ca: SharedPem,
+}
+
+/// PEM text that a background task may replace while admissions read it.
+#[derive(Clone, Default)]
+pub struct SharedPem(Arc<RwLock<String>>);
+
+impl SharedPem {
+    pub fn new(pem: impl Into<String>) -> Self {
+        Self(Arc::new(RwLock::new(pem.into())))
+    }
+
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the text; `true` when it changed.
+    pub fn set(&self, pem: &str) -> bool {
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if *current == pem {
+            return false;
+        }
+        *current = pem.to_string();
+        true
+    }
+}
+
+impl PartialEq for SharedPem {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.get() == other.get()
+    }
+}
+
+impl Eq for SharedPem {}
+
+impl fmt::Debug for SharedPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SharedPem({} bytes)", self.get().len())
     }
 }
 

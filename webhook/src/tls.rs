@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::settings::SharedPem;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -87,6 +88,16 @@ pub fn certified_key(
     Ok(certified)
 }
 
+/// `ca.crt` in the certificate file's directory, or nothing.
+fn read_ca_beside(cert_path: &Path) -> String {
+    cert_path
+        .parent()
+        .map(|dir| dir.join("ca.crt"))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
+        .unwrap_or_default()
+}
+
 /// Serves the current certificate: from files that [`ReloadingCert::watch`] re-reads, or from
 /// memory where [`ReloadingCert::replace`] swaps in a new one (self-managed certificates).
 #[derive(Debug)]
@@ -94,6 +105,10 @@ pub struct ReloadingCert {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: RwLock<(Arc<CertifiedKey>, Vec<u8>)>,
+    /// The CAs that sign it, which the proxies must trust to reach the discovery server: the
+    /// Secret's `ca.crt` (self-managed), or the `ca.crt` file beside the certificate file
+    /// (cert-manager and most Secrets have one), re-read with it.
+    pub ca: SharedPem,
 }
 
 impl ReloadingCert {
@@ -101,10 +116,12 @@ impl ReloadingCert {
     pub fn load(cert_path: PathBuf, key_path: PathBuf) -> Result<Self, TlsError> {
         let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
         let key = certified_key(&cert_pem, &key_pem, &cert_path, &key_path)?;
+        let ca = SharedPem::new(read_ca_beside(&cert_path));
         Ok(Self {
             current: RwLock::new((Arc::new(key), [cert_pem, key_pem].concat())),
             cert_path,
             key_path,
+            ca,
         })
     }
 
@@ -120,6 +137,7 @@ impl ReloadingCert {
             current: RwLock::new((Arc::new(key), [cert_pem, key_pem].concat())),
             cert_path,
             key_path,
+            ca: SharedPem::default(),
         })
     }
 
@@ -127,6 +145,7 @@ impl ReloadingCert {
     /// half-written pair is an error and the current certificate stays.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let (cert_pem, key_pem) = (read(&self.cert_path)?, read(&self.key_path)?);
+        self.ca.set(&read_ca_beside(&self.cert_path));
         self.replace(&cert_pem, &key_pem)
     }
 

@@ -10,7 +10,7 @@ use fanout_proxy_config::ADMIN_PORT;
 use crate::annotations::{ENV_PREFIX, FIRST_LOCAL_PORT, UPSTREAMS};
 
 /// The Service port an upstream names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PortRef {
     Number(u16),
     Name(String),

@@ -115,7 +115,7 @@ async fn admission_renders_what_the_api_says() {
     let admitter = admitter_with(Arc::new(lookup));
     let mut review = fixture("pod-generatename-no-volumes");
     review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
-        json!("app:grpc,web:80,ghost:7000,x.locked:1");
+        json!("app:grpc,web:80,ghost:7000,x.locked:1,spirit:grpc");
     let answer = Answer::parse(
         &admitter
             .review(&serde_json::to_vec(&review).unwrap())
@@ -135,7 +135,8 @@ async fn admission_renders_what_the_api_says() {
         .iter()
         .map(|u| match &u.discovery {
             Discovery::Dns(d) => (d.name.clone(), d.port),
-            Discovery::Static(_) => unreachable!(),
+            Discovery::Srv(s) => (s.name.clone(), 0),
+            other => panic!("no discovery server configured, got {other:?}"),
         })
         .collect();
     assert_eq!(
@@ -146,17 +147,20 @@ async fn admission_renders_what_the_api_says() {
             ("web.shop.svc.cluster.local".to_string(), 80),
             ("ghost.shop.svc.cluster.local".to_string(), 7000),
             ("x.locked.svc.cluster.local".to_string(), 1),
+            // A port name needs no lookup: SRV, which works once the Service exists.
+            ("_grpc._tcp.spirit.shop.svc.cluster.local".to_string(), 0),
         ]
     );
     let warnings = answer.warnings();
-    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert_eq!(warnings.len(), 4, "{warnings:?}");
+    assert!(warnings[3].contains("Service shop/spirit not found"));
     assert!(warnings[0].contains("Service shop/web is not headless (clusterIP 10.96.3.4)"));
     assert!(warnings[1].contains("Service shop/ghost not found"));
     assert!(warnings[2].contains("could not look up Service locked/x"));
 
-    // A named port on a missing Service is denied, naming the annotation.
+    // A port name the Service does not have is denied, naming the annotation.
     review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
-        json!("ghost:grpc");
+        json!("app:nope");
     let answer = Answer::parse(
         &admitter
             .review(&serde_json::to_vec(&review).unwrap())
@@ -166,7 +170,9 @@ async fn admission_renders_what_the_api_says() {
     assert!(!answer.allowed());
     let message = answer.response["status"]["message"].as_str().unwrap();
     assert!(
-        message.contains("annotation fanout.dev/upstreams: \"ghost:grpc\" names port \"grpc\""),
+        message.contains(
+            "annotation fanout.dev/upstreams: Service shop/app has no port named \"nope\""
+        ),
         "{message}"
     );
 }

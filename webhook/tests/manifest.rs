@@ -201,3 +201,92 @@ fn the_command_reads_stdin_and_writes_yaml() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--proxy-memory-limit: \"lots\""));
 }
+
+/// The rendered proxy config of the first pod template in `yaml`'s output.
+fn rendered_config(args: &[&str], yaml: &str) -> fanout_proxy_config::ProxyConfig {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout-webhook"))
+        .arg("inject")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = docs(&String::from_utf8(output.stdout).unwrap());
+    let annotation =
+        out[0]["spec"]["template"]["metadata"]["annotations"]["fanout.dev/proxy-config"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    fanout_proxy_config::ProxyConfig::from_json(&annotation).unwrap()
+}
+
+const NAMED_PORT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: gateway, namespace: shop}
+spec:
+  selector: {matchLabels: {app: gateway}}
+  template:
+    metadata:
+      labels: {app: gateway}
+      annotations: {fanout.dev/upstreams: "app:grpc"}
+    spec:
+      containers: [{name: gateway, image: example.com/gateway:1}]
+"#;
+
+#[test]
+fn a_port_name_is_injected_without_a_lookup_as_srv_discovery() {
+    use fanout_proxy_config::{Discovery, ServicePort};
+    let config = rendered_config(&["--no-lookup"], NAMED_PORT);
+    match &config.upstreams[0].discovery {
+        Discovery::Srv(srv) => assert_eq!(srv.name, "_grpc._tcp.app.shop.svc.cluster.local"),
+        other => panic!("expected SRV discovery, got {other:?}"),
+    }
+    assert_eq!(config.discovery_server, None);
+
+    // With a discovery server: subscribe to the Service's port by name, SRV as the fallback.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = fanout_certs::Ca::generate("test CA", std::time::Duration::from_secs(3600)).unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let config = rendered_config(
+        &[
+            "--no-lookup",
+            "--discovery-address",
+            "fanout-webhook.fanout-system.svc:15012",
+            "--discovery-ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+        NAMED_PORT,
+    );
+    match &config.upstreams[0].discovery {
+        Discovery::Endpoints(endpoints) => {
+            assert_eq!(
+                (endpoints.namespace.as_str(), endpoints.service.as_str()),
+                ("shop", "app")
+            );
+            assert_eq!(endpoints.port, ServicePort::Name("grpc".into()));
+            assert!(
+                matches!(&*endpoints.fallback, Discovery::Srv(_)),
+                "{endpoints:?}"
+            );
+        }
+        other => panic!("expected endpoints discovery, got {other:?}"),
+    }
+    let server = config.discovery_server.unwrap();
+    assert_eq!(server.address, "fanout-webhook.fanout-system.svc:15012");
+    assert_eq!(server.ca, ca.cert_pem());
+}

@@ -7,9 +7,12 @@
 //! - `parse`: JSON text to [`ProxyConfig`], collecting every fault with its path in the document
 //!   rather than stopping at the first, so a user fixes a config in one round.
 //! - `reader`: the small field reader `parse` is built on.
+//! - `discovery`: how an upstream finds its endpoints (DNS, SRV, static, the discovery
+//!   server) and reading it.
 //! - `duration`: `250ms` / `5s` durations.
 #![forbid(unsafe_code)]
 
+pub mod discovery;
 pub mod duration;
 mod parse;
 mod reader;
@@ -19,6 +22,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use discovery::{
+    Discovery, DiscoveryServer, DnsDiscovery, EndpointsDiscovery, ServicePort, SrvDiscovery,
+};
 pub use parse::{ConfigError, Fault, Faults};
 
 /// The schema version this crate reads and writes.
@@ -38,6 +44,9 @@ pub struct ProxyConfig {
     /// `GET /grpc-health` on the admin port, answered from the pod's own `grpc.health.v1`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_health: Option<GrpcHealth>,
+    /// Where `endpoints` upstreams subscribe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery_server: Option<DiscoveryServer>,
 }
 
 /// The pod's own gRPC server, asked `grpc.health.v1.Health/Check` on loopback for HTTP health
@@ -128,35 +137,6 @@ impl UpstreamConfig {
             health_check: None,
             ejection: Ejection::default(),
             retry: Retry::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Discovery {
-    Dns(DnsDiscovery),
-    Static(Vec<SocketAddr>),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DnsDiscovery {
-    /// Resolved for A and AAAA records; absolute (no search domains are applied).
-    pub name: String,
-    pub port: u16,
-    /// Empty: the system resolver configuration.
-    pub nameservers: Vec<SocketAddr>,
-    #[serde(serialize_with = "duration::serialize")]
-    pub refresh: Duration,
-}
-
-impl DnsDiscovery {
-    pub fn new(name: impl Into<String>, port: u16) -> Self {
-        Self {
-            name: name.into(),
-            port,
-            nameservers: Vec::new(),
-            refresh: Duration::from_secs(5),
         }
     }
 }
@@ -282,6 +262,7 @@ impl ProxyConfig {
             drain: DrainConfig::default(),
             upstreams,
             grpc_health: None,
+            discovery_server: None,
         }
     }
 

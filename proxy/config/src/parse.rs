@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::discovery::{read_discovery, read_discovery_server};
 use crate::reader::{self, Object, check_uint, kind, parse_socket_addr};
 use crate::{
-    AdminConfig, Balancer, CONFIG_VERSION, Discovery, DnsDiscovery, DrainConfig, Ejection,
-    GrpcHealth, HealthCheck, MAX_RETRY_BUFFER_BYTES, ProxyConfig, Retry, Timeouts, UpstreamConfig,
+    AdminConfig, Balancer, CONFIG_VERSION, Discovery, DrainConfig, Ejection, GrpcHealth,
+    HealthCheck, MAX_RETRY_BUFFER_BYTES, ProxyConfig, Retry, Timeouts, UpstreamConfig,
 };
 
 /// One problem in a config document, at a path such as `upstreams[0].discovery.dns.port`.
@@ -109,10 +110,22 @@ fn read_config(value: &Value, faults: &reader::Faults) -> Option<ProxyConfig> {
         }
     };
     let grpc_health = root.object("grpc_health").and_then(read_grpc_health);
+    let discovery_server = root
+        .object("discovery_server")
+        .and_then(read_discovery_server);
     let upstreams = read_upstreams(&root, root.get("grpc_health").is_some());
+    let server_given = root.get("discovery_server").is_some();
     root.finish();
     if let Some(upstreams) = &upstreams {
         check_listeners(upstreams, &admin, faults);
+        for (i, upstream) in upstreams.iter().enumerate() {
+            if matches!(upstream.discovery, Discovery::Endpoints(_)) && !server_given {
+                faults.add(
+                    &format!("upstreams[{i}].discovery.endpoints"),
+                    "needs \"discovery_server\" {address, ca} at the top level",
+                );
+            }
+        }
     }
     Some(ProxyConfig {
         version: version?,
@@ -120,6 +133,7 @@ fn read_config(value: &Value, faults: &reader::Faults) -> Option<ProxyConfig> {
         drain,
         upstreams: upstreams?,
         grpc_health,
+        discovery_server,
     })
 }
 
@@ -223,107 +237,6 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
         ejection,
         retry,
     })
-}
-
-fn read_discovery(obj: Object<'_>) -> Option<Discovery> {
-    let dns = obj.object("dns");
-    let fixed = obj.get("static");
-    let discovery = match (dns, fixed) {
-        (Some(_), Some(_)) => {
-            obj.faults()
-                .add(&obj.path, "set one of \"dns\" or \"static\", not both");
-            None
-        }
-        (None, None) => {
-            obj.faults().add(
-                &obj.path,
-                "needs \"dns\" {name, port} or \"static\" [addresses]",
-            );
-            None
-        }
-        (Some(dns), None) => read_dns(dns).map(Discovery::Dns),
-        (None, Some(list)) => read_static(&obj, list).map(Discovery::Static),
-    };
-    obj.finish();
-    discovery
-}
-
-fn read_dns(obj: Object<'_>) -> Option<DnsDiscovery> {
-    let name = obj.required_string("name").and_then(|name| {
-        check_dns_name(name)
-            .map_err(|m| obj.fault("name", m))
-            .ok()
-            .map(|()| name.to_string())
-    });
-    let port = obj.required("port").and_then(|v| {
-        check_uint(v, 1, 65535)
-            .map_err(|m| obj.fault("port", m))
-            .ok()
-            .map(|p| p as u16)
-    });
-    let mut nameservers = Vec::new();
-    if let Some(value) = obj.get("nameservers") {
-        match value {
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let path = format!("{}[{i}]", obj.field_path("nameservers"));
-                    match item.as_str().map(|s| parse_socket_addr(s, Some(53))) {
-                        Some(Ok(addr)) => nameservers.push(addr),
-                        Some(Err(m)) => obj.faults().add(&path, m),
-                        None => obj
-                            .faults()
-                            .add(&path, format!("must be a string, got {}", kind(item))),
-                    }
-                }
-            }
-            other => obj.fault(
-                "nameservers",
-                format!("must be a list, got {}", kind(other)),
-            ),
-        }
-    }
-    let refresh = obj.duration_or(
-        "refresh",
-        Duration::from_secs(5),
-        Duration::from_millis(100),
-    );
-    obj.finish();
-    Some(DnsDiscovery {
-        name: name?,
-        port: port?,
-        nameservers,
-        refresh,
-    })
-}
-
-fn read_static(obj: &Object<'_>, list: &Value) -> Option<Vec<std::net::SocketAddr>> {
-    let Value::Array(items) = list else {
-        obj.fault(
-            "static",
-            format!("must be a list of ip:port, got {}", kind(list)),
-        );
-        return None;
-    };
-    if items.is_empty() {
-        obj.fault("static", "must list at least one ip:port");
-        return None;
-    }
-    let mut addrs = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let path = format!("{}[{i}]", obj.field_path("static"));
-        let parsed = match item.as_str() {
-            Some(text) => parse_socket_addr(text, None),
-            None => Err(format!("must be a string, got {}", kind(item))),
-        };
-        match parsed {
-            Ok(addr) if addrs.contains(&addr) => {
-                obj.faults().add(&path, format!("{addr} is listed twice"))
-            }
-            Ok(addr) => addrs.push(addr),
-            Err(m) => obj.faults().add(&path, m),
-        }
-    }
-    (addrs.len() == items.len()).then_some(addrs)
 }
 
 fn read_health_check(obj: Object<'_>) -> HealthCheck {
@@ -447,25 +360,4 @@ fn check_listeners(upstreams: &[UpstreamConfig], admin: &AdminConfig, faults: &r
             );
         }
     }
-}
-
-/// A DNS name as resolvers accept it: dot-separated labels of letters, digits and `-`.
-fn check_dns_name(name: &str) -> Result<(), String> {
-    let trimmed = name.strip_suffix('.').unwrap_or(name);
-    if trimmed.is_empty() || trimmed.len() > 253 {
-        return Err(format!("{name:?} is not a DNS name (1 to 253 characters)"));
-    }
-    for label in trimmed.split('.') {
-        let valid = !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !valid {
-            return Err(format!("{name:?} is not a DNS name (bad label {label:?})"));
-        }
-    }
-    Ok(())
 }

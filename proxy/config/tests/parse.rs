@@ -2,7 +2,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fanout_proxy_config::{
-    Balancer, ConfigError, Discovery, DnsDiscovery, HealthCheck, ProxyConfig, UpstreamConfig,
+    Balancer, ConfigError, Discovery, DiscoveryServer, DnsDiscovery, EndpointsDiscovery,
+    HealthCheck, ProxyConfig, ServicePort, SrvDiscovery, UpstreamConfig,
 };
 
 fn addr(s: &str) -> SocketAddr {
@@ -119,7 +120,10 @@ fn not_json_and_wrong_shapes_are_one_line_each() {
     );
     assert_eq!(
         lines(r#"{"version":1,"upstreams":[{"name":"a","listen":"127.0.0.1:1","discovery":{}}]}"#),
-        ["upstreams[0].discovery: needs \"dns\" {name, port} or \"static\" [addresses]"]
+        [
+            "upstreams[0].discovery: needs one of \"dns\" {name, port}, \"srv\" {name}, \"static\" \
+         [addresses] or \"endpoints\" {namespace, service, port, fallback}"
+        ]
     );
     assert!(matches!(
         ProxyConfig::from_json("1"),
@@ -178,4 +182,97 @@ fn grpc_health_faults_are_named_and_upstreams_are_still_required_without_it() {
     assert!(faults[0].starts_with("grpc_health.port:"), "{faults:?}");
     assert!(faults[1].starts_with("grpc_health.timeout:"), "{faults:?}");
     assert!(faults[2].starts_with("grpc_health.colour:"), "{faults:?}");
+}
+
+const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+#[test]
+fn endpoints_and_srv_discovery_read_back_identically() {
+    let mut config = ProxyConfig::new(vec![
+        UpstreamConfig::new(
+            "app.shop",
+            addr("127.0.0.1:15001"),
+            Discovery::Endpoints(EndpointsDiscovery::new(
+                "shop",
+                "app",
+                ServicePort::Name("grpc".into()),
+                Discovery::Srv(SrvDiscovery::for_port(
+                    "grpc",
+                    "app",
+                    "shop",
+                    "cluster.local",
+                )),
+            )),
+        ),
+        UpstreamConfig::new(
+            "billing.payments",
+            addr("127.0.0.1:15002"),
+            Discovery::Endpoints(EndpointsDiscovery::new(
+                "payments",
+                "billing",
+                ServicePort::Number(9000),
+                Discovery::Dns(DnsDiscovery::new(
+                    "billing.payments.svc.cluster.local",
+                    9000,
+                )),
+            )),
+        ),
+    ]);
+    config.discovery_server = Some(DiscoveryServer {
+        address: "fanout-webhook.fanout-system.svc:15012".into(),
+        ca: CA.into(),
+    });
+    let json = config.to_json();
+    assert!(
+        json.contains(r#""port":"grpc""#) && json.contains(r#""port":9000"#),
+        "{json}"
+    );
+    assert!(
+        json.contains(r#""srv":{"name":"_grpc._tcp.app.shop.svc.cluster.local""#),
+        "{json}"
+    );
+    assert_eq!(ProxyConfig::from_json(&json).unwrap(), config);
+}
+
+#[test]
+fn endpoints_discovery_faults_are_named() {
+    let upstream = |discovery: &str| {
+        format!(
+            r#"{{"version":1,"upstreams":[{{"name":"a","listen":"127.0.0.1:1","discovery":{discovery}}}]}}"#
+        )
+    };
+    assert_eq!(
+        lines(&upstream(
+            r#"{"endpoints":{"namespace":"Shop","service":"app","port":"Not_A_Port","fallback":{"static":["127.0.0.1:2"]}}}"#
+        )),
+        [
+            "upstreams[0].discovery.endpoints.namespace: \"Shop\" is not a Kubernetes name (a DNS label)",
+            "upstreams[0].discovery.endpoints.port: \"Not_A_Port\" is not a port name",
+            "upstreams[0].discovery.endpoints.fallback: must be \"dns\" or \"srv\", not \"static\"",
+        ]
+    );
+    assert_eq!(
+        lines(&upstream(
+            r#"{"endpoints":{"namespace":"shop","service":"app","port":0,"fallback":{"dns":{"name":"app","port":1}}}}"#
+        )),
+        ["upstreams[0].discovery.endpoints.port: must be a port name or 1..=65535, got 0"]
+    );
+    assert_eq!(
+        lines(&upstream(
+            r#"{"endpoints":{"namespace":"shop","service":"app","port":"grpc","fallback":{"dns":{"name":"app","port":1}}}}"#
+        )),
+        [
+            "upstreams[0].discovery.endpoints: needs \"discovery_server\" {address, ca} at the top level"
+        ]
+    );
+    let text = r#"{"version":1,"discovery_server":{"address":"no-port","ca":"x"},
+        "upstreams":[{"name":"a","listen":"127.0.0.1:1","discovery":{"srv":{"name":"bad name"},"dns":{"name":"a","port":1}}}]}"#;
+    assert_eq!(
+        lines(text),
+        [
+            "discovery_server.address: \"no-port\" is not host:port (e.g. \"fanout-webhook.fanout-system.svc:15012\")",
+            "discovery_server.ca: must hold PEM certificates (-----BEGIN CERTIFICATE-----)",
+            "upstreams[0].discovery: set one of dns, srv, not several",
+        ]
+    );
 }

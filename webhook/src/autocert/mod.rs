@@ -114,6 +114,7 @@ pub async fn start(api: &CertApi, dns_names: &[String]) -> Arc<ReloadingCert> {
                     ensured.bundle.tls_key.as_bytes(),
                     (TLS_CERT, TLS_KEY),
                 )?;
+                cert.ca.set(&ensured.bundle.ca_certs);
                 Ok(cert)
             }) {
             Ok(cert) => return Arc::new(cert),
@@ -143,6 +144,7 @@ pub async fn keep_current(
             .await
             .and_then(|ensured| {
                 log(&ensured);
+                cert.ca.set(&ensured.bundle.ca_certs);
                 Ok(cert.replace(
                     ensured.bundle.tls_cert.as_bytes(),
                     ensured.bundle.tls_key.as_bytes(),

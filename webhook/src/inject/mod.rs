@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use fanout_proxy_config::{
-    ADMIN_PORT, Discovery, DnsDiscovery, GrpcHealth, HealthCheck, ProxyConfig, UpstreamConfig,
+    ADMIN_PORT, Discovery, DiscoveryServer, EndpointsDiscovery, GrpcHealth, HealthCheck,
+    ProxyConfig, UpstreamConfig,
 };
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
@@ -93,7 +94,7 @@ impl fmt::Display for Denial {
 pub enum Outcome {
     Skipped(SkipReason),
     Denied(Denial),
-    Injected(Injection),
+    Injected(Box<Injection>),
 }
 
 #[derive(Debug, Clone)]
@@ -329,19 +330,30 @@ fn invalid(faults: Vec<String>) -> NotInjected {
 }
 
 /// The proxy config for resolved upstreams, as rendered into the pod annotation.
+/// With a discovery server every upstream subscribes to it and keeps DNS as its fallback.
 pub fn render_config(
     resolved: &[ResolvedUpstream],
     health_check: Option<&HealthCheck>,
     grpc_health: Option<&GrpcHealth>,
+    discovery: Option<&DiscoveryServer>,
 ) -> ProxyConfig {
     let mut config = ProxyConfig::new(
         resolved
             .iter()
             .map(|r| {
+                let source = match discovery {
+                    Some(_) => Discovery::Endpoints(EndpointsDiscovery::new(
+                        r.namespace.clone(),
+                        r.upstream.service.clone(),
+                        r.service_port(),
+                        r.dns.clone(),
+                    )),
+                    None => r.dns.clone(),
+                };
                 let mut upstream = UpstreamConfig::new(
                     r.name.clone(),
                     std::net::SocketAddr::from(([127, 0, 0, 1], r.upstream.local_port)),
-                    Discovery::Dns(DnsDiscovery::new(r.dns_name.clone(), r.port)),
+                    source,
                 );
                 upstream.health_check = health_check.cloned();
                 upstream
@@ -349,6 +361,9 @@ pub fn render_config(
             .collect(),
     );
     config.grpc_health = grpc_health.cloned();
+    if !resolved.is_empty() {
+        config.discovery_server = discovery.cloned();
+    }
     config
 }
 
@@ -372,6 +387,19 @@ pub async fn inject(
     )
     .await;
     let mut warnings = Vec::new();
+    let discovery = settings.discovery.as_ref().and_then(|target| {
+        let ca = target.ca.get();
+        if ca.is_empty() {
+            warnings.push(
+                "fanout: the discovery server's CA is not known yet; the proxy uses DNS".into(),
+            );
+            return None;
+        }
+        Some(DiscoveryServer {
+            address: target.address.clone(),
+            ca,
+        })
+    });
     let mut resolved = Vec::with_capacity(plan.upstreams.len());
     let mut faults = Vec::new();
     for (upstream, found) in plan.upstreams.iter().zip(&lookups) {
@@ -380,6 +408,7 @@ pub async fn inject(
             namespace,
             &settings.cluster_domain,
             found,
+            discovery.is_some(),
             &mut warnings,
         ) {
             Ok(r) => resolved.push(r),
@@ -415,6 +444,7 @@ pub async fn inject(
         &resolved,
         plan.health_check.as_ref(),
         plan.grpc_health.as_ref(),
+        discovery.as_ref(),
     );
     let patch = patch::build(
         raw_pod,
@@ -440,10 +470,10 @@ pub async fn inject(
             native: plan.native_sidecar,
         },
     );
-    Ok(Outcome::Injected(Injection {
+    Ok(Outcome::Injected(Box::new(Injection {
         patch,
         warnings,
         config,
         native_sidecar: plan.native_sidecar,
-    }))
+    })))
 }

@@ -1,92 +1,115 @@
-//! From an upstream as written to the DNS name and pod port the proxy dials, given what the
-//! Service lookup found. Pure: problems that still leave a usable config become warnings; a port
-//! name that cannot be resolved is a denial.
+//! From an upstream as written to how its proxy finds the endpoints, given what the Service
+//! lookup found. Pure: problems that still leave a usable config become warnings; a port name the
+//! Service lacks is a denial.
+//!
+//! With the discovery server the proxy subscribes to the Service and port as written and the
+//! server resolves them live; the DNS rule below is its fallback, and the whole story without
+//! the server: a port name (or a port that targets a container port by name) is an SRV lookup,
+//! which Kubernetes DNS answers with each pod's own port; a number is an A/AAAA lookup dialled
+//! on the pods' port.
+
+use fanout_proxy_config::{Discovery, DnsDiscovery, ServicePort as ConfigPort, SrvDiscovery};
 
 use crate::annotations::UPSTREAMS;
 use crate::lookup::{Lookup, ServiceInfo, TargetPort};
 use crate::upstreams::{PortRef, UpstreamRef};
 
 /// An upstream ready to render.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedUpstream {
     pub upstream: UpstreamRef,
     /// `service.namespace`
     pub name: String,
-    pub dns_name: String,
-    /// The port on the pods, which a headless Service's DNS answers point at.
-    pub port: u16,
+    pub namespace: String,
+    /// DNS discovery: the proxy's only source without the discovery server, its fallback with.
+    pub dns: Discovery,
 }
 
+impl ResolvedUpstream {
+    /// The port as the discovery server is asked for it.
+    pub fn service_port(&self) -> ConfigPort {
+        match &self.upstream.port {
+            PortRef::Number(n) => ConfigPort::Number(*n),
+            PortRef::Name(name) => ConfigPort::Name(name.clone()),
+        }
+    }
+}
+
+/// `discovery`: whether proxies get the discovery server (which balances any Service).
 pub fn resolve(
     upstream: &UpstreamRef,
     pod_namespace: &str,
     cluster_domain: &str,
     lookup: &Lookup,
+    discovery: bool,
     warnings: &mut Vec<String>,
 ) -> Result<ResolvedUpstream, String> {
     let namespace = upstream.namespace.as_deref().unwrap_or(pod_namespace);
     let service = format!("{namespace}/{}", upstream.service);
-    let port = match (lookup, &upstream.port) {
+    let dns_name = format!("{}.{namespace}.svc.{cluster_domain}", upstream.service);
+    let srv = |port_name: &str| {
+        Discovery::Srv(SrvDiscovery::for_port(
+            port_name,
+            &upstream.service,
+            namespace,
+            cluster_domain,
+        ))
+    };
+    let a = |port: u16| Discovery::Dns(DnsDiscovery::new(dns_name.clone(), port));
+    let dns = match (lookup, &upstream.port) {
         (Lookup::Found(info), port) => {
-            if !info.headless {
+            if !info.headless && !discovery {
                 warnings.push(format!(
-                    "fanout: Service {service} is not headless (clusterIP {}): calls cannot be \
-                     spread; set clusterIP: None",
+                    "fanout: Service {service} is not headless (clusterIP {}): without the \
+                     discovery server calls cannot be spread; set clusterIP: None",
                     info.cluster_ip.as_deref().unwrap_or("unset")
                 ));
             }
-            pod_port(info, port, &service, warnings)?
+            dns_rule(info, port, &service, warnings, srv, a)?
         }
-        (Lookup::NotFound, PortRef::Number(n)) => {
+        (Lookup::NotFound, port) => {
             warnings.push(format!(
-                "fanout: Service {service} not found; its pods are found through DNS once it exists"
+                "fanout: Service {service} not found; its pods are found once it exists"
             ));
-            *n
+            by_port(port, srv, a)
         }
-        (Lookup::Failed(error), PortRef::Number(n)) => {
+        (Lookup::Failed(error), port) => {
             warnings.push(format!(
-                "fanout: could not look up Service {service}, using port {n}: {error}"
+                "fanout: could not look up Service {service}, using port {port} as given: {error}"
             ));
-            *n
+            by_port(port, srv, a)
         }
-        (Lookup::Skipped, PortRef::Number(n)) => *n,
-        (Lookup::NotFound, PortRef::Name(name)) => {
-            return Err(format!(
-                "annotation {UPSTREAMS}: {:?} names port {name:?}, but Service {service} was not \
-                 found to resolve it; create the Service first or give the port number",
-                upstream.text
-            ));
-        }
-        (Lookup::Failed(error), PortRef::Name(name)) => {
-            return Err(format!(
-                "annotation {UPSTREAMS}: {:?} names port {name:?}, but Service {service} could \
-                 not be looked up ({error}); give the port number",
-                upstream.text
-            ));
-        }
-        (Lookup::Skipped, PortRef::Name(name)) => {
-            return Err(format!(
-                "annotation {UPSTREAMS}: {:?} names port {name:?}, which needs a Service lookup; \
-                 give the port number",
-                upstream.text
-            ));
-        }
+        (Lookup::Skipped, port) => by_port(port, srv, a),
     };
     Ok(ResolvedUpstream {
         upstream: upstream.clone(),
         name: upstream.qualified_name(pod_namespace),
-        dns_name: format!("{}.{namespace}.svc.{cluster_domain}", upstream.service),
-        port,
+        namespace: namespace.to_string(),
+        dns,
     })
 }
 
-/// The Service port the upstream names, mapped to the port its pods listen on.
-fn pod_port(
+/// Without a Service to read: a name is SRV, a number is dialled as given.
+fn by_port(
+    port: &PortRef,
+    srv: impl Fn(&str) -> Discovery,
+    a: impl Fn(u16) -> Discovery,
+) -> Discovery {
+    match port {
+        PortRef::Number(n) => a(*n),
+        PortRef::Name(name) => srv(name),
+    }
+}
+
+/// The DNS discovery for the Service port the upstream names, dialling the pods' own port.
+fn dns_rule(
     info: &ServiceInfo,
     port: &PortRef,
     service: &str,
     warnings: &mut Vec<String>,
-) -> Result<u16, String> {
+    srv: impl Fn(&str) -> Discovery,
+    a: impl Fn(u16) -> Discovery,
+) -> Result<Discovery, String> {
     let found = info.ports.iter().find(|p| match port {
         PortRef::Number(n) => p.port == *n,
         PortRef::Name(name) => p.name.as_deref() == Some(name),
@@ -94,7 +117,7 @@ fn pod_port(
     let Some(service_port) = found else {
         return match port {
             PortRef::Number(n) => {
-                // Headless Services are dialled on the pods' own port, which users often write.
+                // Pods are dialled on their own port, which users often write.
                 let is_target = info
                     .ports
                     .iter()
@@ -105,7 +128,7 @@ fn pod_port(
                         describe_ports(info)
                     ));
                 }
-                Ok(*n)
+                Ok(a(*n))
             }
             PortRef::Name(name) => Err(format!(
                 "annotation {UPSTREAMS}: Service {service} has no port named {name:?} ({})",
@@ -113,16 +136,18 @@ fn pod_port(
             )),
         };
     };
-    Ok(match &service_port.target {
-        TargetPort::Same => service_port.port,
-        TargetPort::Number(n) => *n,
-        TargetPort::Name(target) => {
+    Ok(match (&service_port.target, &service_port.name) {
+        (TargetPort::Same, _) => a(service_port.port),
+        (TargetPort::Number(n), _) => a(*n),
+        // A container port name can differ per pod: SRV answers carry each pod's own port.
+        (TargetPort::Name(_), Some(name)) => srv(name),
+        (TargetPort::Name(target), None) => {
             warnings.push(format!(
-                "fanout: Service {service} port {} targets port name {target:?}; dialling pods on \
-                 {}, set a numeric targetPort",
+                "fanout: Service {service} port {} targets port name {target:?} but has no name \
+                 (so no SRV record); without the discovery server pods are dialled on {}",
                 service_port.port, service_port.port
             ));
-            service_port.port
+            a(service_port.port)
         }
     })
 }
@@ -143,108 +168,4 @@ fn describe_ports(info: &ServiceInfo) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::lookup::ServicePort;
-    use crate::upstreams;
-
-    fn one(value: &str) -> UpstreamRef {
-        upstreams::parse(value, &[]).unwrap().remove(0)
-    }
-
-    fn headless(ports: Vec<ServicePort>) -> Lookup {
-        Lookup::Found(ServiceInfo {
-            headless: true,
-            cluster_ip: Some("None".into()),
-            ports,
-        })
-    }
-
-    fn port(name: &str, port: u16, target: TargetPort) -> ServicePort {
-        ServicePort {
-            name: Some(name.into()),
-            port,
-            target,
-        }
-    }
-
-    fn run(value: &str, lookup: &Lookup) -> (Result<ResolvedUpstream, String>, Vec<String>) {
-        let mut warnings = Vec::new();
-        let result = resolve(&one(value), "shop", "cluster.local", lookup, &mut warnings);
-        (result, warnings)
-    }
-
-    #[test]
-    fn named_port_resolves_to_the_pods_port() {
-        let lookup = headless(vec![port("grpc", 80, TargetPort::Number(50051))]);
-        let (resolved, warnings) = run("app.payments:grpc", &lookup);
-        let resolved = resolved.unwrap();
-        assert_eq!(resolved.port, 50051);
-        assert_eq!(resolved.dns_name, "app.payments.svc.cluster.local");
-        assert_eq!(resolved.name, "app.payments");
-        assert!(warnings.is_empty(), "{warnings:?}");
-    }
-
-    #[test]
-    fn numeric_service_port_maps_to_target_and_pod_port_is_accepted() {
-        let lookup = headless(vec![port("grpc", 80, TargetPort::Number(50051))]);
-        assert_eq!(run("app:80", &lookup).0.unwrap().port, 50051);
-        let (resolved, warnings) = run("app:50051", &lookup);
-        assert_eq!(resolved.unwrap().port, 50051);
-        assert!(warnings.is_empty(), "{warnings:?}");
-        let (resolved, warnings) = run("app:9", &lookup);
-        assert_eq!(resolved.unwrap().port, 9);
-        assert!(
-            warnings[0].contains("has no port 9 (its ports: grpc=80)"),
-            "{warnings:?}"
-        );
-    }
-
-    #[test]
-    fn problems_that_leave_a_usable_config_are_warnings() {
-        let (resolved, warnings) = run("app:50051", &Lookup::NotFound);
-        assert_eq!(resolved.unwrap().port, 50051);
-        assert!(
-            warnings[0].contains("Service shop/app not found"),
-            "{warnings:?}"
-        );
-
-        let clusterip = Lookup::Found(ServiceInfo {
-            headless: false,
-            cluster_ip: Some("10.96.0.10".into()),
-            ports: vec![port("grpc", 50051, TargetPort::Same)],
-        });
-        let (resolved, warnings) = run("app:grpc", &clusterip);
-        assert_eq!(resolved.unwrap().port, 50051);
-        assert!(
-            warnings[0].contains("not headless (clusterIP 10.96.0.10)"),
-            "{warnings:?}"
-        );
-
-        let (_, warnings) = run("app:1", &Lookup::Failed("forbidden".into()));
-        assert!(
-            warnings[0].contains("could not look up Service shop/app, using port 1: forbidden")
-        );
-    }
-
-    #[test]
-    fn unresolvable_port_names_are_denied() {
-        for lookup in [
-            Lookup::NotFound,
-            Lookup::Skipped,
-            Lookup::Failed("timeout".into()),
-        ] {
-            let err = run("app:grpc", &lookup).0.unwrap_err();
-            assert!(
-                err.starts_with("annotation fanout.dev/upstreams: \"app:grpc\""),
-                "{err}"
-            );
-        }
-        let lookup = headless(vec![port("http", 80, TargetPort::Same)]);
-        let err = run("app:grpc", &lookup).0.unwrap_err();
-        assert!(
-            err.contains("has no port named \"grpc\" (its ports: http=80)"),
-            "{err}"
-        );
-    }
-}
+mod tests;
