@@ -9,6 +9,7 @@
 //! - `bench`: percentiles and process CPU for the benchmarks.
 //! - `bins`: paths of the workspace binaries, built on first use.
 //! - `https`: a keep-alive HTTPS client that trusts one CA (as the API server trusts `caBundle`).
+//! - `kube_api`: a stand-in Kubernetes API: list and watch of Services and EndpointSlices.
 //! - `load`: a bare HTTP/2 gRPC load generator (saturation and fixed rate).
 //! - `open_load`: calls at a fixed rate for failure tests, and every call's outcome.
 //! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
@@ -26,6 +27,7 @@ pub mod dns;
 pub mod fixtures;
 pub mod fleet;
 pub mod https;
+pub mod kube_api;
 pub mod load;
 pub mod open_load;
 pub mod proxy;
