@@ -85,7 +85,7 @@ class DefaultInstall(unittest.TestCase):
         self.assertEqual(client["service"], {"name": service["metadata"]["name"],
                                              "namespace": "fanout-system",
                                              "path": "/mutate", "port": 443})
-        [port] = service["spec"]["ports"]
+        [port] = [p for p in service["spec"]["ports"] if p["name"] == "https"]
         self.assertEqual(port["port"], 443)
         pod = one(self.objects, "Deployment")["spec"]["template"]
         self.assertLessEqual(service["spec"]["selector"].items(), pod["metadata"]["labels"].items())
@@ -126,7 +126,9 @@ class DefaultInstall(unittest.TestCase):
     def test_least_rbac(self):
         names = env(self.objects)
         self.assertEqual(rules(self.objects, "ClusterRole"), [
-            {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+             "verbs": ["list", "watch"]},
             {"apiGroups": ["admissionregistration.k8s.io"],
              "resources": ["mutatingwebhookconfigurations"],
              "resourceNames": [names["FANOUT_WEBHOOK_CONFIGURATION"]], "verbs": ["get", "patch"]}])
@@ -179,6 +181,41 @@ class DefaultInstall(unittest.TestCase):
         self.assertIn("--proxy-memory-limit", result.stderr, result.stderr)
 
 
+class Discovery(unittest.TestCase):
+    def test_the_discovery_server_is_on_its_own_port_of_the_webhook_service(self):
+        objects = render({})
+        e = env(objects)
+        self.assertEqual(e["FANOUT_DISCOVERY_LISTEN"], "0.0.0.0:15012")
+        self.assertEqual(e["FANOUT_DISCOVERY_ADDRESS"], "fanout-webhook.fanout-system.svc:15012")
+        self.assertEqual(e["FANOUT_DISCOVERY_EXCLUDE_NAMESPACES"], "kube-system,fanout-system")
+        ports = {p["name"]: p for p in container(objects)["ports"]}
+        self.assertEqual(ports["discovery"]["containerPort"], 15012)
+        service = one(objects, "Service")
+        discovery = [p for p in service["spec"]["ports"] if p["name"] == "discovery"][0]
+        self.assertEqual((discovery["port"], discovery["targetPort"]), (15012, "discovery"))
+        # The address the proxies dial is a name the serving certificate carries.
+        self.assertEqual(e["FANOUT_DISCOVERY_ADDRESS"].split(":")[0],
+                         f'{service["metadata"]["name"]}.{service["metadata"]["namespace"]}.svc')
+        self.assertEqual(one(objects, "PodDisruptionBudget")["spec"]["minAvailable"], 1)
+
+    def test_discovery_off_leaves_dns_and_the_narrow_rbac(self):
+        objects = render({"discovery": {"enabled": False}})
+        self.assertNotIn("FANOUT_DISCOVERY_ADDRESS", env(objects))
+        self.assertEqual([p["name"] for p in one(objects, "Service")["spec"]["ports"]], ["https"])
+        self.assertEqual(rules(objects, "ClusterRole")[0],
+                         {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]})
+        self.assertEqual(len(rules(objects, "ClusterRole")), 2)
+
+    def test_a_secret_brought_along_gives_the_proxies_its_ca(self):
+        objects = render({"certs": {"mode": "secret",
+                                    "secret": {"name": "my-tls", "caBundle": CA_BUNDLE}},
+                          "webhook": {"excludeNamespaces": ["legacy"]}})
+        e = env(objects)
+        self.assertEqual(e["FANOUT_DISCOVERY_CA"], base64.b64decode(CA_BUNDLE).decode())
+        self.assertEqual(e["FANOUT_DISCOVERY_EXCLUDE_NAMESPACES"],
+                         "kube-system,fanout-system,legacy")
+
+
 class Upgrade(unittest.TestCase):
     def test_an_upgrade_keeps_the_ca_the_webhook_set(self):
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
@@ -213,10 +250,12 @@ class CertManager(unittest.TestCase):
         self.assertEqual(env(objects)["FANOUT_CERT_MODE"], "files")
         self.assertEqual(container(objects)["volumeMounts"][0]["mountPath"], "/etc/fanout/tls")
         self.assertTrue(env(objects)["FANOUT_TLS_CERT"].startswith("/etc/fanout/tls/"))
-        # No Secret or webhook configuration writes in this mode.
+        # No Secret or webhook configuration writes in this mode: reads only.
         self.assertEqual(by_kind(objects, "Role"), [])
         self.assertEqual(rules(objects, "ClusterRole"), [
-            {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}])
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+             "verbs": ["list", "watch"]}])
 
     def test_a_given_issuer_signs_and_no_issuer_is_created(self):
         ref = {"name": "corp-ca", "kind": "ClusterIssuer"}

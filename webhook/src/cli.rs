@@ -173,8 +173,15 @@ struct SettingsArgs {
     discovery_address: String,
     /// PEM CAs the proxies trust for the discovery server. `serve` defaults to the CA of its own
     /// certificate (the self-managed Secret's ca.crt, or ca.crt beside --tls-cert).
-    #[arg(long, env = "FANOUT_DISCOVERY_CA_FILE")]
+    #[arg(
+        long,
+        env = "FANOUT_DISCOVERY_CA_FILE",
+        conflicts_with = "discovery_ca"
+    )]
     discovery_ca_file: Option<PathBuf>,
+    /// The same as PEM text (the chart passes a Secret's caBundle this way).
+    #[arg(long, env = "FANOUT_DISCOVERY_CA")]
+    discovery_ca: Option<String>,
     /// Bound on each Service lookup.
     #[arg(long, env = "FANOUT_LOOKUP_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     lookup_timeout: Duration,
@@ -232,7 +239,14 @@ impl SettingsArgs {
                         String::new()
                     }
                 },
-                None => String::new(),
+                None => match &self.discovery_ca {
+                    Some(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => pem.clone(),
+                    Some(_) => {
+                        faults.push("--discovery-ca: holds no PEM certificate".into());
+                        String::new()
+                    }
+                    None => String::new(),
+                },
             };
             let valid = discovery_address
                 .rsplit_once(':')
