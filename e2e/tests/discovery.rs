@@ -250,7 +250,10 @@ async fn every_change_reaches_a_subscriber_and_bad_requests_are_refused() {
 
     // Refusals, each with its own status and a message that says why.
     let refused = |result: Result<tonic::Response<Streaming<Snapshot>>, tonic::Status>| {
-        result.err().expect("refused")
+        match result {
+            Ok(_) => panic!("not refused"),
+            Err(status) => status,
+        }
     };
     let status = refused(
         grpc.watch(watch_request("kube-system", "dns", by_name("dns")))
@@ -520,10 +523,10 @@ async fn a_proxy_without_a_server_falls_back_to_dns_within_its_bound() {
     dns.set("app.shop.svc.cluster.local", &[pod_ip(0), pod_ip(1)]);
     let (mut config, local) = subscribed_proxy_config(&setup);
     if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
-        endpoints.fallback = Box::new(Discovery::Dns(DnsDiscovery {
+        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
             nameservers: vec![dns.addr],
             ..DnsDiscovery::new("app.shop.svc.cluster.local", port)
-        }));
+        });
     }
     // No discovery server is listening at all.
     let started = Instant::now();
