@@ -1,5 +1,5 @@
-//! A test DNS server on loopback: A and AAAA records that tests change while the proxy runs, as
-//! Kubernetes DNS changes a headless Service's records when pods come and go.
+//! A test DNS server on loopback: A, AAAA and SRV records that tests change while the proxy
+//! runs, as Kubernetes DNS changes a headless Service's records when pods come and go.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, SRV};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -18,6 +18,11 @@ const UDP_LIMIT: usize = 512;
 #[derive(Default)]
 struct Zone {
     records: RwLock<HashMap<String, Vec<IpAddr>>>,
+    /// SRV name → (target, port); targets' addresses come from `records`.
+    srv: RwLock<HashMap<String, Vec<(String, u16)>>>,
+    /// Whether SRV answers carry the targets' addresses (as CoreDNS does) or leave the client
+    /// to ask.
+    srv_additionals: AtomicBool,
     failing: AtomicBool,
     queries: AtomicU64,
 }
@@ -53,6 +58,18 @@ impl DnsServer {
             .insert(key(name), ips.to_vec());
     }
 
+    /// Sets the SRV records of `name`: each target with its port. `additionals`: answers carry
+    /// the targets' A/AAAA records too.
+    pub fn set_srv(&self, name: &str, targets: &[(&str, u16)], additionals: bool) {
+        self.zone.srv.write().unwrap().insert(
+            key(name),
+            targets.iter().map(|(t, p)| (key(t), *p)).collect(),
+        );
+        self.zone
+            .srv_additionals
+            .store(additionals, Ordering::SeqCst);
+    }
+
     pub fn remove(&self, name: &str) {
         self.zone.records.write().unwrap().remove(&key(name));
     }
@@ -85,6 +102,30 @@ fn answer(zone: &Zone, request: &[u8]) -> Option<Message> {
     let records = zone.records.read().unwrap();
     for query in &request.queries {
         let name = query.name();
+        if query.query_type() == RecordType::SRV {
+            let srv = zone.srv.read().unwrap();
+            let Some(targets) = srv.get(&key(&name.to_ascii())) else {
+                response.metadata.response_code = ResponseCode::NXDomain;
+                continue;
+            };
+            for (target, port) in targets {
+                let Ok(target_name) = Name::from_ascii(format!("{target}.")) else {
+                    continue;
+                };
+                let rdata = RData::SRV(SRV::new(0, 100, *port, target_name.clone()));
+                response.add_answer(Record::from_rdata(name.clone(), 0, rdata));
+                if zone.srv_additionals.load(Ordering::SeqCst) {
+                    for ip in records.get(target).into_iter().flatten() {
+                        let rdata = match ip {
+                            IpAddr::V4(v4) => RData::A(A(*v4)),
+                            IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
+                        };
+                        response.add_additional(Record::from_rdata(target_name.clone(), 0, rdata));
+                    }
+                }
+            }
+            continue;
+        }
         let Some(ips) = records.get(&key(&name.to_ascii())) else {
             response.metadata.response_code = ResponseCode::NXDomain;
             continue;

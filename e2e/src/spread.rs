@@ -17,14 +17,35 @@ pub async fn answers(
     total: usize,
     in_flight: usize,
 ) -> Vec<Result<String, String>> {
+    paced_answers(clients, total, in_flight, 0).await
+}
+
+/// As [`answers`], starting at most `rate` calls a second in all (0: as fast as answered), so
+/// a load can span a rollout.
+pub async fn paced_answers(
+    clients: &[TestClient<Channel>],
+    total: usize,
+    in_flight: usize,
+    rate: u32,
+) -> Vec<Result<String, String>> {
     let per_client = total / clients.len();
+    let pace = (rate > 0).then(|| {
+        let interval = std::time::Duration::from_secs(1) * clients.len() as u32 / rate;
+        interval.max(std::time::Duration::from_micros(1))
+    });
     let streams = clients.iter().enumerate().map(|(i, client)| {
         let count = per_client + usize::from(i < total % clients.len());
         let client = client.clone();
+        let clock =
+            pace.map(|p| std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::interval(p))));
         futures::stream::iter(0..count)
             .map(move |_| {
                 let mut client = client.clone();
+                let clock = clock.clone();
                 async move {
+                    if let Some(clock) = clock {
+                        clock.lock().await.tick().await;
+                    }
                     client
                         .unary(EchoRequest::default())
                         .await

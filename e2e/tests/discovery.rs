@@ -249,11 +249,10 @@ async fn every_change_reaches_a_subscriber_and_bad_requests_are_refused() {
     assert_eq!(snapshot.reason, "Service shop/app not found");
 
     // Refusals, each with its own status and a message that says why.
-    let refused = |result: Result<tonic::Response<Streaming<Snapshot>>, tonic::Status>| {
-        match result {
-            Ok(_) => panic!("not refused"),
-            Err(status) => status,
-        }
+    let refused = |result: Result<tonic::Response<Streaming<Snapshot>>, tonic::Status>| match result
+    {
+        Ok(_) => panic!("not refused"),
+        Err(status) => status,
     };
     let status = refused(
         grpc.watch(watch_request("kube-system", "dns", by_name("dns")))
@@ -688,5 +687,71 @@ async fn endpoints_change_under_load_without_a_failed_call() {
         result.failures.len(),
         result.offered,
         result.failures.first().map(|f| &f.status)
+    );
+}
+
+/// Without the discovery server a port name is an SRV lookup: each pod on its own port, whether
+/// or not the answer carries the targets' addresses; and a name with no records yet is asked
+/// again within a fraction of the refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_discovery_dials_each_pod_on_its_own_port_and_retries_quickly_while_empty() {
+    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut stats = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..3 {
+        let backend =
+            fanout_e2e::backend::Backend::new(format!("backend-{i}"), Behaviour::default());
+        stats.push(backend.stats());
+        // Pods that name their container port alike can still listen on different numbers.
+        let addr = backend.spawn(SocketAddr::new(pod_ip(i), 0)).await.unwrap();
+        let target = format!("pod-{i}.app.shop.svc.cluster.local");
+        dns.set(&target, &[pod_ip(i)]);
+        targets.push((target, addr.port()));
+    }
+    let srv_name = "_grpc._tcp.app.shop.svc.cluster.local";
+    let (config, local) = loopback_config(
+        Discovery::Srv(fanout_proxy_config::SrvDiscovery {
+            nameservers: vec![dns.addr],
+            ..fanout_proxy_config::SrvDiscovery::for_port("grpc", "app", "shop", "cluster.local")
+        }),
+        |_| {},
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    // No records yet: the refresh is 5 s, the proxy asks again much sooner.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let targets_ref: Vec<(&str, u16)> = targets.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    dns.set_srv(srv_name, &targets_ref, false);
+    let set_at = Instant::now();
+    let mut expected: Vec<String> = (0..3)
+        .map(|i| format!("{}:{}", pod_ip(i), targets[i].1))
+        .collect();
+    expected.sort();
+    wait_for_addresses(&proxy, &expected).await;
+    let found_after = set_at.elapsed();
+    assert!(
+        found_after < Duration::from_secs(3),
+        "records found {found_after:?} after they appeared; the refresh is 5 s"
+    );
+    let mut app = client(local).await;
+    for _ in 0..300 {
+        app.unary(fanout_e2e::backend::proto::EchoRequest::default())
+            .await
+            .unwrap();
+    }
+    let calls: Vec<u64> = stats
+        .iter()
+        .map(|s| s.calls.load(Ordering::SeqCst))
+        .collect();
+    assert!(calls.iter().all(|&n| n >= 50), "spread: {calls:?}");
+    // With the addresses in the answer, one pod gone.
+    dns.set_srv(srv_name, &targets_ref[..2], true);
+    wait_for_addresses(&proxy, &expected[..2].to_vec()).await;
+    let (_, body) = proxy.admin_get("/endpoints").await.unwrap();
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        state["upstreams"][0]["discovery"]["source"], "srv",
+        "{state}"
     );
 }

@@ -36,6 +36,9 @@ struct Args {
     /// Windows of this many calls (in the order they were answered) for `window_min`.
     #[arg(long, default_value_t = 1000)]
     window: usize,
+    /// Start at most this many calls a second in all (0: as fast as they are answered).
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
     /// How long to wait for the first successful call.
     #[arg(long, default_value_t = 60)]
     wait_seconds: u64,
@@ -75,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 1..args.connections.max(1) {
         clients.push(TestClient::connect(format!("http://{target}")).await?);
     }
-    let answers = spread::answers(&clients, args.calls, args.in_flight).await;
+    let answers = spread::paced_answers(&clients, args.calls, args.in_flight, args.rate).await;
 
     let mut backends: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();

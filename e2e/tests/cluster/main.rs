@@ -4,10 +4,14 @@
 //! `FANOUT_IMAGE_REPO` / `FANOUT_IMAGE_TAG` (default `ghcr.io/fanout-dev` / `dev`).
 //!
 //! It installs the chart and opts a fresh namespace in, then runs its cases there in turn:
-//! - `spread`: 5 backend pods behind a headless Service; gateway pods whose proxies have just
+//! - `spread`: 5 backend pods behind a ClusterIP Service (port targeting the container port by
+//!   name); gateway pods whose proxies have just
 //!   started make calls one at a time and 4 connections × 8 in flight, and every backend pod
 //!   answers at least half of its fair share in every window of 1,000 calls; what the API
 //!   server stored: the gateways injected, opted-out pods not.
+//! - `discovery`: the same behind a headless Service; `rollout restart` of the backends under
+//!   continuous load fails no call; a scale-up's new pods take calls within 1 s of turning
+//!   Ready; EndpointSlice change → proxy endpoint set latency, printed.
 //! - `readiness`: with the backends scaled to 0, a caller with the default (`proxy`) readiness
 //!   stays Ready and one with `fanout.dev/readiness: upstreams` turns NotReady, then Ready
 //!   again when a backend is back.
@@ -18,6 +22,7 @@
 //! `FANOUT_E2E_CASES` (comma-separated) runs only some of the cases after `spread`, e.g. to
 //! measure an older proxy's spread alone (`FANOUT_E2E_CASES=spread`).
 
+mod discovery;
 mod grpc_health;
 mod readiness;
 mod spread;
@@ -71,6 +76,9 @@ async fn the_product_on_a_real_cluster() {
     let runs = |case: &str| wanted.is_empty() || wanted.split(',').any(|c| c.trim() == case);
     let outcome = AssertUnwindSafe(async {
         let gateway = spread::run(&client, &namespace).await;
+        if runs("discovery") {
+            discovery::run(&client, &namespace).await;
+        }
         if runs("readiness") {
             readiness::run(&client, &namespace).await;
         }

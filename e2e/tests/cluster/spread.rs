@@ -1,5 +1,6 @@
-//! Backends behind a headless Service, gateways whose proxies have just started, and how their
-//! calls spread; what the API server stored for injected and opted-out pods.
+//! Backends behind a ClusterIP Service (port targeting the container port by name), gateways
+//! whose proxies have just started, and how their calls spread; what the API server stored for
+//! injected and opted-out pods.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,24 +20,35 @@ pub const BACKENDS: usize = 5;
 /// Calls are counted in windows of this many; fair is `WINDOW / BACKENDS` per backend.
 const WINDOW: u64 = 1_000;
 
-/// The backend Deployment and its headless Service; returns once every backend pod is Ready.
+/// The `backend` Deployment behind a ClusterIP Service whose port targets the container port
+/// by name, as most charts write it; returns once every backend pod is Ready.
 pub async fn deploy_backends(client: &Client, namespace: &str) -> Vec<String> {
+    deploy(client, namespace, "backend", false).await
+}
+
+/// `name`: a Deployment of `BACKENDS` test backends listening on container port `grpc`
+/// (50051), and a Service of that name whose port `grpc` (9000) targets it by name: headless or
+/// ClusterIP. Returns once every pod is Ready.
+pub async fn deploy(client: &Client, namespace: &str, name: &str, headless: bool) -> Vec<String> {
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let mut spec = json!({"selector": {"app": name},
+        "ports": [{"name": "grpc", "port": 9000, "targetPort": "grpc"}]});
+    if headless {
+        spec["clusterIP"] = json!("None");
+    }
     services
         .create(
             &PostParams::default(),
             &object(json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": "backend"},
-                "spec": {"clusterIP": "None", "selector": {"app": "backend"},
-                         "ports": [{"name": "grpc", "port": 50051, "targetPort": 50051}]}})),
+                "metadata": {"name": name}, "spec": spec})),
         )
         .await
         .unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let deployment: Deployment = object(json!({"apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "backend"},
-        "spec": {"replicas": BACKENDS, "selector": {"matchLabels": {"app": "backend"}},
-            "template": {"metadata": {"labels": {"app": "backend"}},
+        "metadata": {"name": name},
+        "spec": {"replicas": BACKENDS, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
                 "spec": {"terminationGracePeriodSeconds": 5,
                     "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{"name": "backend",
@@ -48,7 +60,7 @@ pub async fn deploy_backends(client: &Client, namespace: &str) -> Vec<String> {
                     "readinessProbe": {"grpc": {"port": 50051}, "periodSeconds": 2}}]}}}}));
     // With failurePolicy Fail, creates are refused until a webhook replica answers.
     eventually(
-        "backend Deployment created",
+        &format!("{name} Deployment created"),
         Duration::from_secs(60),
         || async {
             deployments
@@ -60,41 +72,64 @@ pub async fn deploy_backends(client: &Client, namespace: &str) -> Vec<String> {
     )
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    eventually("5 backends ready", Duration::from_secs(180), || async {
-        let list = pods
-            .list(&ListParams::default().labels("app=backend"))
-            .await
-            .map_err(|e| e.to_string())?;
-        for pod in &list.items {
-            assert!(!has_proxy(pod), "a backend without upstreams was injected");
-        }
-        let ready: Vec<String> = list
-            .items
-            .iter()
-            .filter(|p| is_ready(p) == Some(true))
-            .map(|p| p.metadata.name.clone().unwrap())
-            .collect();
-        (ready.len() == BACKENDS)
-            .then_some(ready)
-            .ok_or_else(|| format!("{} of {BACKENDS} ready", list.items.len()))
-    })
+    eventually(
+        &format!("5 {name} pods ready"),
+        Duration::from_secs(180),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels(&format!("app={name}")))
+                .await
+                .map_err(|e| e.to_string())?;
+            for pod in &list.items {
+                assert!(!has_proxy(pod), "a backend without upstreams was injected");
+            }
+            let ready: Vec<String> = list
+                .items
+                .iter()
+                .filter(|p| is_ready(p) == Some(true))
+                .map(|p| p.metadata.name.clone().unwrap())
+                .collect();
+            (ready.len() == BACKENDS)
+                .then_some(ready)
+                .ok_or_else(|| format!("{} of {BACKENDS} ready", list.items.len()))
+        },
+    )
     .await
 }
 
 /// A gateway pod naming the backends, whose client makes `calls` calls over `connections`
 /// connections with `in_flight` on each.
-fn gateway(name: &str, calls: u32, connections: u32, in_flight: u32, annotations: Value) -> Pod {
+pub fn gateway(
+    name: &str,
+    calls: u32,
+    connections: u32,
+    in_flight: u32,
+    annotations: Value,
+) -> Pod {
+    paced_gateway(name, calls, connections, in_flight, 0, annotations)
+}
+
+/// As [`gateway`], starting at most `rate` calls a second (0: no limit).
+pub fn paced_gateway(
+    name: &str,
+    calls: u32,
+    connections: u32,
+    in_flight: u32,
+    rate: u32,
+    annotations: Value,
+) -> Pod {
     let container = json!({"name": "gateway", "image": image("fanout-test"),
         "command": ["/usr/local/bin/fanout-test-client"],
         "args": ["--calls", calls.to_string(), "--connections", connections.to_string(),
-                 "--in-flight", in_flight.to_string(), "--window", WINDOW.to_string()],
+                 "--in-flight", in_flight.to_string(), "--window", WINDOW.to_string(),
+                 "--rate", rate.to_string()],
         "securityContext": restricted()});
     test_pod(name, annotations, json!({}), container)
 }
 
 /// Every backend pod answered at least half of its fair share in every window, and no call
 /// failed.
-fn assert_spread(name: &str, report: &Value, backend_pods: &[String]) {
+pub fn assert_spread(name: &str, report: &Value, backend_pods: &[String]) {
     assert_eq!(
         report["failures"],
         json!({}),
