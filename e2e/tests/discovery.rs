@@ -747,7 +747,7 @@ async fn srv_discovery_dials_each_pod_on_its_own_port_and_retries_quickly_while_
     assert!(calls.iter().all(|&n| n >= 50), "spread: {calls:?}");
     // With the addresses in the answer, one pod gone.
     dns.set_srv(srv_name, &targets_ref[..2], true);
-    wait_for_addresses(&proxy, &expected[..2].to_vec()).await;
+    wait_for_addresses(&proxy, &expected[..2]).await;
     let (_, body) = proxy.admin_get("/endpoints").await.unwrap();
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
