@@ -144,6 +144,24 @@ async fn malformed_annotation_is_denied_naming_it() {
 }
 
 #[tokio::test]
+async fn one_service_named_twice_is_denied_rather_than_a_config_the_proxy_refuses() {
+    let mut review = fixture("pod-generatename-no-volumes");
+    let namespace = review["request"]["namespace"].as_str().unwrap().to_string();
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
+        json!(format!("app:50051,app.{namespace}:9000"));
+    let (_, body) = post(serde_json::to_vec(&review).unwrap()).await;
+    let answer = Answer::parse(&body);
+    assert!(!answer.allowed());
+    let message = answer.response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "\"app:50051\" and \"app.{namespace}:9000\" both name Service app.{namespace}"
+        )),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn bad_opt_out_and_native_sidecar_values_are_denied() {
     for (key, value) in [
         ("fanout.dev/inject", "no"),

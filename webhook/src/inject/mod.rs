@@ -421,6 +421,20 @@ pub async fn inject(
             message: format!("fanout: {}", faults.join("; ")),
         }));
     }
+    // `app` and `app.shop` in namespace shop are one upstream twice: the proxy would refuse
+    // the config, so the pod would never start.
+    for (i, r) in resolved.iter().enumerate() {
+        if let Some(first) = resolved[..i].iter().find(|other| other.name == r.name) {
+            return Ok(Outcome::Denied(Denial {
+                reason: DenyReason::InvalidAnnotation,
+                message: format!(
+                    "fanout: annotation {UPSTREAMS}: {:?} and {:?} both name Service {}; list \
+                     it once",
+                    first.upstream.text, r.upstream.text, r.name
+                ),
+            }));
+        }
+    }
 
     if let Some(health) = &plan.grpc_health {
         let declared = pod.spec.iter().flat_map(|spec| {
