@@ -204,10 +204,19 @@ pub async fn run(client: &Client, namespace: &str) {
         paced_gateway("gateway-rollout", 24_000, 2, 2, 300, upstreams),
     )
     .await;
-    let admin = format!(
-        "{}:15020",
-        load.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap()
-    );
+    let name = load.metadata.name.clone().unwrap();
+    let ip = eventually(
+        "gateway-rollout has an IP",
+        Duration::from_secs(60),
+        || async {
+            let pod = pods.get(&name).await.map_err(|e| e.to_string())?;
+            pod.status
+                .and_then(|s| s.pod_ip)
+                .ok_or_else(|| "no IP yet".to_string())
+        },
+    )
+    .await;
+    let admin = format!("{ip}:15020");
     eventually(
         "gateway-rollout calling",
         Duration::from_secs(60),

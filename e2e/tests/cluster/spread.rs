@@ -120,7 +120,9 @@ pub fn paced_gateway(
 ) -> Pod {
     let container = json!({"name": "gateway", "image": image("fanout-test"),
         "command": ["/usr/local/bin/fanout-test-client"],
-        "args": ["--calls", calls.to_string(), "--connections", connections.to_string(),
+        // The first upstream's local port, whatever the Service is called.
+        "args": ["--target", "127.0.0.1:15001",
+                 "--calls", calls.to_string(), "--connections", connections.to_string(),
                  "--in-flight", in_flight.to_string(), "--window", WINDOW.to_string(),
                  "--rate", rate.to_string()],
         "securityContext": restricted()});
