@@ -755,3 +755,59 @@ async fn srv_discovery_dials_each_pod_on_its_own_port_and_retries_quickly_while_
         "{state}"
     );
 }
+
+/// With the server away, the kept set is worth keeping only while some of it answers: once
+/// none does (the pods were replaced meanwhile), DNS takes over at the next reconnect attempt,
+/// not after `stale_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranded_proxy_turns_to_dns_without_waiting_for_stale_after() {
+    let setup = Setup::new().await;
+    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (port, _) = spawn_backends(2, Behaviour::default()).await;
+    dns.set("app.shop.svc.cluster.local", &[pod_ip(0), pod_ip(1)]);
+    setup.api.apply(app_service());
+    // The server lists pods that are already gone: nothing listens on 127.0.0.9-10.
+    let gone: Vec<SliceEndpoint> = (7..9).map(|i| SliceEndpoint::ready(pod_ip(i))).collect();
+    setup.api.apply(endpoint_slice(
+        "shop",
+        "app-1",
+        "app",
+        ("grpc", port),
+        &gone,
+    ));
+    let server = setup.start_server(&[]);
+    let (mut config, local) = subscribed_proxy_config(&setup);
+    if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
+        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
+            nameservers: vec![dns.addr],
+            ..DnsDiscovery::new("app.shop.svc.cluster.local", port)
+        });
+        assert_eq!(endpoints.stale_after, Duration::from_secs(60));
+    }
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut gone_addresses: Vec<String> = (7..9).map(|i| format!("{}:{port}", pod_ip(i))).collect();
+    gone_addresses.sort();
+    wait_for_addresses(&proxy, &gone_addresses).await;
+    drop(server);
+    let away = Instant::now();
+    wait_for_addresses(
+        &proxy,
+        &[
+            format!("{}:{port}", pod_ip(0)),
+            format!("{}:{port}", pod_ip(1)),
+        ],
+    )
+    .await;
+    let took = away.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "DNS took over after {took:?}"
+    );
+    let mut app = client(local).await;
+    app.unary(fanout_e2e::backend::proto::EchoRequest::default())
+        .await
+        .unwrap();
+    println!("a stranded proxy turned to DNS {took:?} after the server went away");
+}

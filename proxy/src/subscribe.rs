@@ -1,6 +1,7 @@
 //! The `endpoints` source: a `Watch` stream from the discovery server, every snapshot applied
 //! at once. While the server cannot be reached the last set stays; DNS takes over when no
-//! server answered within `fallback_after` of start, or when it has been away `stale_after`.
+//! server answered within `fallback_after` of start, when it has been away `stale_after`, or at
+//! the next reconnect attempt (≤ 5 s) once no endpoint of the kept set is ready.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -124,7 +125,10 @@ pub async fn run(upstream: Arc<Upstream>, client: DiscoveryClient, config: Endpo
                         message = status.message(), "discovery server refused the subscription");
                 }
                 set_connected(&upstream, false);
-                if Instant::now() >= fallback_due {
+                // The last set is only worth keeping while some of it answers: after a rollout
+                // with the server away, every kept endpoint is gone and DNS knows the new pods.
+                let stranded = ever_answered && !upstream.has_ready_endpoint();
+                if Instant::now() >= fallback_due || stranded {
                     fallback.start(&upstream, &config, &last_error);
                 }
                 sleep_with_jitter(backoff).await;
