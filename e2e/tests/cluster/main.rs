@@ -20,7 +20,8 @@
 //!
 //! The namespace is deleted however the cases end; the test waits until it is gone.
 //! `FANOUT_E2E_CASES` (comma-separated) runs only some of the cases after `spread`, e.g. to
-//! measure an older proxy's spread alone (`FANOUT_E2E_CASES=spread`).
+//! measure an older proxy's spread alone (`FANOUT_E2E_CASES=spread`); `FANOUT_E2E_HELM_SET`
+//! passes chart values (`discovery.enabled=false` compares DNS discovery).
 
 mod discovery;
 mod grpc_health;

@@ -31,6 +31,14 @@ pub fn helm_install() {
         .args(["--set", &format!("image.tag={webhook_tag}")])
         .args(["--set", &format!("proxy.image.repository={proxy_repo}")])
         .args(["--set", &format!("proxy.image.tag={proxy_tag}")])
+        // Extra values for a run, e.g. FANOUT_E2E_HELM_SET=discovery.enabled=false.
+        .args(
+            std::env::var("FANOUT_E2E_HELM_SET")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| vec!["--set".to_string(), v])
+                .unwrap_or_default(),
+        )
         .status()
         .expect("helm on the PATH");
     assert!(status.success(), "helm upgrade --install failed");
