@@ -296,12 +296,30 @@ async fn every_change_reaches_a_subscriber_and_bad_requests_are_refused() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     // Another connection has its own allowance.
     let mut other = setup.connect().await;
-    assert!(
-        other
-            .watch(watch_request("shop", "app", by_name("grpc")))
-            .await
-            .is_ok()
-    );
+    let _fourth = other
+        .watch(watch_request("shop", "app", by_name("grpc")))
+        .await
+        .unwrap();
+
+    // What the replica's metrics say (on the admission port, as Prometheus scrapes it).
+    let mut https = fanout_e2e::https::Connection::open(
+        _server.addr,
+        "fanout-webhook.fanout-system.svc",
+        setup.ca_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (_, metrics) = https.request("GET", "/metrics", Vec::new()).await.unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    for line in [
+        "fanout_webhook_discovery_synced 1",
+        "fanout_webhook_discovery_watches 4",
+        "fanout_webhook_discovery_refused_total{code=\"permission_denied\"} 1",
+        "fanout_webhook_discovery_refused_total{code=\"invalid_argument\"} 2",
+        "fanout_webhook_discovery_refused_total{code=\"resource_exhausted\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
 }
 
 /// Resident memory (KiB) and CPU time (s) of a process.

@@ -408,9 +408,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = stopped.wait_for(|s| *s).await;
         }
     };
+    let metrics = Arc::new(Metrics::default());
     let discovery_server = match args.discovery.discovery_listen {
         Some(addr) => {
-            let server = serve_discovery(&args.discovery, addr, tls.clone(), shutdown()).await?;
+            let server = serve_discovery(
+                &args.discovery,
+                addr,
+                tls.clone(),
+                shutdown(),
+                metrics.clone(),
+            )
+            .await?;
             Some(tokio::spawn(server))
         }
         None => None,
@@ -422,7 +430,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admitter = Arc::new(Admitter {
         settings,
         lookup,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
     });
     server::serve(
         listener,
@@ -446,6 +454,7 @@ async fn serve_discovery(
     addr: SocketAddr,
     mut tls: rustls::ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let client = kube::Client::try_default()
         .await
@@ -457,6 +466,13 @@ async fn serve_discovery(
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let hub = Hub::new();
     tokio::spawn(discovery::watch::run(client, hub.clone()));
+    {
+        let (hub, metrics) = (hub.clone(), metrics.clone());
+        tokio::spawn(async move {
+            hub.synced().await;
+            metrics.discovery_synced.set(1);
+        });
+    }
     let limits = Limits {
         watches_per_connection: args.discovery_max_watches_per_connection.max(1),
         connections: args.discovery_max_connections.max(1),
@@ -468,7 +484,7 @@ async fn serve_discovery(
         .filter(|n| !n.is_empty())
         .collect();
     tracing::info!(listen = %listener.local_addr()?, ?excluded, "serving discovery");
-    let service = DiscoveryService::new(hub, excluded, limits);
+    let service = DiscoveryService::new(hub, excluded, limits, metrics);
     Ok(server::serve(
         listener,
         tls,

@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -16,10 +17,24 @@ pub struct AdmissionLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// The gRPC status code name: `invalid_argument`, `permission_denied`,
+    /// `resource_exhausted`.
+    pub code: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     admissions: Family<AdmissionLabels, Counter>,
     duration: Histogram,
+    /// Discovery watches open now.
+    pub discovery_watches: Gauge,
+    /// Snapshots sent to proxies.
+    pub discovery_snapshots: Counter,
+    pub discovery_refused: Family<RefusedLabels, Counter>,
+    /// 1 once the first lists of Services and EndpointSlices are in.
+    pub discovery_synced: Gauge,
 }
 
 impl Default for Metrics {
@@ -40,10 +55,38 @@ impl Default for Metrics {
             "Time to answer one admission review, lookups included",
             duration.clone(),
         );
+        let discovery_watches = Gauge::default();
+        registry.register(
+            "fanout_webhook_discovery_watches",
+            "Discovery watches (one per proxy upstream) open on this replica",
+            discovery_watches.clone(),
+        );
+        let discovery_snapshots = Counter::default();
+        registry.register(
+            "fanout_webhook_discovery_snapshots",
+            "Upstream snapshots sent to proxies",
+            discovery_snapshots.clone(),
+        );
+        let discovery_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "fanout_webhook_discovery_refused",
+            "Watches refused, by gRPC status",
+            discovery_refused.clone(),
+        );
+        let discovery_synced = Gauge::default();
+        registry.register(
+            "fanout_webhook_discovery_synced",
+            "1 once this replica has listed Services and EndpointSlices",
+            discovery_synced.clone(),
+        );
         Self {
             registry,
             admissions,
             duration,
+            discovery_watches,
+            discovery_snapshots,
+            discovery_refused,
+            discovery_synced,
         }
     }
 }

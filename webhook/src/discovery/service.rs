@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::catalog::UpstreamKey;
 use super::hub::Hub;
+use crate::metrics::{Metrics, RefusedLabels};
 use crate::server::Peer;
 use crate::upstreams::PortRef;
 
@@ -41,16 +42,19 @@ pub struct DiscoveryService {
     excluded: Arc<Vec<String>>,
     limits: Limits,
     open: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Counts a watch against its connection while it lives.
 struct OpenWatch {
     open: Arc<Mutex<HashMap<SocketAddr, usize>>>,
     peer: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for OpenWatch {
     fn drop(&mut self) {
+        self.metrics.discovery_watches.dec();
         let Some(peer) = self.peer else { return };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = open.get_mut(&peer) {
@@ -63,13 +67,33 @@ impl Drop for OpenWatch {
 }
 
 impl DiscoveryService {
-    pub fn new(hub: Arc<Hub>, excluded: Vec<String>, limits: Limits) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        excluded: Vec<String>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             hub,
             excluded: Arc::new(excluded),
             limits,
             open: Arc::default(),
+            metrics,
         }
+    }
+
+    fn refused(&self, status: Status) -> Status {
+        let code = match status.code() {
+            tonic::Code::InvalidArgument => "invalid_argument",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::ResourceExhausted => "resource_exhausted",
+            _ => "other",
+        };
+        self.metrics
+            .discovery_refused
+            .get_or_create(&RefusedLabels { code })
+            .inc();
+        status
     }
 
     /// Watches open now, all connections together.
@@ -93,9 +117,11 @@ impl DiscoveryService {
             }
             *n += 1;
         }
+        self.metrics.discovery_watches.inc();
         Ok(OpenWatch {
             open: self.open.clone(),
             peer,
+            metrics: self.metrics.clone(),
         })
     }
 }
@@ -168,14 +194,14 @@ impl Discovery for DiscoveryService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.extensions().get::<Peer>().map(|p| p.0);
         let request = request.into_inner();
-        let upstream = upstream_of(&request)?;
+        let upstream = upstream_of(&request).map_err(|s| self.refused(s))?;
         let namespace = &upstream.service.0;
         if self.excluded.iter().any(|n| n == namespace) {
-            return Err(Status::permission_denied(format!(
+            return Err(self.refused(Status::permission_denied(format!(
                 "namespace {namespace} is excluded from fanout; its Services are not served"
-            )));
+            ))));
         }
-        let open = self.admit(peer)?;
+        let open = self.admit(peer).map_err(|s| self.refused(s))?;
         tracing::debug!(client = %request.client, ?peer, namespace, service = %upstream.service.1,
             port = %upstream.port, "discovery: watch");
         let (tx, rx) = mpsc::channel(1);
@@ -191,7 +217,7 @@ async fn send_snapshots(
     hub: Arc<Hub>,
     upstream: UpstreamKey,
     tx: mpsc::Sender<Result<Snapshot, Status>>,
-    _open: OpenWatch,
+    open: OpenWatch,
 ) {
     let mut changed = hub.subscribe(&upstream.service);
     // Before the first lists are in, the catalog is empty: answering then would take every
@@ -212,6 +238,7 @@ async fn send_snapshots(
             if tx.send(Ok(sent)).await.is_err() {
                 return;
             }
+            open.metrics.discovery_snapshots.inc();
             last = Some(snapshot);
         }
         tokio::select! {
