@@ -829,3 +829,36 @@ async fn a_stranded_proxy_turns_to_dns_without_waiting_for_stale_after() {
         .unwrap();
     println!("a stranded proxy turned to DNS {took:?} after the server went away");
 }
+
+/// A subscription the server refuses for good (an excluded namespace) is served by DNS at once,
+/// not after the 3 s bound, and the refusal is said in the proxy's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_turns_to_dns_at_once() {
+    let setup = Setup::new().await;
+    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (port, _) = spawn_backends(1, Behaviour::default()).await;
+    dns.set("app.kube-system.svc.cluster.local", &[pod_ip(0)]);
+    let _server = setup.start_server(&[]);
+    let (mut config, local) = subscribed_proxy_config(&setup);
+    if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
+        endpoints.namespace = "kube-system".into();
+        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
+            nameservers: vec![dns.addr],
+            ..DnsDiscovery::new("app.kube-system.svc.cluster.local", port)
+        });
+    }
+    let started = Instant::now();
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    wait_for_addresses(&proxy, &[format!("{}:{port}", pod_ip(0))]).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "DNS served it after {took:?}"
+    );
+    let mut app = client(local).await;
+    app.unary(fanout_e2e::backend::proto::EchoRequest::default())
+        .await
+        .unwrap();
+}

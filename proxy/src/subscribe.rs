@@ -18,6 +18,9 @@ use crate::upstream::Upstream;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a subscription the server refused for good is asked again (a chart change may
+/// admit it).
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// The addresses to call: ready endpoints that are not terminating. When there are none, the
 /// serving ones that are terminating (as kube-proxy does), so a Service whose every pod is
@@ -116,13 +119,18 @@ pub async fn run(upstream: Arc<Upstream>, client: DiscoveryClient, config: Endpo
             Some(Ok(response)) => response.into_inner(),
             Some(Err(status)) => {
                 last_error = format!("{}: {}", client.address, status.message());
-                if !matches!(
+                let refused = matches!(
                     status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown
-                ) {
-                    // Refused for good (excluded namespace, malformed request): say so loudly.
+                    tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
+                );
+                if refused {
+                    // Refused for good (excluded namespace, malformed request): DNS serves the
+                    // upstream at once, and the server is asked again only once a minute.
                     tracing::error!(upstream = %upstream.name, code = ?status.code(),
                         message = status.message(), "discovery server refused the subscription");
+                    fallback.start(&upstream, &config, &last_error);
+                    tokio::time::sleep(REFUSED_RETRY).await;
+                    continue;
                 }
                 set_connected(&upstream, false);
                 // The last set is only worth keeping while some of it answers: after a rollout
