@@ -106,3 +106,34 @@ pub fn kubeconfig(dir: &Path, api: SocketAddr) -> String {
     .expect("writing the kubeconfig");
     path.display().to_string()
 }
+
+/// The server name the API server dials the webhook by (its certificates name it).
+pub const SERVER_NAME: &str = "fanout-webhook.fanout-system.svc";
+
+/// Posts the recorded AdmissionReview `fixture` to the webhook at `addr` (trusting `ca_pem`), as
+/// the API server does, and returns the pod as it would store it after the patch. Panics unless
+/// the pod was allowed with a JSON patch.
+pub async fn admitted_pod(addr: SocketAddr, ca_pem: &str, fixture: &str) -> serde_json::Value {
+    use base64::Engine;
+    let body = crate::fixtures::reviews()
+        .into_iter()
+        .find(|(name, _)| name == fixture)
+        .map(|(_, body)| body)
+        .unwrap_or_else(|| panic!("no fixture {fixture}"));
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut conn = crate::https::Connection::open(addr, SERVER_NAME, ca_pem.as_bytes())
+        .await
+        .unwrap();
+    let (status, response) = conn.post("/mutate?timeout=5s", body).await.unwrap();
+    assert_eq!(status, 200);
+    let review: serde_json::Value = serde_json::from_slice(&response).unwrap();
+    assert_eq!(review["response"]["allowed"], true, "{review}");
+    assert_eq!(review["response"]["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(review["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut pod = request["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    pod
+}

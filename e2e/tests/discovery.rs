@@ -431,6 +431,38 @@ fn subscribed_proxy_config(setup: &Setup) -> (ProxyConfig, SocketAddr) {
     (config, local)
 }
 
+/// The test DNS server answering `app.<namespace>.svc.cluster.local` with `count` backends on
+/// 127.0.0.2…, and their port.
+async fn backends_in_dns(namespace: &str, count: usize) -> (fanout_e2e::dns::DnsServer, u16) {
+    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (port, _) = spawn_backends(count, Behaviour::default()).await;
+    let ips: Vec<_> = (0..count).map(pod_ip).collect();
+    dns.set(&format!("app.{namespace}.svc.cluster.local"), &ips);
+    (dns, port)
+}
+
+/// A proxy subscribed to `<namespace>/app` whose fallback asks the test DNS server at
+/// `nameserver` for `app.<namespace>.svc.cluster.local`, dialled on `port`. The server keeps
+/// its default bounds: 3 s at start, 60 s away.
+fn proxy_with_dns_fallback(
+    setup: &Setup,
+    namespace: &str,
+    nameserver: SocketAddr,
+    port: u16,
+) -> (ProxyConfig, SocketAddr) {
+    let (mut config, local) = subscribed_proxy_config(setup);
+    if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
+        endpoints.namespace = namespace.into();
+        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
+            nameservers: vec![nameserver],
+            ..DnsDiscovery::new(format!("app.{namespace}.svc.cluster.local"), port)
+        });
+    }
+    (config, local)
+}
+
 async fn wait_for_addresses(proxy: &ProxyProcess, expected: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -533,18 +565,8 @@ async fn proxies_keep_their_endpoints_while_the_server_restarts_and_then_resynch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_without_a_server_falls_back_to_dns_within_its_bound() {
     let setup = Setup::new().await;
-    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let (port, _) = spawn_backends(2, Behaviour::default()).await;
-    dns.set("app.shop.svc.cluster.local", &[pod_ip(0), pod_ip(1)]);
-    let (mut config, local) = subscribed_proxy_config(&setup);
-    if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
-        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
-            nameservers: vec![dns.addr],
-            ..DnsDiscovery::new("app.shop.svc.cluster.local", port)
-        });
-    }
+    let (dns, port) = backends_in_dns("shop", 2).await;
+    let (config, local) = proxy_with_dns_fallback(&setup, "shop", dns.addr, port);
     // No discovery server is listening at all.
     let started = Instant::now();
     let proxy = ProxyProcess::start(&config).await.unwrap();
@@ -580,29 +602,7 @@ async fn a_proxy_without_a_server_falls_back_to_dns_within_its_bound() {
 /// The proxy config the webhook renders for a recorded pod, as the downward API projects it,
 /// with the fallback DNS pointed at a dead loopback port (no test asks a real nameserver).
 async fn rendered_config(setup: &Setup, webhook: &WebhookProcess, fixture: &str) -> ProxyConfig {
-    use base64::Engine;
-    let body = fanout_e2e::fixtures::reviews()
-        .into_iter()
-        .find(|(name, _)| name == fixture)
-        .map(|(_, body)| body)
-        .unwrap();
-    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let mut conn = fanout_e2e::https::Connection::open(
-        webhook.addr,
-        "fanout-webhook.fanout-system.svc",
-        setup.ca_pem.as_bytes(),
-    )
-    .await
-    .unwrap();
-    let (status, response) = conn.post("/mutate?timeout=5s", body).await.unwrap();
-    assert_eq!(status, 200);
-    let review: serde_json::Value = serde_json::from_slice(&response).unwrap();
-    let patch = base64::engine::general_purpose::STANDARD
-        .decode(review["response"]["patch"].as_str().unwrap())
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
-    let mut pod = request["request"]["object"].clone();
-    json_patch::patch(&mut pod, &patch).unwrap();
+    let pod = fanout_e2e::webhook::admitted_pod(webhook.addr, &setup.ca_pem, fixture).await;
     let mut config = ProxyConfig::from_json(
         pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
             .as_str()
@@ -780,11 +780,7 @@ async fn srv_discovery_dials_each_pod_on_its_own_port_and_retries_quickly_while_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranded_proxy_turns_to_dns_without_waiting_for_stale_after() {
     let setup = Setup::new().await;
-    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let (port, _) = spawn_backends(2, Behaviour::default()).await;
-    dns.set("app.shop.svc.cluster.local", &[pod_ip(0), pod_ip(1)]);
+    let (dns, port) = backends_in_dns("shop", 2).await;
     setup.api.apply(app_service());
     // The server lists pods that are already gone: nothing listens on 127.0.0.9-10.
     let gone: Vec<SliceEndpoint> = (7..9).map(|i| SliceEndpoint::ready(pod_ip(i))).collect();
@@ -796,14 +792,7 @@ async fn a_stranded_proxy_turns_to_dns_without_waiting_for_stale_after() {
         &gone,
     ));
     let server = setup.start_server(&[]);
-    let (mut config, local) = subscribed_proxy_config(&setup);
-    if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
-        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
-            nameservers: vec![dns.addr],
-            ..DnsDiscovery::new("app.shop.svc.cluster.local", port)
-        });
-        assert_eq!(endpoints.stale_after, Duration::from_secs(60));
-    }
+    let (config, local) = proxy_with_dns_fallback(&setup, "shop", dns.addr, port);
     let proxy = ProxyProcess::start(&config).await.unwrap();
     let mut gone_addresses: Vec<String> = (7..9).map(|i| format!("{}:{port}", pod_ip(i))).collect();
     gone_addresses.sort();
@@ -835,20 +824,9 @@ async fn a_stranded_proxy_turns_to_dns_without_waiting_for_stale_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscription_turns_to_dns_at_once() {
     let setup = Setup::new().await;
-    let dns = fanout_e2e::dns::DnsServer::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let (port, _) = spawn_backends(1, Behaviour::default()).await;
-    dns.set("app.kube-system.svc.cluster.local", &[pod_ip(0)]);
+    let (dns, port) = backends_in_dns("kube-system", 1).await;
     let _server = setup.start_server(&[]);
-    let (mut config, local) = subscribed_proxy_config(&setup);
-    if let Discovery::Endpoints(endpoints) = &mut config.upstreams[0].discovery {
-        endpoints.namespace = "kube-system".into();
-        *endpoints.fallback = Discovery::Dns(DnsDiscovery {
-            nameservers: vec![dns.addr],
-            ..DnsDiscovery::new("app.kube-system.svc.cluster.local", port)
-        });
-    }
+    let (config, local) = proxy_with_dns_fallback(&setup, "kube-system", dns.addr, port);
     let started = Instant::now();
     let proxy = ProxyProcess::start(&config).await.unwrap();
     wait_for_addresses(&proxy, &[format!("{}:{port}", pod_ip(0))]).await;

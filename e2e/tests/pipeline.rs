@@ -11,19 +11,14 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use base64::Engine;
 use fanout_certs::{Ca, service_dns_names, write_bundle};
 use fanout_e2e::backend::Behaviour;
 use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
 use fanout_e2e::dns::DnsServer;
-use fanout_e2e::fixtures;
 use fanout_e2e::fleet::{client, wait_for_endpoints};
-use fanout_e2e::https::Connection;
 use fanout_e2e::proxy::{ProxyProcess, pod_ip, spawn_backends_on};
 use fanout_e2e::webhook::WebhookProcess;
 use serde_json::Value;
-
-const SERVER_NAME: &str = "fanout-webhook.fanout-system.svc";
 
 /// The fixture's pod as the API server would store it after our patch.
 async fn admitted_pod(fixture: &str) -> Value {
@@ -41,27 +36,7 @@ async fn admitted_pod(fixture: &str) -> Value {
         &[],
     )
     .unwrap();
-    let mut conn = Connection::open(webhook.addr, SERVER_NAME, ca.cert_pem().as_bytes())
-        .await
-        .unwrap();
-    let body = fixtures::reviews()
-        .into_iter()
-        .find(|(name, _)| name == fixture)
-        .map(|(_, body)| body)
-        .unwrap();
-    let request: Value = serde_json::from_slice(&body).unwrap();
-    let (status, response) = conn.post("/mutate?timeout=5s", body).await.unwrap();
-    assert_eq!(status, 200);
-    let review: Value = serde_json::from_slice(&response).unwrap();
-    assert_eq!(review["response"]["allowed"], true, "{review}");
-    assert_eq!(review["response"]["patchType"], "JSONPatch");
-    let patch = base64::engine::general_purpose::STANDARD
-        .decode(review["response"]["patch"].as_str().unwrap())
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
-    let mut pod = request["request"]["object"].clone();
-    json_patch::patch(&mut pod, &patch).unwrap();
-    pod
+    fanout_e2e::webhook::admitted_pod(webhook.addr, ca.cert_pem(), fixture).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

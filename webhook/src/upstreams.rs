@@ -9,6 +9,8 @@ use fanout_proxy_config::ADMIN_PORT;
 
 use crate::annotations::{ENV_PREFIX, FIRST_LOCAL_PORT, UPSTREAMS};
 
+pub use fanout_proxy_config::names::{is_dns_1035_label, is_dns_1123_label, is_port_name};
+
 /// The Service port an upstream names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PortRef {
@@ -230,33 +232,6 @@ fn check_clashes(
             ));
         }
     }
-}
-
-/// RFC 1035 label, as Service names must be.
-pub fn is_dns_1035_label(s: &str) -> bool {
-    is_dns_1123_label(s) && s.starts_with(|c: char| c.is_ascii_lowercase())
-}
-
-/// RFC 1123 label, as namespace names must be.
-pub fn is_dns_1123_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// IANA service name, as Kubernetes port names must be.
-fn is_port_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().any(|b| b.is_ascii_lowercase())
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && !s.contains("--")
 }
 
 #[cfg(test)]

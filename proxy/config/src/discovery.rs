@@ -8,6 +8,7 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use crate::duration;
+use crate::names::{is_dns_1035_label, is_dns_1123_label, is_port_name};
 use crate::reader::{Object, check_uint, kind, parse_socket_addr};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -276,7 +277,11 @@ fn read_static(obj: &Object<'_>, list: &Value) -> Option<Vec<SocketAddr>> {
 fn read_endpoints(obj: Object<'_>) -> Option<EndpointsDiscovery> {
     let label = |key: &'static str| {
         obj.required_string(key).and_then(|value| {
-            if is_dns_label(value) {
+            let valid = match key {
+                "service" => is_dns_1035_label(value),
+                _ => is_dns_1123_label(value),
+            };
+            if valid {
                 Some(value.to_string())
             } else {
                 obj.fault(
@@ -290,9 +295,7 @@ fn read_endpoints(obj: Object<'_>) -> Option<EndpointsDiscovery> {
     let namespace = label("namespace");
     let service = label("service");
     let port = obj.required("port").and_then(|value| match value {
-        Value::String(name) if is_dns_label(name) && name.len() <= 15 => {
-            Some(ServicePort::Name(name.clone()))
-        }
+        Value::String(name) if is_port_name(name) => Some(ServicePort::Name(name.clone())),
         Value::String(name) => {
             obj.fault("port", format!("{name:?} is not a port name"));
             None
@@ -367,15 +370,6 @@ pub(crate) fn read_discovery_server(obj: Object<'_>) -> Option<DiscoveryServer> 
         address: address?,
         ca: ca?,
     })
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// A DNS name as resolvers accept it: dot-separated labels of letters, digits and `-`.

@@ -10,10 +10,12 @@
 //! - `discovery`: how an upstream finds its endpoints (DNS, SRV, static, the discovery
 //!   server) and reading it.
 //! - `duration`: `250ms` / `5s` durations.
+//! - `names`: Kubernetes name rules (namespaces, Services, port names).
 #![forbid(unsafe_code)]
 
 pub mod discovery;
 pub mod duration;
+pub mod names;
 mod parse;
 mod reader;
 

@@ -15,7 +15,7 @@ use super::catalog::UpstreamKey;
 use super::hub::Hub;
 use crate::metrics::{Metrics, RefusedLabels};
 use crate::server::Peer;
-use crate::upstreams::PortRef;
+use crate::upstreams::{PortRef, is_dns_1035_label, is_dns_1123_label, is_port_name};
 
 /// Bounds on what clients may hold open.
 #[derive(Debug, Clone, Copy)]
@@ -126,30 +126,16 @@ impl DiscoveryService {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A Service port name: at most 15 characters, lower-case letters, digits and inner dashes.
-fn is_port_name(s: &str) -> bool {
-    s.len() <= 15 && is_dns_label(s) && s.bytes().any(|b| b.is_ascii_lowercase())
-}
-
 /// The upstream a request names, or why the request is malformed.
 pub fn upstream_of(request: &WatchRequest) -> Result<UpstreamKey, Status> {
     let mut faults = Vec::new();
-    if !is_dns_label(&request.namespace) {
+    if !is_dns_1123_label(&request.namespace) {
         faults.push(format!(
             "namespace {:?} is not a namespace name",
             request.namespace
         ));
     }
-    if !is_dns_label(&request.service) {
+    if !is_dns_1035_label(&request.service) {
         faults.push(format!(
             "service {:?} is not a Service name",
             request.service
