@@ -2,6 +2,8 @@
 //! half runs in the webhook's Deployment, the client half in every proxy.
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("fanout.discovery.v1");
