@@ -37,12 +37,8 @@ impl DiscoveryClient {
     pub fn new(server: &DiscoveryServer) -> Result<Self, ClientError> {
         use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
         let address = server.address.clone();
-        let Some((host, _)) = address.rsplit_once(':') else {
-            return Err(ClientError::Address(address));
-        };
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
+        let host = fanout_proxy_config::discovery::server_host(&address)
+            .map_err(|_| ClientError::Address(address.clone()))?
             .to_string();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&server.ca))

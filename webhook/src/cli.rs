@@ -20,6 +20,7 @@ use crate::settings::{
 };
 use crate::tls::{ReloadingCert, error_chain, install_provider};
 use crate::{manifest, quantity, server};
+use fanout_proxy_config::discovery::{holds_certificate, server_host};
 
 #[derive(Parser)]
 #[command(
@@ -224,37 +225,29 @@ impl SettingsArgs {
         let discovery = if discovery_address.is_empty() {
             None
         } else {
-            let ca = match &self.discovery_ca_file {
-                Some(path) => match std::fs::read_to_string(path) {
-                    Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => pem,
-                    Ok(_) => {
-                        faults.push(format!(
-                            "--discovery-ca-file: {} holds no PEM certificate",
-                            path.display()
-                        ));
-                        String::new()
-                    }
-                    Err(e) => {
-                        faults.push(format!("--discovery-ca-file: {}: {e}", path.display()));
-                        String::new()
-                    }
-                },
-                None => match &self.discovery_ca {
-                    Some(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => pem.clone(),
-                    Some(_) => {
-                        faults.push("--discovery-ca: holds no PEM certificate".into());
-                        String::new()
-                    }
-                    None => String::new(),
-                },
+            let checked = |pem: String, source: String| {
+                if holds_certificate(&pem) {
+                    Ok(pem)
+                } else {
+                    Err(format!("{source} holds no PEM certificate"))
+                }
             };
-            let valid = discovery_address
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                faults.push(format!(
-                    "--discovery-address: {discovery_address:?} is not host:port"
-                ));
+            let ca = match (&self.discovery_ca_file, &self.discovery_ca) {
+                (Some(path), _) => {
+                    let source = format!("--discovery-ca-file: {}", path.display());
+                    std::fs::read_to_string(path)
+                        .map_err(|e| format!("{source}: {e}"))
+                        .and_then(|pem| checked(pem, source))
+                }
+                (None, Some(pem)) => checked(pem.clone(), "--discovery-ca:".into()),
+                (None, None) => Ok(String::new()),
+            };
+            let ca = ca.unwrap_or_else(|fault| {
+                faults.push(fault);
+                String::new()
+            });
+            if let Err(fault) = server_host(discovery_address) {
+                faults.push(format!("--discovery-address: {fault}"));
             }
             Some(DiscoveryTarget {
                 address: discovery_address.to_string(),

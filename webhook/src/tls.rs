@@ -94,7 +94,7 @@ fn read_ca_beside(cert_path: &Path) -> String {
         .parent()
         .map(|dir| dir.join("ca.crt"))
         .and_then(|path| std::fs::read_to_string(path).ok())
-        .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
+        .filter(|pem| fanout_proxy_config::discovery::holds_certificate(pem))
         .unwrap_or_default()
 }
 

@@ -335,27 +335,41 @@ fn read_endpoints(obj: Object<'_>) -> Option<EndpointsDiscovery> {
     })
 }
 
+/// The host of a discovery server address `host:port` (an IPv6 literal without its brackets):
+/// also the name the server's certificate must carry.
+pub fn server_host(address: &str) -> Result<&str, String> {
+    address
+        .rsplit_once(':')
+        .and_then(|(host, port)| {
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            let valid = port.parse::<u16>().is_ok_and(|p| p > 0)
+                && (check_dns_name(host).is_ok() || host.parse::<std::net::IpAddr>().is_ok());
+            valid.then_some(host)
+        })
+        .ok_or_else(|| {
+            format!(
+                "{address:?} is not host:port (e.g. \"fanout-webhook.fanout-system.svc:15012\")"
+            )
+        })
+}
+
+/// Whether `pem` holds at least one PEM certificate.
+pub fn holds_certificate(pem: &str) -> bool {
+    pem.contains("-----BEGIN CERTIFICATE-----")
+}
+
 pub(crate) fn read_discovery_server(obj: Object<'_>) -> Option<DiscoveryServer> {
     let address = obj.required_string("address").and_then(|address| {
-        let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty()
-                && port.parse::<u16>().is_ok_and(|p| p > 0)
-                && (check_dns_name(host).is_ok() || host.parse::<std::net::IpAddr>().is_ok())
-        });
-        if valid {
-            Some(address.to_string())
-        } else {
-            obj.fault(
-                "address",
-                format!(
-                    "{address:?} is not host:port (e.g. \"fanout-webhook.fanout-system.svc:15012\")"
-                ),
-            );
-            None
-        }
+        server_host(address)
+            .map_err(|m| obj.fault("address", m))
+            .ok()
+            .map(|_| address.to_string())
     });
     let ca = obj.required_string("ca").and_then(|ca| {
-        if ca.contains("-----BEGIN CERTIFICATE-----") {
+        if holds_certificate(ca) {
             Some(ca.to_string())
         } else {
             obj.fault(
