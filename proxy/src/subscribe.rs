@@ -132,7 +132,7 @@ pub async fn run(upstream: Arc<Upstream>, client: DiscoveryClient, config: Endpo
                     tokio::time::sleep(REFUSED_RETRY).await;
                     continue;
                 }
-                set_connected(&upstream, false);
+                upstream.set_server_connected(false);
                 // The last set is only worth keeping while some of it answers: after a rollout
                 // with the server away, every kept endpoint is gone and DNS knows the new pods.
                 let stranded = ever_answered && !upstream.has_ready_endpoint();
@@ -173,7 +173,7 @@ pub async fn run(upstream: Arc<Upstream>, client: DiscoveryClient, config: Endpo
                 }
             }
         }
-        set_connected(&upstream, false);
+        upstream.set_server_connected(false);
         if delivering {
             away_since = Instant::now();
         }
@@ -195,16 +195,8 @@ fn apply(upstream: &Arc<Upstream>, snapshot: &Snapshot) {
             snapshot.reason.clone()
         }
     });
-    set_connected(upstream, true);
+    upstream.set_server_connected(true);
     upstream.discovery_answered("endpoints", error);
-}
-
-fn set_connected(upstream: &Upstream, connected: bool) {
-    upstream
-        .status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .server_connected = Some(connected);
 }
 
 /// Reconnects of many proxies after a server restart spread over the backoff.

@@ -80,7 +80,7 @@ pub struct Upstream {
     discovered: AtomicBool,
     last_discovery_error: Mutex<Option<String>>,
     /// Which source feeds the endpoint set now, for `/endpoints` and metrics.
-    pub(crate) status: Mutex<DiscoveryStatus>,
+    status: Mutex<DiscoveryStatus>,
     discovery_task: Mutex<Option<tokio::task::AbortHandle>>,
     started: Instant,
 }
@@ -283,6 +283,14 @@ impl Upstream {
         }
         self.discovered.store(true, Ordering::Relaxed);
         self.changed.notify_waiters();
+    }
+
+    /// Whether the discovery server's stream is delivering, for `/endpoints`.
+    pub(crate) fn set_server_connected(&self, connected: bool) {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .server_connected = Some(connected);
     }
 
     /// Waits until a connection to an endpoint was lost (discovery may want to ask again).
