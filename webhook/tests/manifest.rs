@@ -151,25 +151,10 @@ async fn a_malformed_annotation_fails_naming_the_object() {
 
 #[test]
 fn the_command_reads_stdin_and_writes_yaml() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout-webhook"))
-        .args([
-            "inject",
-            "--no-lookup",
-            "--proxy-image",
-            "fanout/fanout-proxy:cli",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(WORKLOADS.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = inject(
+        &["--no-lookup", "--proxy-image", "fanout/fanout-proxy:cli"],
+        WORKLOADS,
+    );
     assert!(
         output.status.success(),
         "{}",
@@ -202,8 +187,8 @@ fn the_command_reads_stdin_and_writes_yaml() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--proxy-memory-limit: \"lots\""));
 }
 
-/// The rendered proxy config of the first pod template in `yaml`'s output.
-fn rendered_config(args: &[&str], yaml: &str) -> fanout_proxy_config::ProxyConfig {
+/// `fanout-webhook inject <args>` with `yaml` on standard input.
+fn inject(args: &[&str], yaml: &str) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fanout-webhook"))
         .arg("inject")
         .args(args)
@@ -218,7 +203,12 @@ fn rendered_config(args: &[&str], yaml: &str) -> fanout_proxy_config::ProxyConfi
         .unwrap()
         .write_all(yaml.as_bytes())
         .unwrap();
-    let output = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The rendered proxy config of the first pod template in `yaml`'s output.
+fn rendered_config(args: &[&str], yaml: &str) -> fanout_proxy_config::ProxyConfig {
+    let output = inject(args, yaml);
     assert!(
         output.status.success(),
         "{}",

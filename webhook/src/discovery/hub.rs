@@ -70,10 +70,4 @@ impl Hub {
         let mut synced = self.synced.subscribe();
         let _ = synced.wait_for(|s| *s).await;
     }
-
-    /// Services with live subscriptions.
-    pub fn topic_count(&self) -> usize {
-        let topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
-        topics.values().filter(|t| t.receiver_count() > 0).count()
-    }
 }

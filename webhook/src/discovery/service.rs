@@ -96,15 +96,6 @@ impl DiscoveryService {
         status
     }
 
-    /// Watches open now, all connections together.
-    pub fn open_watches(&self) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .sum()
-    }
-
     fn admit(&self, peer: Option<SocketAddr>) -> Result<OpenWatch, Status> {
         if let Some(peer) = peer {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
