@@ -58,6 +58,7 @@ bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook
 	./target/release/fanout-bench proxy
+	./target/release/fanout-bench curve
 
 ## Container images (docker): the webhook, the proxy, and the test backend/client of the cluster suite.
 IMAGE_REPO ?= ghcr.io/fanout-dev

@@ -48,6 +48,8 @@ pub struct Source {
 pub struct Cursor {
     next: usize,
     pub done: bool,
+    /// A chunk has been sent: the next ones wait for send capacity.
+    started: bool,
 }
 
 impl Cursor {
@@ -56,7 +58,24 @@ impl Cursor {
         Self {
             next: 0,
             done: true,
+            started: true,
         }
+    }
+
+    /// Waits until `send` may take another chunk, except for the first: that one is queued at
+    /// once, so it leaves in the same write as the stream's HEADERS. (h2 assigns a new stream
+    /// capacity only when its connection task runs, and that task would first flush the
+    /// HEADERS alone: one more write, and one more wake-up of the peer, per call.) A chunk is
+    /// at most one frame, so this holds at most a frame per stream beyond the window.
+    fn poll_ready(
+        &mut self,
+        send: &mut SendStream<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), PumpError>> {
+        if !self.started {
+            return Poll::Ready(Ok(()));
+        }
+        poll_send_capacity(send, cx)
     }
 }
 
@@ -106,11 +125,12 @@ impl Source {
             }
             if cursor.next < self.kept.len() {
                 // Replaying what an earlier attempt sent.
-                ready!(poll_send_capacity(send, cx))?;
+                ready!(cursor.poll_ready(send, cx))?;
                 let last = cursor.next + 1 == self.kept.len();
                 let end = last && self.ended && self.trailers.is_none();
                 let chunk = self.kept[cursor.next].clone();
                 send.send_data(chunk, end).map_err(PumpError::Send)?;
+                cursor.started = true;
                 cursor.next += 1;
                 cursor.done = end;
                 continue;
@@ -127,13 +147,14 @@ impl Source {
                 cursor.done = true;
                 continue;
             }
-            ready!(poll_send_capacity(send, cx))?;
+            ready!(cursor.poll_ready(send, cx))?;
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(chunk)) => {
                     let _ = self.recv.flow_control().release_capacity(chunk.len());
                     self.ended = self.recv.is_end_stream();
                     self.keep(&chunk, cursor);
                     send.send_data(chunk, self.ended).map_err(PumpError::Send)?;
+                    cursor.started = true;
                     cursor.done = self.ended;
                 }
                 Some(Err(e)) => return Poll::Ready(Err(PumpError::Recv(e))),
@@ -181,5 +202,87 @@ fn poll_send_capacity(
             Some(Err(e)) => return Poll::Ready(Err(PumpError::Send(e))),
             None => return Poll::Ready(Err(PumpError::Closed)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    /// A request stream as the proxy's server side receives it: a whole one-chunk body.
+    async fn received_request(body: &'static [u8]) -> RecvStream {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (mut client, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let (requests_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(server_io).await.unwrap();
+            while let Some(Ok((request, _respond))) = server.accept().await {
+                let _ = requests_tx.send(request.into_body());
+            }
+        });
+        let (_response, mut send) = client
+            .send_request(http::Request::post("http://a/m").body(()).unwrap(), false)
+            .unwrap();
+        send.send_data(Bytes::from_static(body), true).unwrap();
+        let mut recv = requests.recv().await.unwrap();
+        // Until the whole body is buffered (the server task reads it).
+        while recv.flow_control().used_capacity() < body.len() {
+            tokio::task::yield_now().await;
+        }
+        std::mem::forget(client); // keeps the client connection's streams alive
+        recv
+    }
+
+    /// The frames in `raw` after the client preface and SETTINGS: (type, flags, payload).
+    async fn frames(raw: &mut DuplexStream, count: usize) -> Vec<(u8, u8, Vec<u8>)> {
+        let mut preface = [0u8; 24];
+        raw.read_exact(&mut preface).await.unwrap();
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            let mut head = [0u8; 9];
+            raw.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            raw.read_exact(&mut payload).await.unwrap();
+            // SETTINGS and WINDOW_UPDATE belong to the connection, not the stream.
+            if head[3] != 0x4 && head[3] != 0x8 {
+                frames.push((head[3], head[4], payload));
+            }
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_stream_s_first_chunk_goes_out_with_its_headers_without_waiting_for_capacity() {
+        let recv = received_request(b"hello").await;
+        let (proxy_io, mut raw) = tokio::io::duplex(64 * 1024);
+        let (mut upstream, connection) = h2::client::handshake(proxy_io).await.unwrap();
+        let (_response, mut send) = upstream
+            .send_request(http::Request::post("http://b/m").body(()).unwrap(), false)
+            .unwrap();
+
+        // The upstream connection has not run: the stream has no capacity assigned yet. The
+        // whole body is queued behind the HEADERS all the same, in this one poll.
+        let mut source = Source::new(recv, 0);
+        let mut cursor = Cursor::default();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(
+            source.poll_forward(&mut cursor, &mut send, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(cursor.done);
+
+        tokio::spawn(connection);
+        let frames = frames(&mut raw, 2).await;
+        assert_eq!(frames[0].0, 0x1, "HEADERS first");
+        let (kind, flags, payload) = &frames[1];
+        assert_eq!(
+            (*kind, *flags & 0x1),
+            (0x0, 0x1),
+            "then DATA with END_STREAM"
+        );
+        assert_eq!(payload, b"hello");
     }
 }

@@ -14,6 +14,9 @@ struct Args {
     listen: SocketAddr,
     #[arg(long)]
     id: String,
+    /// Also listen on the next N-1 ports of the same address: one backend behind N endpoints.
+    #[arg(long, default_value_t = 1)]
+    ports: u16,
     /// Delay added to every call, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
@@ -52,15 +55,27 @@ async fn main() -> anyhow::Result<()> {
             health.set_serving(true);
         });
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let mut listeners = Vec::new();
+    for n in 0..args.ports.max(1) {
+        let port = args.listen.port().checked_add(n).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--ports {} from port {} passes 65535",
+                args.ports,
+                args.listen.port()
+            )
+        })?;
+        listeners
+            .push(tokio::net::TcpListener::bind(SocketAddr::new(args.listen.ip(), port)).await?);
+    }
     eprintln!(
-        "fanout-test-backend {} listening on {}",
+        "fanout-test-backend {} listening on {} ({} ports)",
         args.id,
-        listener.local_addr()?
+        listeners[0].local_addr()?,
+        listeners.len()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     backend
-        .serve(listener, async move {
+        .serve_all(listeners, async move {
             term.recv().await;
         })
         .await?;

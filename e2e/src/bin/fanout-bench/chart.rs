@@ -173,10 +173,13 @@ fn tail_latency(panel: &Panel, results: &[Measured]) -> anyhow::Result<()> {
 }
 
 fn balance(panel: &Panel, results: &[Measured]) -> anyhow::Result<()> {
-    let backends = results.first().map_or(0, |r| r.shares.len());
+    let backends = results.first().map_or(0, |r| r.shares().len());
     let share = |r: &Measured| -> Vec<f64> {
-        let total = r.shares.iter().sum::<u64>().max(1) as f64;
-        r.shares.iter().map(|&c| 100.0 * c as f64 / total).collect()
+        let total = r.shares().iter().sum::<u64>().max(1) as f64;
+        r.shares()
+            .iter()
+            .map(|&c| 100.0 * c as f64 / total)
+            .collect()
     };
     let max = results.iter().flat_map(share).fold(20.0, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(panel)

@@ -45,6 +45,15 @@ enum Command {
         #[arg(long, default_value = "target/bench/proxy.md")]
         out: PathBuf,
     },
+    /// fanout's cost as the work grows: 10, 100 and 1,000 endpoints, 4 and 256 client
+    /// connections, 10,000 long-lived streams.
+    Curve {
+        /// Seconds of each run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value = "target/bench/curve.md")]
+        out: PathBuf,
+    },
 }
 
 const SERVER_NAME: &str = "fanout-webhook.fanout-system.svc";
@@ -61,10 +70,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Proxy { seconds, out } => {
             proxy_bench::run(Duration::from_secs(seconds), out).await
         }
+        Command::Curve { seconds, out } => curve::run(Duration::from_secs(seconds), out).await,
     }
 }
 
 mod chart;
+mod curve;
+mod h2load;
 mod peers;
 mod proxy_bench;
 

@@ -179,7 +179,7 @@ fn installed(program: &str, version_flag: &str) -> bool {
 pub fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
     let mut config = String::from(
         "global\n  nbthread 1\n  maxconn 4000\n\
-         defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n",
+         defaults\n  mode http\n  timeout connect 1s\n  timeout client 1h\n  timeout server 1h\n",
     );
     config.push_str(&format!(
         "frontend grpc\n  bind {listen} proto h2\n  default_backend app\n\
@@ -207,7 +207,7 @@ pub fn nginx_config(listen: SocketAddr, backends: &[SocketAddr], dir: &Path) -> 
          http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n\
          proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fastcgi;\n\
          uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-         keepalive_requests 10000000;\n\
+         keepalive_requests 10000000;\n  keepalive_timeout 1h;\n\
          upstream app {{\n{servers}    keepalive 64;\n    keepalive_requests 10000000;\n  }}\n\
          server {{\n    listen {listen} http2;\n    http2_max_concurrent_streams 1024;\n\
          location / {{ grpc_pass grpc://app; }}\n  }}\n}}\n"

@@ -4,15 +4,16 @@
 //! h2load when installed.
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use fanout_e2e::bench::{cpu_seconds, ms, percentile, rss_kib};
 use fanout_e2e::load::{Load, Outcome};
 
 use crate::chart;
+use crate::h2load::H2load;
 use crate::peers::{Backends, Peer};
 
 /// Calls in flight during the saturation run (also the "100 concurrent streams" of the memory
@@ -20,70 +21,166 @@ use crate::peers::{Backends, Peer};
 const CONCURRENCY: usize = 100;
 /// Client connections to a proxy: 4 gateway pods.
 const CLIENT_CONNECTIONS: usize = 4;
+/// h2load at saturation: streams in flight per connection.
+const H2LOAD_STREAMS: usize = 16;
 pub const RATES: [u64; 2] = [1_000, 5_000];
+/// Every figure is the median of this many rounds (the peers take turns within each round).
+pub const ROUNDS: usize = 3;
 
+/// One round of one peer.
+pub struct Round {
+    saturation: Outcome,
+    /// Proxy CPU seconds during the saturation run (none for direct).
+    cpu: Option<f64>,
+    fixed: Vec<Outcome>,
+    /// Proxy CPU seconds during each fixed-rate run.
+    fixed_cpu: Vec<Option<f64>>,
+    h2load: Option<(H2load, Option<f64>)>,
+    h2load_fixed: Vec<(H2load, Option<f64>)>,
+    /// Calls each backend served during the saturation run.
+    shares: Vec<u64>,
+}
+
+impl Round {
+    fn errors(&self) -> u64 {
+        self.saturation.errors
+            + self.fixed.iter().map(|f| f.errors).sum::<u64>()
+            + self.h2load.iter().map(|(h, _)| h.errors).sum::<u64>()
+            + self.h2load_fixed.iter().map(|(h, _)| h.errors).sum::<u64>()
+    }
+}
+
+/// A peer over all rounds: every accessor is the median over the rounds.
 pub struct Measured {
     pub name: String,
-    pub saturation: Outcome,
-    /// Proxy CPU seconds during the saturation run (none for direct).
-    pub cpu: Option<f64>,
-    pub fixed: Vec<Outcome>,
-    /// Proxy CPU seconds during each fixed-rate run.
-    pub fixed_cpu: Vec<Option<f64>>,
-    pub h2load: Option<f64>,
-    /// Calls each backend served during the saturation run.
-    pub shares: Vec<u64>,
-    /// Idle and peak RSS of the proxy, KiB.
+    rounds: Vec<Round>,
+    /// Idle (before the first round) and peak RSS of the proxy, KiB.
     pub rss: Option<(u64, u64)>,
 }
 
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[values.len() / 2])
+}
+
+fn per_100k(cpu: Option<f64>, calls: u64) -> Option<f64> {
+    cpu.map(|cpu| cpu * 100_000.0 / calls.max(1) as f64)
+}
+
 impl Measured {
+    fn median(&self, f: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
+        median(self.rounds.iter().filter_map(f).collect())
+    }
+
     pub fn calls_per_second(&self) -> f64 {
-        self.saturation.calls as f64 / self.saturation.elapsed.as_secs_f64()
+        self.median(|r| Some(r.saturation.calls as f64 / r.saturation.elapsed.as_secs_f64()))
+            .unwrap_or(0.0)
     }
 
     pub fn cpu_per_100k(&self) -> Option<f64> {
-        self.cpu
-            .map(|cpu| cpu * 100_000.0 / self.saturation.calls.max(1) as f64)
+        self.median(|r| per_100k(r.cpu, r.saturation.calls))
     }
 
     /// CPU seconds per 100k calls at the fixed rate `RATES[i]`: the sidecar's usual regime,
     /// and the same work for every proxy (at saturation each runs at its own rate).
     pub fn cpu_per_100k_at(&self, i: usize) -> Option<f64> {
-        self.fixed_cpu[i].map(|cpu| cpu * 100_000.0 / self.fixed[i].calls.max(1) as f64)
+        self.median(|r| per_100k(r.fixed_cpu[i], r.fixed[i].calls))
+    }
+
+    pub fn h2load_calls_per_second(&self) -> Option<f64> {
+        self.median(|r| r.h2load.as_ref().map(|(h, _)| h.calls_per_second()))
+    }
+
+    pub fn h2load_cpu_per_100k(&self) -> Option<f64> {
+        self.median(|r| {
+            r.h2load
+                .as_ref()
+                .and_then(|(h, cpu)| per_100k(*cpu, h.calls))
+        })
+    }
+
+    pub fn h2load_cpu_per_100k_at(&self, i: usize) -> Option<f64> {
+        self.median(|r| {
+            r.h2load_fixed
+                .get(i)
+                .and_then(|(h, cpu)| per_100k(*cpu, h.calls))
+        })
     }
 
     pub fn calls_per_cpu_second(&self) -> Option<f64> {
-        self.cpu
-            .map(|cpu| self.saturation.calls as f64 / cpu.max(0.01))
+        self.median(|r| r.cpu.map(|cpu| r.saturation.calls as f64 / cpu.max(0.01)))
+    }
+
+    /// Our generator's percentile `p` at `RATES[rate_index]`, median over the rounds.
+    pub fn latency(&self, rate_index: usize, p: f64) -> Duration {
+        self.median(|r| Some(percentile(&r.fixed[rate_index].latencies, p).as_secs_f64()))
+            .map_or(Duration::ZERO, Duration::from_secs_f64)
+    }
+
+    /// h2load's percentile `p` at `RATES[rate_index]`, median over the rounds.
+    pub fn h2load_latency(&self, rate_index: usize, p: f64) -> Option<Duration> {
+        self.median(|r| {
+            r.h2load_fixed
+                .get(rate_index)
+                .map(|(h, _)| percentile(&h.latencies, p).as_secs_f64())
+        })
+        .map(Duration::from_secs_f64)
     }
 
     pub fn p99(&self, rate_index: usize) -> Duration {
-        percentile(&self.fixed[rate_index].latencies, 99.0)
+        self.latency(rate_index, 99.0)
     }
+
+    /// Calls each backend served during the saturation runs, all rounds together.
+    pub fn shares(&self) -> Vec<u64> {
+        let mut total = vec![0; self.rounds.first().map_or(0, |r| r.shares.len())];
+        for round in &self.rounds {
+            for (sum, calls) in total.iter_mut().zip(&round.shares) {
+                *sum += calls;
+            }
+        }
+        total
+    }
+
+    fn errors(&self) -> u64 {
+        self.rounds.iter().map(Round::errors).sum()
+    }
+}
+
+/// A peer under measurement: where the load goes, and the process whose CPU is counted.
+struct Subject {
+    name: String,
+    /// Where our generator connects, and how many times over (connected afresh each round:
+    /// peers close connections that sat idle while the others were measured).
+    targets: Vec<SocketAddr>,
+    per_target: usize,
+    pid: Option<u32>,
+    h2load_target: Option<SocketAddr>,
+    idle_rss: Option<u64>,
+    rounds: Vec<Round>,
+    _peer: Option<Peer>,
 }
 
 pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
     let backends = Backends::start().await?;
-    let has_h2load = Command::new("h2load").arg("--version").output().is_ok();
-    let mut results = Vec::new();
+    let has_h2load = H2load::installed();
+    let mut subjects = Vec::new();
 
     // Direct: the client balances itself over one connection per backend (the best case, and
-    // the latency baseline).
-    let load = Load::connect(&backends.addrs, 1).await?;
-    let h2 = has_h2load.then_some(backends.addrs[0]);
-    results.push(
-        measure(
-            "direct (client-side, 10 conns)",
-            &load,
-            None,
-            h2,
-            &backends,
-            seconds,
-        )
-        .await?,
-    );
-
+    // the latency baseline). h2load cannot balance: it drives one backend.
+    subjects.push(Subject {
+        name: "direct (client-side, 10 conns)".into(),
+        targets: backends.addrs.clone(),
+        per_target: 1,
+        pid: None,
+        h2load_target: has_h2load.then_some(backends.addrs[0]),
+        idle_rss: None,
+        rounds: Vec::new(),
+        _peer: None,
+    });
     let mut missing = Vec::new();
     for kind in ["fanout", "HAProxy", "nginx"] {
         let peer = match kind {
@@ -95,11 +192,38 @@ pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
             missing.push(kind);
             continue;
         };
-        let load = Load::connect(&[peer.listen], CLIENT_CONNECTIONS).await?;
-        let h2 = has_h2load.then_some(peer.listen);
-        let name = format!("{} ({CLIENT_CONNECTIONS} conns)", peer.name);
-        results.push(measure(&name, &load, Some(peer.pid), h2, &backends, seconds).await?);
+        subjects.push(Subject {
+            name: format!("{} ({CLIENT_CONNECTIONS} conns)", peer.name),
+            targets: vec![peer.listen],
+            per_target: CLIENT_CONNECTIONS,
+            pid: Some(peer.pid),
+            h2load_target: has_h2load.then_some(peer.listen),
+            idle_rss: Some(rss_kib(peer.pid).0),
+            rounds: Vec::new(),
+            _peer: Some(peer),
+        });
     }
+
+    // Rounds, the peers taking turns within each: a noisy minute hurts one round of everyone
+    // rather than all of one peer's figures.
+    for round in 1..=ROUNDS {
+        for subject in &mut subjects {
+            eprintln!("round {round}/{ROUNDS}: {}", subject.name);
+            let measured = measure(subject, &backends, seconds).await?;
+            subject.rounds.push(measured);
+        }
+    }
+    let results: Vec<Measured> = subjects
+        .into_iter()
+        .map(|s| Measured {
+            rss: s
+                .pid
+                .zip(s.idle_rss)
+                .map(|(pid, idle)| (idle, rss_kib(pid).1)),
+            name: s.name,
+            rounds: s.rounds,
+        })
+        .collect();
 
     let report = report(&results, &missing, has_h2load)?;
     fanout_e2e::bench::publish(&report, &out)?;
@@ -107,29 +231,32 @@ pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
     chart::draw(&results, &png)?;
     eprintln!("wrote {}", png.display());
     for result in &results {
-        let errors = result.saturation.errors + result.fixed.iter().map(|f| f.errors).sum::<u64>();
+        let errors = result.errors();
         anyhow::ensure!(errors == 0, "{}: {errors} calls failed", result.name);
     }
     Ok(())
 }
 
+/// Runs `work` and returns its result with the CPU seconds `pid` spent meanwhile.
+async fn with_cpu<T>(pid: Option<u32>, work: impl Future<Output = T>) -> (T, Option<f64>) {
+    let before = pid.map(cpu_seconds);
+    let result = work.await;
+    let spent = pid
+        .zip(before)
+        .map(|(pid, before)| cpu_seconds(pid) - before);
+    (result, spent)
+}
+
 async fn measure(
-    name: &str,
-    load: &Load,
-    pid: Option<u32>,
-    h2load_target: Option<SocketAddr>,
+    subject: &Subject,
     backends: &Backends,
     seconds: Duration,
-) -> anyhow::Result<Measured> {
-    eprintln!("measuring {name}");
-    let idle_rss = pid.map(|pid| rss_kib(pid).0);
+) -> anyhow::Result<Round> {
+    let load = Load::connect(&subject.targets, subject.per_target).await?;
+    let pid = subject.pid;
     load.saturate(CONCURRENCY, Duration::from_secs(1)).await; // warm-up
     let calls_before = backends.calls().await?;
-    let cpu_before = pid.map(cpu_seconds);
-    let saturation = load.saturate(CONCURRENCY, seconds).await;
-    let cpu = pid
-        .zip(cpu_before)
-        .map(|(pid, before)| cpu_seconds(pid) - before);
+    let (saturation, cpu) = with_cpu(pid, load.saturate(CONCURRENCY, seconds)).await;
     let shares = backends
         .calls()
         .await?
@@ -140,57 +267,55 @@ async fn measure(
     let mut fixed = Vec::new();
     let mut fixed_cpu = Vec::new();
     for rate in RATES {
-        let before = pid.map(cpu_seconds);
-        fixed.push(load.fixed_rate(rate, seconds).await);
-        fixed_cpu.push(
-            pid.zip(before)
-                .map(|(pid, before)| cpu_seconds(pid) - before),
-        );
+        let (outcome, cpu) = with_cpu(pid, load.fixed_rate(rate, seconds)).await;
+        fixed.push(outcome);
+        fixed_cpu.push(cpu);
     }
-    let h2load = h2load_target.and_then(|target| h2load(target, seconds.as_secs()));
-    let rss = pid.zip(idle_rss).map(|(pid, idle)| (idle, rss_kib(pid).1));
-    Ok(Measured {
-        name: name.to_string(),
+    let mut h2load = None;
+    let mut h2load_fixed = Vec::new();
+    if let Some(target) = subject.h2load_target {
+        let secs = seconds.as_secs().max(1);
+        // h2load is a blocking child process: run it off the runtime so the CPU reading and
+        // everything else here stay responsive.
+        let saturate = tokio::task::spawn_blocking(move || {
+            H2load::saturate(target, CLIENT_CONNECTIONS, H2LOAD_STREAMS, secs)
+        });
+        let (run, cpu) = with_cpu(pid, saturate).await;
+        h2load = Some((run??, cpu));
+        for rate in RATES {
+            let fixed = tokio::task::spawn_blocking(move || {
+                H2load::fixed_rate(target, CLIENT_CONNECTIONS, rate, secs)
+            });
+            let (run, cpu) = with_cpu(pid, fixed).await;
+            h2load_fixed.push((run??, cpu));
+        }
+    }
+    Ok(Round {
         saturation,
         cpu,
         fixed,
         fixed_cpu,
         h2load,
+        h2load_fixed,
         shares,
-        rss,
     })
 }
 
-fn h2load(target: SocketAddr, seconds: u64) -> Option<f64> {
-    let body = std::env::temp_dir().join(format!("fanout-bench-body-{}", std::process::id()));
-    let message = fanout_e2e::raw::frame(&fanout_e2e::backend::proto::EchoRequest {
-        payload: vec![b'x'; 64],
-        ..Default::default()
-    });
-    std::fs::write(&body, &message).ok()?;
-    let output = Command::new("h2load")
-        .args(["-c", "4", "-m", "16", "-D", &seconds.to_string()])
-        .arg("-d")
-        .arg(&body)
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-        .arg(format!("http://{target}/fanout.test.v1.Test/Unary"))
-        .output()
-        .ok()?;
-    let _ = std::fs::remove_file(&body);
-    let text = String::from_utf8_lossy(&output.stdout);
-    // "finished in 5.00s, 12345.67 req/s, ..."
-    let line = text.lines().find(|l| l.starts_with("finished in"))?;
-    line.split(", ").nth(1)?.split(' ').next()?.parse().ok()
-}
-
-fn latencies(outcome: &Outcome) -> String {
-    let lat = &outcome.latencies;
+fn latencies(r: &Measured, rate_index: usize) -> String {
     format!(
         "{} / {} / {}",
-        ms(percentile(lat, 50.0)),
-        ms(percentile(lat, 99.0)),
-        ms(percentile(lat, 99.9))
+        ms(r.latency(rate_index, 50.0)),
+        ms(r.latency(rate_index, 99.0)),
+        ms(r.latency(rate_index, 99.9))
     )
+}
+
+fn h2load_latencies(r: &Measured, rate_index: usize) -> String {
+    let at = |p| {
+        r.h2load_latency(rate_index, p)
+            .map_or_else(|| "–".into(), ms)
+    };
+    format!("{} / {} / {}", at(50.0), at(99.0), at(99.9))
 }
 
 fn share_range(shares: &[u64]) -> String {
@@ -209,50 +334,76 @@ fn share_range(shares: &[u64]) -> String {
 
 fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::Result<String> {
     let mut t = String::new();
+    let [low, high] = RATES;
     writeln!(
         t,
         "Unary gRPC, 64-byte messages, 10 backend processes on 127.0.0.2–11, every proxy on one \
-         thread, {} cores ({}).\n",
+         thread, {} cores ({}). Every figure is the median of {ROUNDS} rounds; \"ours\" is our \
+         load generator ({CLIENT_CONNECTIONS} connections, latency from each call's scheduled \
+         start), h2load is nghttp2's ({CLIENT_CONNECTIONS} connections; at a fixed rate `--rps` \
+         with up to 8 calls in flight each, latency per call from `--log-file`).\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model()
     )?;
     writeln!(
         t,
-        "| | calls/s at saturation ({CONCURRENCY} in flight) | proxy CPU s / 100k calls at saturation | at 5k calls/s | calls per proxy CPU-second (saturation) | p50 / p99 / p99.9 ms at 1k/s | p50 / p99 / p99.9 ms at 5k/s | h2load calls/s (4×16) | RSS idle / peak MiB | backends used; share min–max |"
+        "| | calls/s at saturation: ours ({CONCURRENCY} in flight) / h2load ({CLIENT_CONNECTIONS}×{H2LOAD_STREAMS}) | proxy CPU s / 100k calls at saturation: ours / h2load | at {high} calls/s: ours / h2load | RSS idle / peak MiB | backends used; share min–max |"
     )?;
-    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")?;
+    writeln!(t, "|---|---:|---:|---:|---:|---|")?;
     let dash = || "–".to_string();
+    let two = |v: Option<f64>| v.map_or_else(dash, |c| format!("{c:.2}"));
     for r in results {
         writeln!(
             t,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} / {} | {} / {} | {} / {} | {} | {} |",
             r.name,
             r.calls_per_second(),
-            r.cpu_per_100k().map_or_else(dash, |c| format!("{c:.2}")),
-            r.cpu_per_100k_at(1)
-                .map_or_else(dash, |c| format!("{c:.2}")),
-            r.calls_per_cpu_second()
+            r.h2load_calls_per_second()
                 .map_or_else(dash, |c| format!("{c:.0}")),
-            latencies(&r.fixed[0]),
-            latencies(&r.fixed[1]),
-            r.h2load.map_or_else(dash, |c| format!("{c:.0}")),
+            two(r.cpu_per_100k()),
+            two(r.h2load_cpu_per_100k()),
+            two(r.cpu_per_100k_at(1)),
+            two(r.h2load_cpu_per_100k_at(1)),
             r.rss.map_or_else(dash, |(idle, peak)| format!(
                 "{:.1} / {:.1}",
                 idle as f64 / 1024.0,
                 peak as f64 / 1024.0
             )),
-            share_range(&r.shares),
+            share_range(&r.shares()),
+        )?;
+    }
+    writeln!(t)?;
+    writeln!(
+        t,
+        "| p50 / p99 / p99.9 ms | {low}/s ours | {high}/s ours | {low}/s h2load | {high}/s h2load |"
+    )?;
+    writeln!(t, "|---|---:|---:|---:|---:|")?;
+    for r in results {
+        writeln!(
+            t,
+            "| {} | {} | {} | {} | {} |",
+            r.name,
+            latencies(r, 0),
+            latencies(r, 1),
+            h2load_latencies(r, 0),
+            h2load_latencies(r, 1),
         )?;
     }
     writeln!(t)?;
     if let Some(direct) = results.first() {
         for r in &results[1..] {
+            let h2 = |i: usize| match (r.h2load_latency(i, 99.0), direct.h2load_latency(i, 99.0)) {
+                (Some(a), Some(b)) => signed_ms(a, b),
+                _ => dash(),
+            };
             writeln!(
                 t,
-                "p99 added by {} over direct: {} ms at 1k/s, {} ms at 5k/s.",
+                "p99 added by {} over direct: ours {} ms at {low}/s, {} ms at {high}/s; h2load {} ms at {low}/s, {} ms at {high}/s.",
                 r.name,
                 signed_ms(r.p99(0), direct.p99(0)),
                 signed_ms(r.p99(1), direct.p99(1)),
+                h2(0),
+                h2(1),
             )?;
         }
     }
@@ -262,13 +413,24 @@ fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::R
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
             _ => "–".into(),
         };
+        let secs = |d: Duration| Some(d.as_secs_f64());
+        let h2 = |r: &Measured, i: usize, p: f64| r.h2load_latency(i, p).map(|d| d.as_secs_f64());
         writeln!(
             t,
-            "fanout ÷ HAProxy: calls per CPU-second {} at saturation, {} at 5k/s; p99 at 1k/s {}, p99 at 5k/s {}, peak RSS {}.",
-            ratio(f.calls_per_cpu_second(), h.calls_per_cpu_second()),
-            ratio(h.cpu_per_100k_at(1), f.cpu_per_100k_at(1)),
-            ratio(Some(f.p99(0).as_secs_f64()), Some(h.p99(0).as_secs_f64())),
-            ratio(Some(f.p99(1).as_secs_f64()), Some(h.p99(1).as_secs_f64())),
+            "fanout ÷ HAProxy, CPU per call: at saturation {} (ours) / {} (h2load), at {high}/s {} / {}; \
+             p99 at {low}/s {} / {}, at {high}/s {} / {}; p99.9 at {low}/s {} / {}, at {high}/s {} / {}; peak RSS {}.",
+            ratio(f.cpu_per_100k(), h.cpu_per_100k()),
+            ratio(f.h2load_cpu_per_100k(), h.h2load_cpu_per_100k()),
+            ratio(f.cpu_per_100k_at(1), h.cpu_per_100k_at(1)),
+            ratio(f.h2load_cpu_per_100k_at(1), h.h2load_cpu_per_100k_at(1)),
+            ratio(secs(f.p99(0)), secs(h.p99(0))),
+            ratio(h2(f, 0, 99.0), h2(h, 0, 99.0)),
+            ratio(secs(f.p99(1)), secs(h.p99(1))),
+            ratio(h2(f, 1, 99.0), h2(h, 1, 99.0)),
+            ratio(secs(f.latency(0, 99.9)), secs(h.latency(0, 99.9))),
+            ratio(h2(f, 0, 99.9), h2(h, 0, 99.9)),
+            ratio(secs(f.latency(1, 99.9)), secs(h.latency(1, 99.9))),
+            ratio(h2(f, 1, 99.9), h2(h, 1, 99.9)),
             ratio(f.rss.map(|r| r.1 as f64), h.rss.map(|r| r.1 as f64)),
         )?;
     }
