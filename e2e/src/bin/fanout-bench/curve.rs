@@ -3,6 +3,9 @@
 //! 127.0.0.2–11 serving 100 ports each), with 4 and 256 client connections, and with 10,000
 //! long-lived server streams open through the proxy. One proxy per case, all running at once;
 //! the cases take turns within each round, and every figure is the median of the rounds.
+//! HAProxy runs the endpoint and connection cases too (when installed), as the reference for
+//! how much of the growth any proxy pays: more endpoints or connections also mean fewer calls
+//! per write, and colder sockets.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -20,7 +23,7 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::h2load::H2load;
-use crate::peers::BACKENDS;
+use crate::peers::{BACKENDS, Peer};
 use crate::proxy_bench::ROUNDS;
 
 /// The fixed rate of the CPU-per-call runs: the sidecar's usual regime.
@@ -29,49 +32,84 @@ const PORTS_PER_BACKEND: u16 = 100;
 const STREAMS: usize = 10_000;
 
 struct Case {
+    proxy: Kind,
     name: &'static str,
     endpoints: usize,
     connections: usize,
     streams: usize,
 }
 
-const CASES: [Case; 5] = [
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fanout,
+    HAProxy,
+}
+
+const CASES: [Case; 8] = [
     Case {
+        proxy: Kind::Fanout,
         name: "10 endpoints, 4 conns",
         endpoints: 10,
         connections: 4,
         streams: 0,
     },
     Case {
+        proxy: Kind::Fanout,
         name: "100 endpoints, 4 conns",
         endpoints: 100,
         connections: 4,
         streams: 0,
     },
     Case {
+        proxy: Kind::Fanout,
         name: "1,000 endpoints, 4 conns",
         endpoints: 1_000,
         connections: 4,
         streams: 0,
     },
     Case {
+        proxy: Kind::Fanout,
         name: "10 endpoints, 256 conns",
         endpoints: 10,
         connections: 256,
         streams: 0,
     },
     Case {
+        proxy: Kind::Fanout,
         name: "10 endpoints, 4 conns, 10,000 streams open",
         endpoints: 10,
         connections: 4,
         streams: STREAMS,
+    },
+    Case {
+        proxy: Kind::HAProxy,
+        name: "HAProxy: 10 endpoints, 4 conns",
+        endpoints: 10,
+        connections: 4,
+        streams: 0,
+    },
+    Case {
+        proxy: Kind::HAProxy,
+        name: "HAProxy: 1,000 endpoints, 4 conns",
+        endpoints: 1_000,
+        connections: 4,
+        streams: 0,
+    },
+    Case {
+        proxy: Kind::HAProxy,
+        name: "HAProxy: 10 endpoints, 256 conns",
+        endpoints: 10,
+        connections: 256,
+        streams: 0,
     },
 ];
 
 /// One case's proxy and what was measured of it.
 struct Subject {
     case: &'static Case,
-    proxy: ProxyProcess,
+    pid: u32,
+    /// The process (stopped on drop).
+    _proxy: Box<dyn std::any::Any>,
     listen: SocketAddr,
     load: Load,
     /// KiB: with its endpoints connected; with its streams open.
@@ -91,7 +129,9 @@ pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
     let mut subjects = Vec::new();
     for case in &CASES {
         eprintln!("starting: {}", case.name);
-        subjects.push(start(case, &addrs).await?);
+        if let Some(subject) = start(case, &addrs).await? {
+            subjects.push(subject);
+        }
     }
     for round in 1..=ROUNDS {
         for subject in &mut subjects {
@@ -140,28 +180,40 @@ fn free_port_range(count: u16) -> anyhow::Result<u16> {
     anyhow::bail!("no range of {count} free ports on the backend addresses")
 }
 
-async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Subject> {
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
-        "app.bench",
-        listen,
-        Discovery::Static(addrs[..case.endpoints].to_vec()),
-    )]);
-    config.admin.listen = format!("127.0.0.1:{}", free_port()).parse()?;
-    let proxy = ProxyProcess::start(&config).await?;
-    wait_ready(&proxy, case.endpoints).await?;
+/// The case's proxy, ready; `None` when it is HAProxy and HAProxy is not installed.
+async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Option<Subject>> {
+    let endpoints = &addrs[..case.endpoints];
+    let (listen, pid, proxy): (SocketAddr, u32, Box<dyn std::any::Any>) = match case.proxy {
+        Kind::Fanout => {
+            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
+                "app.bench",
+                listen,
+                Discovery::Static(endpoints.to_vec()),
+            )]);
+            config.admin.listen = format!("127.0.0.1:{}", free_port()).parse()?;
+            let proxy = ProxyProcess::start(&config).await?;
+            wait_ready(&proxy, case.endpoints).await?;
+            (listen, proxy.pid(), Box::new(proxy))
+        }
+        Kind::HAProxy => match Peer::haproxy(endpoints).await? {
+            Some(peer) => (peer.listen, peer.pid, Box::new(peer)),
+            None => return Ok(None),
+        },
+    };
     let load = Load::connect(&[listen], case.connections).await?;
     // A first call on every connection, so that memory counts connections in use.
     load.saturate(case.connections, Duration::from_millis(500))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_connected = rss_kib(proxy.pid()).0;
+    let rss_connected = rss_kib(pid).0;
     let streams = open_streams(listen, case.streams).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_streams = rss_kib(proxy.pid()).0;
-    Ok(Subject {
+    let rss_streams = rss_kib(pid).0;
+    Ok(Some(Subject {
         case,
-        proxy,
+        pid,
+        _proxy: proxy,
         listen,
         load,
         rss_connected,
@@ -170,7 +222,7 @@ async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Subj
         h2load_fixed: Vec::new(),
         saturation: Vec::new(),
         _streams: streams,
-    })
+    }))
 }
 
 /// Waits until the proxy has a connection up to every one of its `endpoints`.
@@ -233,7 +285,7 @@ async fn open_streams(
 }
 
 async fn measure(subject: &mut Subject, has_h2load: bool, seconds: Duration) -> anyhow::Result<()> {
-    let pid = subject.proxy.pid();
+    let pid = subject.pid;
     let per_100k = |cpu: f64, calls: u64| cpu * 100_000.0 / calls.max(1) as f64;
 
     let before = cpu_seconds(pid);
@@ -306,12 +358,14 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
     )?;
     writeln!(t, "|---|---:|---:|---:|---:|")?;
     let dash = || "–".to_string();
-    let base = subjects.first();
+    // Growth is over the first case of the same proxy.
+    let base_of = |s: &Subject| subjects.iter().find(|b| b.case.proxy == s.case.proxy);
     let growth = |value: Option<f64>, base: Option<f64>| match (value, base) {
         (Some(v), Some(b)) if b > 0.0 => format!("{:+.0} %", (v / b - 1.0) * 100.0),
         _ => dash(),
     };
     for s in subjects {
+        let base = base_of(s);
         let (fixed, h2, saturation) = (
             median(&s.fixed),
             median(&s.h2load_fixed),
@@ -330,14 +384,15 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
             growth(saturation, base.and_then(|b| median(&b.saturation))),
             s.rss_connected as f64 / 1024.0,
             s.rss_streams as f64 / 1024.0,
-            rss_kib(s.proxy.pid()).1 as f64 / 1024.0,
+            rss_kib(s.pid).1 as f64 / 1024.0,
         )?;
     }
     writeln!(t)?;
     let find = |endpoints: usize, connections: usize, streams: usize| {
         subjects.iter().find(|s| {
-            (s.case.endpoints, s.case.connections, s.case.streams)
-                == (endpoints, connections, streams)
+            s.case.proxy == Kind::Fanout
+                && (s.case.endpoints, s.case.connections, s.case.streams)
+                    == (endpoints, connections, streams)
         })
     };
     if let (Some(small), Some(large)) = (find(10, 4, 0), find(1_000, 4, 0)) {
