@@ -11,6 +11,8 @@
 //!   server) and reading it.
 //! - `duration`: `250ms` / `5s` durations.
 //! - `names`: Kubernetes name rules (namespaces, Services, port names).
+//! - `service_config`: gRPC's service config as a Service's owner declares it (timeouts,
+//!   retries, `waitForReady`, throttling, balancing), and which method config a call gets.
 #![forbid(unsafe_code)]
 
 pub mod discovery;
@@ -18,6 +20,7 @@ pub mod duration;
 pub mod names;
 mod parse;
 mod reader;
+pub mod service_config;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -80,6 +80,11 @@ impl<'a> Object<'a> {
         self.faults
     }
 
+    /// Every field name present.
+    pub fn keys(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        self.map.keys().map(String::as_str)
+    }
+
     /// The raw value of a field, if present and not null.
     pub fn get(&self, key: &'a str) -> Option<&'a Value> {
         self.seen.borrow_mut().insert(key);
