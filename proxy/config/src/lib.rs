@@ -11,6 +11,8 @@
 //!   server) and reading it.
 //! - `duration`: `250ms` / `5s` durations.
 //! - `names`: Kubernetes name rules (namespaces, Services, port names).
+//! - `policy`: `fanout.dev/policy`, what a Service's owner sets that gRPC's service config has
+//!   no place for (health checks, ejection, timeouts, balancer, a weighted split).
 //! - `service_config`: gRPC's service config as a Service's owner declares it (timeouts,
 //!   retries, `waitForReady`, throttling, balancing), and which method config a call gets.
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@ pub mod discovery;
 pub mod duration;
 pub mod names;
 mod parse;
+pub mod policy;
 mod reader;
 pub mod service_config;
 

@@ -239,7 +239,7 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
     })
 }
 
-fn read_health_check(obj: Object<'_>) -> HealthCheck {
+pub(crate) fn read_health_check(obj: Object<'_>) -> HealthCheck {
     let d = HealthCheck::default();
     let check = HealthCheck {
         interval: obj.duration_or("interval", d.interval, Duration::from_millis(10)),
@@ -287,7 +287,7 @@ fn read_grpc_health(obj: Object<'_>) -> Option<GrpcHealth> {
     })
 }
 
-fn read_ejection(obj: Object<'_>) -> Ejection {
+pub(crate) fn read_ejection(obj: Object<'_>) -> Ejection {
     let d = Ejection::default();
     let ejection = Ejection {
         consecutive_failures: obj.uint_or(
