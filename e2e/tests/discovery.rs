@@ -840,3 +840,100 @@ async fn a_refused_subscription_turns_to_dns_at_once() {
         .await
         .unwrap();
 }
+
+/// A method timeout declared on the Service (`fanout.dev/service-config`) reaches a running
+/// proxy through the discovery server and ends that method's calls at its deadline; other
+/// methods are not limited; a change that does not parse is logged with its path and leaves
+/// the last valid config in force; removing the annotation lifts the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_timeout_declared_on_the_service_reaches_running_proxies() {
+    use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
+    let setup = Setup::new().await;
+    let (port, _stats) = spawn_backends(2, Behaviour::default()).await;
+    let annotated = |service_config: Option<&str>| {
+        let mut service = app_service();
+        if let Some(text) = service_config {
+            service["metadata"]["annotations"] = json!({"fanout.dev/service-config": text});
+        }
+        service
+    };
+    setup.api.apply(annotated(None));
+    let endpoints = [
+        SliceEndpoint::ready(pod_ip(0)),
+        SliceEndpoint::ready(pod_ip(1)),
+    ];
+    setup.api.apply(endpoint_slice(
+        "shop",
+        "app-1",
+        "app",
+        ("grpc", port),
+        &endpoints,
+    ));
+    let _server = setup.start_server(&[]);
+    let (config, local) = subscribed_proxy_config(&setup);
+    let log = setup.dir.path().join("proxy.log");
+    let proxy = ProxyProcess::start_logged(&config, &log).await.unwrap();
+    let mut expected: Vec<String> = (0..2).map(|i| format!("{}:{port}", pod_ip(i))).collect();
+    expected.sort();
+    wait_for_addresses(&proxy, &expected).await;
+    let mut app = client(local).await;
+    let slow = || EchoRequest {
+        delay_ms: 1000,
+        ..Default::default()
+    };
+    // A call ended by the proxy at the Service's deadline, and how long it took.
+    async fn ended_early(
+        app: &mut fanout_e2e::backend::proto::test_client::TestClient<Channel>,
+        request: EchoRequest,
+    ) -> Duration {
+        let started = Instant::now();
+        let status = app.unary(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        started.elapsed()
+    }
+
+    app.unary(slow()).await.unwrap();
+
+    setup.api.apply(annotated(Some(
+        r#"{"methodConfig": [{"name": [{"service": "fanout.test.v1.Test", "method": "Unary"}],
+            "timeout": "0.2s"}]}"#,
+    )));
+    // Live within a second, without a restart.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let took = ended_early(&mut app, slow()).await;
+    assert!(
+        took >= Duration::from_millis(180) && took < Duration::from_millis(800),
+        "{took:?}"
+    );
+    // A server stream of 600 ms is another method: not limited.
+    let mut stream = app
+        .server_stream(StreamRequest {
+            count: 2,
+            interval_ms: 300,
+            reply_bytes: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut messages = 0;
+    while stream.message().await.unwrap().is_some() {
+        messages += 1;
+    }
+    assert_eq!(messages, 2);
+
+    setup.api.apply(annotated(Some(
+        r#"{"methodConfig": [{"timeout": "soon"}]}"#,
+    )));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ended_early(&mut app, slow()).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("methodConfig[0].timeout: \\\"soon\\\" is not a duration")
+            && logged.contains("the last valid one stays in force"),
+        "{logged}"
+    );
+
+    setup.api.apply(annotated(None));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.unary(slow()).await.unwrap();
+}

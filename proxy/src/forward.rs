@@ -68,14 +68,16 @@ impl Forwarder {
         let upstream = self.upstream();
         upstream.budget.deposit();
         let (parts, body) = request.into_parts();
-        // The client's deadline, capped by the upstream's own request timeout if it has one.
-        let timeout = match (
+        // The client's deadline, capped by the upstream's own request timeout and by the
+        // Service's service config for this method, whichever are set.
+        let timeout = [
             grpc::parse_timeout(&parts.headers),
             upstream.config.timeouts.request,
-        ) {
-            (Some(client), Some(limit)) => Some(client.min(limit)),
-            (client, limit) => client.or(limit),
-        };
+            upstream.service_config.timeout(parts.uri.path()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let deadline = timeout.map(|t| guard.arrived + t);
         let retry = &upstream.config.retry;
         let keep = if retry.enabled {

@@ -11,6 +11,7 @@
 //! - `accounting`: per-call and per-attempt bookkeeping (drain, metrics, ejection).
 //! - `failure_log`: a rate-limited line for every call the proxy fails or sees reset.
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
+//! - `service_config`: the upstream Service's gRPC service config as discovery delivers it.
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
 //! - `conn_io`: an endpoint connection's bytes, read to the end after a write fails.
@@ -47,6 +48,7 @@ pub mod metrics;
 pub mod pump;
 pub mod retry;
 pub mod server;
+pub mod service_config;
 pub mod serving;
 pub mod subscribe;
 pub mod upstream;

@@ -183,6 +183,13 @@ pub async fn run(upstream: Arc<Upstream>, client: DiscoveryClient, config: Endpo
 }
 
 fn apply(upstream: &Arc<Upstream>, snapshot: &Snapshot) {
+    let service_config = snapshot
+        .policy
+        .as_ref()
+        .map_or("", |p| p.service_config.as_str());
+    upstream
+        .service_config
+        .update(&upstream.name, service_config);
     let addrs = addresses(snapshot);
     upstream.set_addresses(&addrs);
     let error = addrs.is_empty().then(|| {

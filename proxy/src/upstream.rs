@@ -18,6 +18,7 @@ use crate::endpoint::{Endpoint, Events, State};
 use crate::failure_log::FailureLog;
 use crate::latency::Clock;
 use crate::retry::Budget;
+use crate::service_config::ServiceConfigCell;
 
 /// Streams in flight across the proxy, and when that last changed: the drain waits on it.
 pub struct Activity {
@@ -83,6 +84,8 @@ pub struct Upstream {
     status: Mutex<DiscoveryStatus>,
     discovery_task: Mutex<Option<tokio::task::AbortHandle>>,
     started: Instant,
+    /// The Service's own service config (from the discovery server): per-method timeouts.
+    pub service_config: ServiceConfigCell,
 }
 
 /// The proxy counts as ready to serve once every upstream's discovery answered, or after this
@@ -135,6 +138,7 @@ impl Upstream {
             status: Mutex::new(DiscoveryStatus::default()),
             discovery_task: Mutex::new(None),
             started: Instant::now(),
+            service_config: ServiceConfigCell::default(),
         });
         let task = tokio::spawn(discover::run(upstream.clone(), client));
         *upstream
