@@ -4,7 +4,9 @@
 //!
 //! Read the way gRPC's own clients read it: field names in lowerCamelCase or the proto's
 //! snake_case, durations as proto JSON (`"1.5s"`), status codes by name or number, the method
-//! config that names the call's method first, then its service, then the default. Stricter in
+//! config that names the call's method first, then its service, then the default. One
+//! deliberate difference: `maxAttempts: 1` is taken (as "no retries by policy"; gRPC refuses
+//! the whole config), so an owner can switch retries off without deleting the policy. Stricter in
 //! one way: an unknown field is a fault with its path (a typo such as `MaxAttempts` is not
 //! silently ignored), and so is a field fanout cannot honour (`hedgingPolicy`), so nobody
 //! believes a policy applies that does not.
@@ -59,7 +61,7 @@ pub struct MethodName {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
-    /// 2..=5: the first attempt included.
+    /// 1..=5, the first attempt included; 1: no retries by policy (gRPC itself refuses 1).
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -106,7 +108,7 @@ const POLICIES: [(&str, Balancer); 2] = [
 
 impl ServiceConfig {
     /// Every fault in the document, each with its path (e.g.
-    /// `methodConfig[0].retryPolicy.maxAttempts: must be greater than 1, got 1`).
+    /// `methodConfig[0].retryPolicy.maxAttempts: must be at least 1, got 0`).
     pub fn parse(text: &str) -> Result<Self, Faults> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             Faults(vec![Fault {

@@ -14,9 +14,11 @@ pub(super) fn read_retry(
     let object = Object::new(path.to_string(), value, faults)?;
     let max_attempts = match either(&object, "maxAttempts", "max_attempts") {
         Some((key, v)) => match reader::check_uint(&number_from_string(v), 0, u64::MAX) {
-            Ok(n) if n > 1 => Some(n.min(MAX_ATTEMPTS_CAP.into()) as u32),
+            // gRPC requires 2 or more; fanout also takes 1, the owner's way to say "no
+            // retries by policy" (only calls provably never processed are still sent again).
+            Ok(n) if n >= 1 => Some(n.min(MAX_ATTEMPTS_CAP.into()) as u32),
             Ok(n) => {
-                object.fault(key, format!("must be greater than 1, got {n}"));
+                object.fault(key, format!("must be at least 1, got {n}"));
                 None
             }
             Err(message) => {

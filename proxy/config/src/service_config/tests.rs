@@ -75,6 +75,14 @@ fn reads_snake_case_names_numbers_as_strings_and_codes_as_numbers() {
     assert_eq!(retry.initial_backoff, Duration::from_nanos(1));
     assert_eq!(retry.retryable_status_codes, [1, 14]);
     assert_eq!(retry.per_attempt_recv_timeout, Some(Duration::from_secs(2)));
+    // One attempt: the owner's way to switch retries off.
+    let off = ServiceConfig::parse(
+        r#"{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 1,
+            "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 1,
+            "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(off.methods[0].retry.as_ref().unwrap().max_attempts, 1);
     assert_eq!(config.health_check_service.as_deref(), Some("shop.Cart"));
     assert_eq!(config.balancer, Some(Balancer::RoundRobin));
 }
@@ -114,7 +122,7 @@ fn every_fault_is_named_by_its_path() {
     assert_eq!(
         faults(
             r#"{"methodConfig": [{"name": [{"method": "Get"}], "timeout": "2",
-                "retryPolicy": {"maxAttempts": 1, "initialBackoff": "0s",
+                "retryPolicy": {"maxAttempts": 0, "initialBackoff": "0s",
                   "backoffMultiplier": 0, "retryableStatusCodes": ["UNAVAILBLE", "OK"],
                   "MaxBackoff": "1s"},
                 "hedgingPolicy": {}}],
@@ -125,7 +133,7 @@ fn every_fault_is_named_by_its_path() {
         [
             "methodConfig[0].name[0].method: needs a service: a method name alone matches nothing",
             "methodConfig[0].timeout: \"2\" is not a duration such as \"1.5s\" (seconds, then s)",
-            "methodConfig[0].retryPolicy.maxAttempts: must be greater than 1, got 1",
+            "methodConfig[0].retryPolicy.maxAttempts: must be at least 1, got 0",
             "methodConfig[0].retryPolicy.initialBackoff: must be greater than 0s",
             "methodConfig[0].retryPolicy.maxBackoff: is required",
             "methodConfig[0].retryPolicy.backoffMultiplier: must be a number greater than 0, got 0",
