@@ -32,7 +32,7 @@ impl ServiceConfigCell {
             match ServiceConfig::parse(text) {
                 Ok(config) => Some(Arc::new(config)),
                 Err(faults) => {
-                    let faults: Vec<String> = faults.0.iter().map(ToString::to_string).collect();
+                    let faults = faults.lines();
                     tracing::warn!(upstream, faults = %faults.join("; "),
                         "the Service's fanout.dev/service-config is invalid; the last valid one stays in force");
                     return false;

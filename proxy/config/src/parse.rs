@@ -54,13 +54,41 @@ pub enum ConfigError {
     Invalid(Faults),
 }
 
+impl Faults {
+    /// One line per fault.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+}
+
 impl ConfigError {
     /// One line per fault, as printed at start and by `fanout-proxy check`.
     pub fn lines(&self) -> Vec<String> {
         match self {
             ConfigError::Json(e) => vec![format!("not valid JSON: {e}")],
-            ConfigError::Invalid(faults) => faults.0.iter().map(ToString::to_string).collect(),
+            ConfigError::Invalid(faults) => faults.lines(),
         }
+    }
+}
+
+/// A JSON document read by `read`, with every fault it recorded (text that is not JSON is one
+/// fault): for the annotations a Service's owner writes.
+pub(crate) fn read_document<T>(
+    text: &str,
+    read: impl FnOnce(&Value, &reader::Faults) -> Option<T>,
+) -> Result<T, Faults> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        Faults(vec![Fault {
+            path: String::new(),
+            message: format!("not JSON: {e}"),
+        }])
+    })?;
+    let faults = reader::Faults::default();
+    let document = read(&value, &faults);
+    let faults = faults.into_vec();
+    match document {
+        Some(document) if faults.is_empty() => Ok(document),
+        _ => Err(Faults(faults)),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::names::{is_dns_1035_label, is_dns_1123_label};
-use crate::parse::{Fault, Faults, read_ejection, read_health_check};
+use crate::parse::{Faults, read_document, read_ejection, read_health_check};
 use crate::reader::{self, Object};
 use crate::{Balancer, Ejection, HealthCheck};
 
@@ -39,19 +39,7 @@ pub const MAX_TOTAL_WEIGHT: u64 = 10_000;
 impl Policy {
     /// Every fault with its path, e.g. `split[1].weight: must be 0..=10000, got -1`.
     pub fn parse(text: &str) -> Result<Self, Faults> {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
-            Faults(vec![Fault {
-                path: String::new(),
-                message: format!("not JSON: {e}"),
-            }])
-        })?;
-        let faults = reader::Faults::default();
-        let policy = read_policy(&value, &faults);
-        let faults = faults.into_vec();
-        match policy {
-            Some(policy) if faults.is_empty() => Ok(policy),
-            _ => Err(Faults(faults)),
-        }
+        read_document(text, read_policy)
     }
 }
 
@@ -145,10 +133,7 @@ mod tests {
     use super::*;
 
     fn faults(json: &str) -> Vec<String> {
-        match Policy::parse(json) {
-            Ok(policy) => panic!("accepted: {policy:?}"),
-            Err(faults) => faults.0.iter().map(ToString::to_string).collect(),
-        }
+        Policy::parse(json).unwrap_err().lines()
     }
 
     /// The App Mesh settings this project grew from, as a policy.

@@ -14,10 +14,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::Balancer;
-use crate::parse::{Fault, Faults};
+use crate::parse::{Faults, read_document};
 use crate::reader;
 
 mod read;
@@ -110,19 +108,7 @@ impl ServiceConfig {
     /// Every fault in the document, each with its path (e.g.
     /// `methodConfig[0].retryPolicy.maxAttempts: must be at least 1, got 0`).
     pub fn parse(text: &str) -> Result<Self, Faults> {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
-            Faults(vec![Fault {
-                path: String::new(),
-                message: format!("not JSON: {e}"),
-            }])
-        })?;
-        let faults = reader::Faults::default();
-        let config = read::read_config(&value, &faults);
-        let faults = faults.into_vec();
-        match config {
-            Some(config) if faults.is_empty() => Ok(config),
-            _ => Err(Faults(faults)),
-        }
+        read_document(text, read::read_config)
     }
 
     /// The method config for a call to `path` (`/package.Service/Method`): the one naming the

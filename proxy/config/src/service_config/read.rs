@@ -30,6 +30,23 @@ pub(super) fn either<'a>(
     }
 }
 
+/// A field that must be given, in either spelling, read by `read`; absent, it is a fault under
+/// its lowerCamelCase name.
+pub(super) fn required<'a, T>(
+    object: &Object<'a>,
+    camel: &'a str,
+    snake: &'a str,
+    read: impl FnOnce(&'a str, &'a Value) -> Option<T>,
+) -> Option<T> {
+    match either(object, camel, snake) {
+        Some((key, value)) => read(key, value),
+        None => {
+            object.fault(camel, "is required");
+            None
+        }
+    }
+}
+
 /// Reports unknown fields, with a hint when one differs from a known name only in case (Go's
 /// JSON decoder accepts `MaxAttempts`; gRPC's C core and Java do not).
 pub(super) fn finish(object: Object<'_>, known: &[&str]) {

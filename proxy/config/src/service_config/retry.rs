@@ -2,7 +2,9 @@
 
 use serde_json::Value;
 
-use super::read::{either, finish, list_items, number_from_string, positive_duration, uint};
+use super::read::{
+    either, finish, list_items, number_from_string, positive_duration, required, uint,
+};
 use super::{MAX_ATTEMPTS_CAP, RetryPolicy, RetryThrottling, STATUS_CODES};
 use crate::reader::{self, Object};
 
@@ -12,8 +14,8 @@ pub(super) fn read_retry(
     faults: &reader::Faults,
 ) -> Option<RetryPolicy> {
     let object = Object::new(path.to_string(), value, faults)?;
-    let max_attempts = match either(&object, "maxAttempts", "max_attempts") {
-        Some((key, v)) => match reader::check_uint(&number_from_string(v), 0, u64::MAX) {
+    let max_attempts = required(&object, "maxAttempts", "max_attempts", |key, v| {
+        match reader::check_uint(&number_from_string(v), 0, u64::MAX) {
             // gRPC requires 2 or more; fanout also takes 1, the owner's way to say "no
             // retries by policy" (only calls provably never processed are still sent again).
             Ok(n) if n >= 1 => Some(n.min(MAX_ATTEMPTS_CAP.into()) as u32),
@@ -25,41 +27,29 @@ pub(super) fn read_retry(
                 object.fault(key, message);
                 None
             }
-        },
-        None => {
-            object.fault("maxAttempts", "is required");
-            None
         }
-    };
-    let duration = |camel, snake| match either(&object, camel, snake) {
-        Some((key, v)) => positive_duration(&object, key, v),
-        None => {
-            object.fault(camel, "is required");
-            None
-        }
-    };
-    let initial_backoff = duration("initialBackoff", "initial_backoff");
-    let max_backoff = duration("maxBackoff", "max_backoff");
-    let backoff_multiplier = match either(&object, "backoffMultiplier", "backoff_multiplier") {
-        Some((key, v)) => match v.as_f64() {
-            Some(m) if m > 0.0 && m.is_finite() => Some(m),
-            _ => {
+    });
+    let duration = |key, v| positive_duration(&object, key, v);
+    let initial_backoff = required(&object, "initialBackoff", "initial_backoff", duration);
+    let max_backoff = required(&object, "maxBackoff", "max_backoff", duration);
+    let backoff_multiplier = required(
+        &object,
+        "backoffMultiplier",
+        "backoff_multiplier",
+        |key, v| {
+            let multiplier = v.as_f64().filter(|m| *m > 0.0 && m.is_finite());
+            if multiplier.is_none() {
                 object.fault(key, format!("must be a number greater than 0, got {v}"));
-                None
             }
+            multiplier
         },
-        None => {
-            object.fault("backoffMultiplier", "is required");
-            None
-        }
-    };
-    let codes = match either(&object, "retryableStatusCodes", "retryable_status_codes") {
-        Some((key, v)) => read_codes(&object, key, v),
-        None => {
-            object.fault("retryableStatusCodes", "is required");
-            None
-        }
-    };
+    );
+    let codes = required(
+        &object,
+        "retryableStatusCodes",
+        "retryable_status_codes",
+        |key, v| read_codes(&object, key, v),
+    );
     let per_attempt_recv_timeout =
         either(&object, "perAttemptRecvTimeout", "per_attempt_recv_timeout")
             .and_then(|(key, v)| positive_duration(&object, key, v));
@@ -131,29 +121,21 @@ pub(super) fn read_throttling(
     faults: &reader::Faults,
 ) -> Option<RetryThrottling> {
     let object = Object::new(path.to_string(), value, faults)?;
-    let max_tokens = match either(&object, "maxTokens", "max_tokens") {
-        Some((key, v)) => uint(&object, key, v, 1, 1000).map(|n| n as u32),
-        None => {
-            object.fault("maxTokens", "is required");
-            None
+    let max_tokens = required(&object, "maxTokens", "max_tokens", |key, v| {
+        uint(&object, key, v, 1, 1000).map(|n| n as u32)
+    });
+    let token_ratio = required(&object, "tokenRatio", "token_ratio", |key, v| {
+        // gRPC keeps three decimals.
+        let ratio = v
+            .as_f64()
+            .filter(|r| r.is_finite())
+            .map(|r| (r * 1000.0).trunc() / 1000.0)
+            .filter(|r| *r >= 0.001);
+        if ratio.is_none() {
+            object.fault(key, format!("must be a number of at least 0.001, got {v}"));
         }
-    };
-    let token_ratio = match either(&object, "tokenRatio", "token_ratio") {
-        Some((key, v)) => match v.as_f64() {
-            // gRPC keeps three decimals.
-            Some(r) if r.is_finite() && (r * 1000.0).trunc() >= 1.0 => {
-                Some((r * 1000.0).trunc() / 1000.0)
-            }
-            _ => {
-                object.fault(key, format!("must be a number of at least 0.001, got {v}"));
-                None
-            }
-        },
-        None => {
-            object.fault("tokenRatio", "is required");
-            None
-        }
-    };
+        ratio
+    });
     finish(
         object,
         &["maxTokens", "max_tokens", "tokenRatio", "token_ratio"],

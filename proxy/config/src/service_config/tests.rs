@@ -1,10 +1,7 @@
 use super::*;
 
 fn faults(json: &str) -> Vec<String> {
-    match ServiceConfig::parse(json) {
-        Ok(config) => panic!("accepted: {config:?}"),
-        Err(faults) => faults.0.iter().map(ToString::to_string).collect(),
-    }
+    ServiceConfig::parse(json).unwrap_err().lines()
 }
 
 /// The retry example of gRFC A6 (gRPC retry design), and the features/retry example of
