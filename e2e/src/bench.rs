@@ -46,6 +46,33 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// The median of `values` (the upper one of an even count); `None` when there are none.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[values.len() / 2])
+}
+
+/// CPU seconds per 100k calls.
+pub fn per_100k(cpu: Option<f64>, calls: u64) -> Option<f64> {
+    cpu.map(|cpu| cpu * 100_000.0 / calls.max(1) as f64)
+}
+
+/// Runs `work` and returns its result with the CPU seconds `pid` spent meanwhile.
+pub async fn with_cpu<T>(
+    pid: Option<u32>,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Option<f64>) {
+    let before = pid.map(cpu_seconds);
+    let result = work.await;
+    let spent = pid
+        .zip(before)
+        .map(|(pid, before)| cpu_seconds(pid) - before);
+    (result, spent)
+}
+
 /// Prints a results table and writes it to `out`.
 pub fn publish(table: &str, out: &std::path::Path) -> std::io::Result<()> {
     print!("{table}");

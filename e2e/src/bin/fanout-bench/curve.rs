@@ -15,10 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fanout_e2e::backend::proto::StreamRequest;
 use fanout_e2e::backend_process::BackendProcess;
-use fanout_e2e::bench::{cpu_seconds, rss_kib};
+use fanout_e2e::bench::{median, per_100k, rss_kib, with_cpu};
 use fanout_e2e::load::Load;
-use fanout_e2e::proxy::{ProxyProcess, free_port, pod_ip};
-use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
+use fanout_e2e::proxy::pod_ip;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -107,10 +106,7 @@ const CASES: [Case; 8] = [
 /// One case's proxy and what was measured of it.
 struct Subject {
     case: &'static Case,
-    pid: u32,
-    /// The process (stopped on drop).
-    _proxy: Box<dyn std::any::Any>,
-    listen: SocketAddr,
+    proxy: Peer,
     load: Load,
     /// KiB: with its endpoints connected; with its streams open.
     rss_connected: u64,
@@ -183,24 +179,14 @@ fn free_port_range(count: u16) -> anyhow::Result<u16> {
 /// The case's proxy, ready; `None` when it is HAProxy and HAProxy is not installed.
 async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Option<Subject>> {
     let endpoints = &addrs[..case.endpoints];
-    let (listen, pid, proxy): (SocketAddr, u32, Box<dyn std::any::Any>) = match case.proxy {
-        Kind::Fanout => {
-            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
-                "app.bench",
-                listen,
-                Discovery::Static(endpoints.to_vec()),
-            )]);
-            config.admin.listen = format!("127.0.0.1:{}", free_port()).parse()?;
-            let proxy = ProxyProcess::start(&config).await?;
-            wait_ready(&proxy, case.endpoints).await?;
-            (listen, proxy.pid(), Box::new(proxy))
-        }
+    let proxy = match case.proxy {
+        Kind::Fanout => Peer::fanout(endpoints).await?,
         Kind::HAProxy => match Peer::haproxy(endpoints).await? {
-            Some(peer) => (peer.listen, peer.pid, Box::new(peer)),
+            Some(peer) => peer,
             None => return Ok(None),
         },
     };
+    let (listen, pid) = (proxy.listen, proxy.pid);
     let load = Load::connect(&[listen], case.connections).await?;
     // A first call on every connection, so that memory counts connections in use.
     load.saturate(case.connections, Duration::from_millis(500))
@@ -212,9 +198,7 @@ async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Opti
     let rss_streams = rss_kib(pid).0;
     Ok(Some(Subject {
         case,
-        pid,
-        _proxy: proxy,
-        listen,
+        proxy,
         load,
         rss_connected,
         rss_streams,
@@ -223,18 +207,6 @@ async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Opti
         saturation: Vec::new(),
         _streams: streams,
     }))
-}
-
-/// Waits until the proxy has a connection up to every one of its `endpoints`.
-async fn wait_ready(proxy: &ProxyProcess, endpoints: usize) -> anyhow::Result<()> {
-    for _ in 0..600 {
-        let (_, body) = proxy.admin_get("/endpoints").await?;
-        if body.matches("\"state\": \"ready\"").count() == endpoints {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("the proxy did not connect to its {endpoints} endpoints within 30s")
 }
 
 /// `count` server streams through the proxy that stay open (one message each, ten minutes
@@ -285,62 +257,42 @@ async fn open_streams(
 }
 
 async fn measure(subject: &mut Subject, has_h2load: bool, seconds: Duration) -> anyhow::Result<()> {
-    let pid = subject.pid;
-    let per_100k = |cpu: f64, calls: u64| cpu * 100_000.0 / calls.max(1) as f64;
+    let pid = Some(subject.proxy.pid);
+    let name = subject.case.name;
 
-    let before = cpu_seconds(pid);
-    let outcome = subject.load.fixed_rate(RATE, seconds).await;
-    subject
-        .fixed
-        .push(per_100k(cpu_seconds(pid) - before, outcome.calls));
+    let (outcome, cpu) = with_cpu(pid, subject.load.fixed_rate(RATE, seconds)).await;
+    subject.fixed.extend(per_100k(cpu, outcome.calls));
     anyhow::ensure!(
         outcome.errors == 0,
-        "{}: {} calls failed",
-        subject.case.name,
+        "{name}: {} calls failed",
         outcome.errors
     );
 
     if has_h2load {
-        let (target, connections, secs) = (
-            subject.listen,
-            subject.case.connections,
-            seconds.as_secs().max(1),
-        );
-        let before = cpu_seconds(pid);
-        let run = tokio::task::spawn_blocking(move || {
+        let (target, connections) = (subject.proxy.listen, subject.case.connections);
+        let secs = seconds.as_secs().max(1);
+        let fixed = tokio::task::spawn_blocking(move || {
             H2load::fixed_rate(target, connections, RATE, secs)
-        })
-        .await??;
-        subject
-            .h2load_fixed
-            .push(per_100k(cpu_seconds(pid) - before, run.calls));
+        });
+        let (run, cpu) = with_cpu(pid, fixed).await;
+        let run = run??;
+        subject.h2load_fixed.extend(per_100k(cpu, run.calls));
         anyhow::ensure!(
             run.errors == 0,
-            "{}: h2load: {} calls failed",
-            subject.case.name,
+            "{name}: h2load: {} calls failed",
             run.errors
         );
     }
 
     let concurrency = subject.case.connections.max(100);
-    let before = cpu_seconds(pid);
-    let outcome = subject.load.saturate(concurrency, seconds).await;
-    subject
-        .saturation
-        .push(per_100k(cpu_seconds(pid) - before, outcome.calls));
+    let (outcome, cpu) = with_cpu(pid, subject.load.saturate(concurrency, seconds)).await;
+    subject.saturation.extend(per_100k(cpu, outcome.calls));
     anyhow::ensure!(
         outcome.errors == 0,
-        "{}: {} calls failed",
-        subject.case.name,
+        "{name}: {} calls failed",
         outcome.errors
     );
     Ok(())
-}
-
-fn median(values: &[f64]) -> Option<f64> {
-    let mut values = values.to_vec();
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied()
 }
 
 fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
@@ -367,9 +319,9 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
     for s in subjects {
         let base = base_of(s);
         let (fixed, h2, saturation) = (
-            median(&s.fixed),
-            median(&s.h2load_fixed),
-            median(&s.saturation),
+            median(s.fixed.clone()),
+            median(s.h2load_fixed.clone()),
+            median(s.saturation.clone()),
         );
         let two = |v: Option<f64>| v.map_or_else(dash, |v| format!("{v:.2}"));
         writeln!(
@@ -379,12 +331,12 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
             two(fixed),
             two(h2),
             two(saturation),
-            growth(fixed, base.and_then(|b| median(&b.fixed))),
-            growth(h2, base.and_then(|b| median(&b.h2load_fixed))),
-            growth(saturation, base.and_then(|b| median(&b.saturation))),
+            growth(fixed, base.and_then(|b| median(b.fixed.clone()))),
+            growth(h2, base.and_then(|b| median(b.h2load_fixed.clone()))),
+            growth(saturation, base.and_then(|b| median(b.saturation.clone()))),
             s.rss_connected as f64 / 1024.0,
             s.rss_streams as f64 / 1024.0,
-            rss_kib(s.pid).1 as f64 / 1024.0,
+            rss_kib(s.proxy.pid).1 as f64 / 1024.0,
         )?;
     }
     writeln!(t)?;

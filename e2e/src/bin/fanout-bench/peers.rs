@@ -73,6 +73,19 @@ async fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     anyhow::bail!("{what} did not listen on {addr} within 10s")
 }
 
+/// Waits until the proxy has a connection up to every one of its `endpoints` (it opens them
+/// in the background).
+async fn wait_connected(proxy: &ProxyProcess, endpoints: usize) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        let (_, body) = proxy.admin_get("/endpoints").await?;
+        if body.matches("\"state\": \"ready\"").count() == endpoints {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the proxy did not connect to its {endpoints} endpoints within 30s")
+}
+
 /// A proxy under test: where clients connect, and the process to measure.
 pub struct Peer {
     pub name: &'static str,
@@ -92,8 +105,7 @@ impl Peer {
         )]);
         config.admin.listen = format!("127.0.0.1:{}", free_port()).parse()?;
         let proxy = ProxyProcess::start(&config).await?;
-        // Connections to every endpoint are opened in the background; let them settle.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        wait_connected(&proxy, backends.len()).await?;
         Ok(Self {
             name: "fanout",
             listen,

@@ -4,12 +4,11 @@
 //! h2load when installed.
 
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fanout_e2e::bench::{cpu_seconds, ms, percentile, rss_kib};
+use fanout_e2e::bench::{median, ms, per_100k, percentile, rss_kib, with_cpu};
 use fanout_e2e::load::{Load, Outcome};
 
 use crate::chart;
@@ -56,18 +55,6 @@ pub struct Measured {
     rounds: Vec<Round>,
     /// Idle (before the first round) and peak RSS of the proxy, KiB.
     pub rss: Option<(u64, u64)>,
-}
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    Some(values[values.len() / 2])
-}
-
-fn per_100k(cpu: Option<f64>, calls: u64) -> Option<f64> {
-    cpu.map(|cpu| cpu * 100_000.0 / calls.max(1) as f64)
 }
 
 impl Measured {
@@ -235,16 +222,6 @@ pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
         anyhow::ensure!(errors == 0, "{}: {errors} calls failed", result.name);
     }
     Ok(())
-}
-
-/// Runs `work` and returns its result with the CPU seconds `pid` spent meanwhile.
-async fn with_cpu<T>(pid: Option<u32>, work: impl Future<Output = T>) -> (T, Option<f64>) {
-    let before = pid.map(cpu_seconds);
-    let result = work.await;
-    let spent = pid
-        .zip(before)
-        .map(|(pid, before)| cpu_seconds(pid) - before);
-    (result, spent)
 }
 
 async fn measure(
