@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::grpc_health::AppHealth;
-use crate::metrics::{DiscoverySourceLabels, EndpointStateLabels, Metrics};
+use crate::metrics::{DiscoverySourceLabels, EndpointStateLabels, Metrics, UpstreamLabels};
 use crate::upstream::Upstream;
 
 pub struct Admin {
@@ -161,6 +161,12 @@ impl Admin {
                     })
                     .set(i64::from(status.source == source));
             }
+            self.metrics
+                .service_config_rejected
+                .get_or_create(&UpstreamLabels {
+                    upstream: upstream.name.to_string(),
+                })
+                .set(i64::from(upstream.service_config.is_rejected()));
             for (state, count) in upstream.state_counts() {
                 self.metrics
                     .endpoints

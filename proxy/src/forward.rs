@@ -1,7 +1,8 @@
 //! One call: an endpoint is picked, the stream is opened on it and both directions are moved
 //! (headers, data under flow control, trailers, resets); deadlines are enforced; a call that
-//! provably was not processed, or that got a Trailers-Only UNAVAILABLE, goes to another
-//! endpoint while its whole request body is still at hand.
+//! provably was not processed, or that failed in a way its Service's retry policy (or, without
+//! one, the proxy's own rule) retries, goes again while its whole request body is at hand
+//! (`retry.rs`).
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -23,12 +24,15 @@ use crate::failure_log::Failure;
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::pump::{Cursor, PumpError, Source};
+use crate::service_config::CallPolicy;
 use crate::upstream::{Activity, Upstream};
+
+mod retry;
+
+use retry::{Fallback, PolicyVerdict, Pushback, RetryAfter};
 
 /// Added to the deadline passed upstream; see [`Head::request`].
 const DEADLINE_SLACK: Duration = Duration::from_millis(20);
-/// Attempts of one call at most: the first and two retries.
-const MAX_ATTEMPTS: u32 = 3;
 
 /// What every stream of one upstream needs.
 pub struct Forwarder {
@@ -68,12 +72,15 @@ impl Forwarder {
         let upstream = self.upstream();
         upstream.budget.deposit();
         let (parts, body) = request.into_parts();
+        let policy = upstream.service_config.for_call(parts.uri.path());
+        let method = policy.as_ref().map(CallPolicy::method);
+        let wait_for_ready = method.and_then(|m| m.wait_for_ready) == Some(true);
         // The client's deadline, capped by the upstream's own request timeout and by the
         // Service's service config for this method, whichever are set.
         let timeout = [
             grpc::parse_timeout(&parts.headers),
             upstream.config.timeouts.request,
-            upstream.service_config.timeout(parts.uri.path()),
+            method.and_then(|m| m.timeout),
         ]
         .into_iter()
         .flatten()
@@ -98,6 +105,8 @@ impl Forwarder {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             attempts: 0,
             upstream,
+            policy,
+            wait_for_ready,
         };
         call.run(guard.arrived).await;
     }
@@ -139,6 +148,10 @@ struct Call<'a> {
     respond: SendResponse<Bytes>,
     deadline: Option<Pin<Box<Sleep>>>,
     attempts: u32,
+    /// The Service's method config for this call, if it declares one.
+    policy: Option<CallPolicy>,
+    /// Hold the call while no endpoint is ready, up to its deadline (`waitForReady`).
+    wait_for_ready: bool,
 }
 
 /// What ended the wait for an upstream's response headers.
@@ -146,6 +159,8 @@ enum Waited {
     Response(Result<Response<RecvStream>, h2::Error>),
     ClientGone,
     Deadline,
+    /// The retry policy's per-attempt timeout passed before the endpoint answered.
+    AttemptTimeout,
 }
 
 /// What ended a response on its way to the client.
@@ -158,7 +173,10 @@ enum Streamed {
 
 enum Next {
     Done,
+    /// Sent again at once: the endpoint provably never processed it.
     Retry(Arc<Endpoint>),
+    /// Sent again by the Service's retry policy, after its backoff.
+    RetryAfter(RetryAfter),
 }
 
 fn poll_deadline(deadline: &mut Option<Pin<Box<Sleep>>>, cx: &mut std::task::Context<'_>) -> bool {
@@ -169,28 +187,68 @@ fn poll_deadline(deadline: &mut Option<Pin<Box<Sleep>>>, cx: &mut std::task::Con
 
 impl Call<'_> {
     async fn run(&mut self, arrived: Instant) {
-        let connect_wait = self.upstream.config.timeouts.connect;
-        let wait = self.head.deadline.map_or(connect_wait, |d| {
-            connect_wait.min(d.saturating_duration_since(arrived))
-        });
-        let Some(mut endpoint) = self.upstream.pick(wait).await else {
-            let reason = self
-                .upstream
-                .not_ready_reason()
-                .unwrap_or_else(|| "no endpoint is ready".into());
-            self.metrics
-                .record_request(&self.upstream.name, "none", Some(grpc::UNAVAILABLE));
-            let message = format!("fanout: upstream {}: {reason}", self.upstream.name);
-            self.log_failure(None, Failure::Status(grpc::UNAVAILABLE), &reason);
-            self.answer(grpc::UNAVAILABLE, &message);
-            return;
+        let mut endpoint = match self.upstream.try_pick() {
+            Some(endpoint) => endpoint,
+            None => match self.wait_for_endpoint(arrived).await {
+                Some(endpoint) => endpoint,
+                None => return,
+            },
         };
         loop {
             match self.attempt(&endpoint).await {
                 Next::Done => return,
                 Next::Retry(next) => endpoint = next,
+                Next::RetryAfter(retry) => match self.retry_after(retry).await {
+                    Some(next) => endpoint = next,
+                    None => return,
+                },
             }
         }
+    }
+
+    /// No endpoint is ready: waits for one — while endpoints connect (up to the connect
+    /// timeout), or for a `waitForReady` method until the call's deadline — and answers the
+    /// client itself when none comes or the client gives up.
+    async fn wait_for_endpoint(&mut self, arrived: Instant) -> Option<Arc<Endpoint>> {
+        let connecting = arrived + self.upstream.config.timeouts.connect;
+        let until = match (self.wait_for_ready, self.head.deadline) {
+            (true, deadline) => deadline,
+            (false, Some(deadline)) => Some(deadline.min(connecting)),
+            (false, None) => Some(connecting),
+        };
+        let upstream = self.upstream.clone();
+        let mut pick = std::pin::pin!(upstream.pick_until(until));
+        let picked = poll_fn(|cx| {
+            if self.respond.poll_reset(cx).is_ready() {
+                return Poll::Ready(Err(()));
+            }
+            pick.as_mut().poll(cx).map(Ok)
+        })
+        .await;
+        let reason = match picked {
+            Ok(Some(endpoint)) => return Some(endpoint),
+            Err(()) => {
+                self.metrics
+                    .record_request(&self.upstream.name, "none", Some(grpc::CANCELLED));
+                return None;
+            }
+            Ok(None) => self
+                .upstream
+                .not_ready_reason()
+                .unwrap_or_else(|| "no endpoint is ready".into()),
+        };
+        // A waitForReady call waited its whole deadline: gRPC clients end it so too.
+        let code = if self.wait_for_ready {
+            grpc::DEADLINE_EXCEEDED
+        } else {
+            grpc::UNAVAILABLE
+        };
+        self.metrics
+            .record_request(&self.upstream.name, "none", Some(code));
+        let message = format!("fanout: upstream {}: {reason}", self.upstream.name);
+        self.log_failure(None, Failure::Status(code), &reason);
+        self.answer(code, &message);
+        None
     }
 
     /// Logs a failed call (rate-limited): `reason` is formatted only when the line is written.
@@ -213,29 +271,6 @@ impl Call<'_> {
         let _ = self
             .respond
             .send_response(grpc::trailers_only(code, message), true);
-    }
-
-    /// Another endpoint for this call, if it may be retried (`whole_body`: only with the
-    /// request body complete) and the budget allows.
-    fn retry_to(
-        &self,
-        endpoint: &Endpoint,
-        whole_body: bool,
-        reason: &str,
-    ) -> Option<Arc<Endpoint>> {
-        if self.attempts >= MAX_ATTEMPTS
-            || !self.source.can_replay()
-            || (whole_body && !self.source.is_complete())
-        {
-            return None;
-        }
-        let other = self.upstream.pick_other(endpoint)?;
-        if !self.upstream.budget.try_withdraw() {
-            self.metrics.record_retry_refused(&self.upstream.name);
-            return None;
-        }
-        self.metrics.record_retry(&self.upstream.name, reason);
-        Some(other)
     }
 
     async fn attempt(&mut self, endpoint: &Arc<Endpoint>) -> Next {
@@ -282,8 +317,18 @@ impl Call<'_> {
             Cursor::default()
         };
 
+        let mut attempt_timer = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.retry()?.per_attempt_recv_timeout)
+            .map(|t| Box::pin(tokio::time::sleep(t)));
         let waited = self
-            .wait_response(response, &mut cursor, &mut upstream_send)
+            .wait_response(
+                response,
+                &mut cursor,
+                &mut upstream_send,
+                &mut attempt_timer,
+            )
             .await;
         let response = match waited {
             Waited::Response(Ok(response)) => response,
@@ -300,8 +345,25 @@ impl Call<'_> {
                         &format_args!("unprocessed ({e}), and no retry left"),
                     );
                     self.answer(grpc::UNAVAILABLE, &failed(&self.upstream.name, &e));
-                } else if let (true, Some(reason)) = (e.is_reset(), e.reason()) {
-                    guard.set_status(None);
+                    return Next::Done;
+                }
+                guard.set_status(None);
+                let fallback = match (e.is_reset(), e.reason()) {
+                    (true, Some(reason)) => Fallback::Reset(reason),
+                    _ => Fallback::Status(grpc::UNAVAILABLE, failed(&self.upstream.name, &e)),
+                };
+                match self.policy_verdict(Some(retry::status_of_error(&e)), Pushback::Absent) {
+                    PolicyVerdict::After(delay) => {
+                        return Next::RetryAfter(RetryAfter {
+                            delay,
+                            avoid: endpoint.clone(),
+                            reason: retry::policy_reason(Some(retry::status_of_error(&e))),
+                            fallback,
+                        });
+                    }
+                    PolicyVerdict::No | PolicyVerdict::NoPolicy => {}
+                }
+                if let Fallback::Reset(reason) = fallback {
                     self.log_failure(
                         Some(endpoint),
                         Failure::Reset(reason),
@@ -309,7 +371,6 @@ impl Call<'_> {
                     );
                     self.respond.send_reset(reason);
                 } else {
-                    guard.set_status(None);
                     self.log_failure(
                         Some(endpoint),
                         Failure::Status(grpc::UNAVAILABLE),
@@ -335,6 +396,29 @@ impl Call<'_> {
                 self.answer(grpc::DEADLINE_EXCEEDED, "fanout: deadline exceeded");
                 return Next::Done;
             }
+            Waited::AttemptTimeout => {
+                upstream_send.send_reset(Reason::CANCEL);
+                guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
+                let message = failed(
+                    &self.upstream.name,
+                    &"no answer within the retry policy's per-attempt timeout",
+                );
+                if let PolicyVerdict::After(delay) = self.policy_verdict(None, Pushback::Absent) {
+                    return Next::RetryAfter(RetryAfter {
+                        delay,
+                        avoid: endpoint.clone(),
+                        reason: retry::policy_reason(None),
+                        fallback: Fallback::Status(grpc::DEADLINE_EXCEEDED, message),
+                    });
+                }
+                self.log_failure(
+                    Some(endpoint),
+                    Failure::Status(grpc::DEADLINE_EXCEEDED),
+                    &"no answer within the per-attempt timeout, and no retry left",
+                );
+                self.answer(grpc::DEADLINE_EXCEEDED, &message);
+                return Next::Done;
+            }
         };
         guard.answered();
         let (parts, upstream_recv) = response.into_parts();
@@ -342,10 +426,24 @@ impl Call<'_> {
             // Trailers-Only: the status is in the headers, and no message was sent.
             let status = grpc::status_of(&parts.headers);
             guard.set_status(status);
-            if status == Some(grpc::UNAVAILABLE)
-                && let Some(next) = self.retry_to(endpoint, true, "unavailable")
-            {
-                return Next::Retry(next);
+            match self.policy_verdict(status, Pushback::of(&parts.headers)) {
+                PolicyVerdict::After(delay) => {
+                    return Next::RetryAfter(RetryAfter {
+                        delay,
+                        avoid: endpoint.clone(),
+                        reason: retry::policy_reason(status),
+                        fallback: Fallback::Answer(Response::from_parts(parts, ())),
+                    });
+                }
+                PolicyVerdict::No => {}
+                // Without a policy, the proxy's own rule: an UNAVAILABLE before any message.
+                PolicyVerdict::NoPolicy => {
+                    if status == Some(grpc::UNAVAILABLE)
+                        && let Some(next) = self.retry_to(endpoint, true, "unavailable")
+                    {
+                        return Next::Retry(next);
+                    }
+                }
             }
             let _ = self
                 .respond
@@ -371,7 +469,15 @@ impl Call<'_> {
             )
             .await;
         match streamed {
-            Streamed::Finished => guard.set_status(answer.trailers().and_then(grpc::status_of)),
+            Streamed::Finished => {
+                let status = answer.trailers().and_then(grpc::status_of);
+                if status == Some(grpc::OK)
+                    && let Some(throttle) = self.policy.as_ref().and_then(CallPolicy::throttle)
+                {
+                    throttle.succeeded();
+                }
+                guard.set_status(status)
+            }
             Streamed::ClientGone => {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::CANCELLED));
@@ -424,6 +530,7 @@ impl Call<'_> {
         mut response: h2::client::ResponseFuture,
         cursor: &mut Cursor,
         upstream_send: &mut SendStream<Bytes>,
+        attempt_timer: &mut Option<Pin<Box<Sleep>>>,
     ) -> Waited {
         poll_fn(|cx| {
             if self.respond.poll_reset(cx).is_ready() {
@@ -431,6 +538,9 @@ impl Call<'_> {
             }
             if poll_deadline(&mut self.deadline, cx) {
                 return Poll::Ready(Waited::Deadline);
+            }
+            if poll_deadline(attempt_timer, cx) {
+                return Poll::Ready(Waited::AttemptTimeout);
             }
             if let Poll::Ready(result) = Pin::new(&mut response).poll(cx) {
                 return Poll::Ready(Waited::Response(result));

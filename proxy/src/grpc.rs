@@ -8,6 +8,8 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 pub const OK: u16 = 0;
 pub const CANCELLED: u16 = 1;
 pub const DEADLINE_EXCEEDED: u16 = 4;
+pub const PERMISSION_DENIED: u16 = 7;
+pub const RESOURCE_EXHAUSTED: u16 = 8;
 pub const INTERNAL: u16 = 13;
 pub const UNAVAILABLE: u16 = 14;
 

@@ -24,7 +24,8 @@ pub struct UpstreamLabels {
 pub struct RetryLabels {
     pub upstream: String,
     /// `unsent`, `refused` (REFUSED_STREAM), `goaway` (above the GOAWAY last stream id),
-    /// `unavailable` (a Trailers-Only UNAVAILABLE).
+    /// `unavailable` (a Trailers-Only UNAVAILABLE, the proxy's own rule); by the Service's
+    /// retry policy: `policy:<CODE>` (e.g. `policy:UNAVAILABLE`) or `policy:per_attempt_timeout`.
     pub reason: String,
 }
 
@@ -49,6 +50,8 @@ pub struct Metrics {
     pub discovery_source: Family<DiscoverySourceLabels, Gauge>,
     retries: Family<RetryLabels, Counter>,
     retries_refused: Family<UpstreamLabels, Counter>,
+    retries_throttled: Family<UpstreamLabels, Counter>,
+    pub service_config_rejected: Family<UpstreamLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -93,6 +96,19 @@ impl Default for Metrics {
             "Retries not made because the retry budget was spent",
             retries_refused.clone(),
         );
+        let retries_throttled = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "fanout_proxy_retries_throttled",
+            "Retries not made because the Service's retryThrottling held them back",
+            retries_throttled.clone(),
+        );
+        let service_config_rejected = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "fanout_proxy_service_config_rejected",
+            "1 while the Service's latest fanout.dev/service-config is invalid (the last valid \
+             one stays in force; /endpoints names the faults)",
+            service_config_rejected.clone(),
+        );
         Self {
             registry,
             requests,
@@ -101,6 +117,8 @@ impl Default for Metrics {
             discovery_source,
             retries,
             retries_refused,
+            retries_throttled,
+            service_config_rejected,
         }
     }
 }
@@ -142,6 +160,14 @@ impl Metrics {
 
     pub fn record_retry_refused(&self, upstream: &str) {
         self.retries_refused
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn record_retry_throttled(&self, upstream: &str) {
+        self.retries_throttled
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_string(),
             })

@@ -1,28 +1,69 @@
 //! The upstream Service's gRPC service config, as the discovery server delivers it (the
 //! `fanout.dev/service-config` annotation, verbatim): kept parsed for the calls, replaced when
 //! the annotation changes, and kept as it was when a change does not parse — the owner's
-//! mistake is logged with every fault's path, and calls go on under the last valid config.
+//! mistake is logged with every fault's path, counted, shown in `/endpoints`, and calls go on
+//! under the last valid config.
 
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use fanout_proxy_config::service_config::ServiceConfig;
+use fanout_proxy_config::service_config::{MethodConfig, RetryPolicy, STATUS_CODES, ServiceConfig};
+use serde_json::{Value, json};
+
+use crate::retry::Throttle;
+
+/// A service config in force, with the state it keeps while in force (retry throttling's
+/// tokens start afresh when the config changes).
+pub struct Applied {
+    pub config: ServiceConfig,
+    pub throttle: Option<Throttle>,
+}
+
+/// What [`ServiceConfigCell::update`] did with a text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    Unchanged,
+    Applied,
+    /// It did not parse; the last valid config stays in force.
+    Rejected,
+}
 
 #[derive(Default)]
 pub struct ServiceConfigCell {
     /// The annotation last seen, so an unchanged one is not parsed (or reported) again.
     text: Mutex<String>,
-    current: RwLock<Option<Arc<ServiceConfig>>>,
+    current: RwLock<Option<Arc<Applied>>>,
+    /// The faults of the last text seen, when it did not parse.
+    rejected: Mutex<Option<Vec<String>>>,
+}
+
+/// The method config that applies to one call, held for the call's life: a config change
+/// mid-call does not change the rules under it.
+pub struct CallPolicy {
+    applied: Arc<Applied>,
+    index: usize,
+}
+
+impl CallPolicy {
+    pub fn method(&self) -> &MethodConfig {
+        &self.applied.config.methods[self.index]
+    }
+
+    pub fn retry(&self) -> Option<&RetryPolicy> {
+        self.method().retry.as_ref()
+    }
+
+    pub fn throttle(&self) -> Option<&Throttle> {
+        self.applied.throttle.as_ref()
+    }
 }
 
 impl ServiceConfigCell {
-    /// Applies the annotation's text (empty: the Service has none). `false` when it did not
-    /// parse and the previous config stays in force.
-    pub fn update(&self, upstream: &str, text: &str) -> bool {
+    /// Applies the annotation's text (empty: the Service has none).
+    pub fn update(&self, upstream: &str, text: &str) -> Update {
         {
             let mut last = self.text.lock().unwrap_or_else(|e| e.into_inner());
             if *last == text {
-                return true;
+                return Update::Unchanged;
             }
             text.clone_into(&mut last);
         }
@@ -30,12 +71,16 @@ impl ServiceConfigCell {
             None
         } else {
             match ServiceConfig::parse(text) {
-                Ok(config) => Some(Arc::new(config)),
+                Ok(config) => Some(Arc::new(Applied {
+                    throttle: config.retry_throttling.as_ref().map(Throttle::new),
+                    config,
+                })),
                 Err(faults) => {
                     let faults = faults.lines();
                     tracing::warn!(upstream, faults = %faults.join("; "),
                         "the Service's fanout.dev/service-config is invalid; the last valid one stays in force");
-                    return false;
+                    *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(faults);
+                    return Update::Rejected;
                 }
             }
         };
@@ -44,32 +89,133 @@ impl ServiceConfigCell {
             present = parsed.is_some(),
             "service config applied"
         );
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = parsed;
-        true
+        Update::Applied
     }
 
-    /// The `timeout` of the method config that applies to a call to `path`.
-    pub fn timeout(&self, path: &str) -> Option<Duration> {
+    /// The method config for a call to `path`, if the Service declares one that applies.
+    pub fn for_call(&self, path: &str) -> Option<CallPolicy> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current.as_ref()?.method(path)?.timeout
+        let applied = current.as_ref()?;
+        let index = applied.config.method_index(path)?;
+        Some(CallPolicy {
+            applied: applied.clone(),
+            index,
+        })
     }
+
+    /// Whether the latest text did not parse (and an older config, or none, is in force).
+    pub fn is_rejected(&self) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// What is in force, for `/endpoints`: each method config's names, timeout, waitForReady
+    /// and retry policy (its retryable codes by name: retrying anything but a call that never
+    /// reached a backend is the Service owner's choice, and shown as such), and the faults of
+    /// a rejected change.
+    pub fn state_json(&self) -> Value {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let methods: Vec<Value> = current
+            .iter()
+            .flat_map(|applied| applied.config.methods.iter())
+            .map(method_json)
+            .collect();
+        json!({
+            "present": current.is_some(),
+            "methods": methods,
+            "retry_throttling": current.as_ref().and_then(|a| a.config.retry_throttling.as_ref())
+                .map(|t| json!({"max_tokens": t.max_tokens, "token_ratio": t.token_ratio})),
+            "rejected_change": rejected,
+        })
+    }
+}
+
+fn method_json(method: &MethodConfig) -> Value {
+    let names: Vec<String> = method
+        .names
+        .iter()
+        .map(|n| match (n.service.as_str(), n.method.as_str()) {
+            ("", _) => "*".to_string(),
+            (service, "") => format!("{service}/*"),
+            (service, method) => format!("{service}/{method}"),
+        })
+        .collect();
+    json!({
+        "names": names,
+        "timeout_ms": method.timeout.map(|t| t.as_millis() as u64),
+        "wait_for_ready": method.wait_for_ready,
+        "retry": method.retry.as_ref().map(|r| json!({
+            "max_attempts": r.max_attempts,
+            "initial_backoff_ms": r.initial_backoff.as_millis() as u64,
+            "max_backoff_ms": r.max_backoff.as_millis() as u64,
+            "backoff_multiplier": r.backoff_multiplier,
+            "retryable_status_codes": r.retryable_status_codes.iter()
+                .map(|c| STATUS_CODES[usize::from(*c)]).collect::<Vec<_>>(),
+            "per_attempt_timeout_ms": r.per_attempt_recv_timeout.map(|t| t.as_millis() as u64),
+        })),
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn timeout(cell: &ServiceConfigCell, path: &str) -> Option<Duration> {
+        cell.for_call(path)?.method().timeout
+    }
 
     #[test]
     fn a_change_that_does_not_parse_leaves_the_last_valid_config_in_force() {
         let cell = ServiceConfigCell::default();
-        assert_eq!(cell.timeout("/a.B/C"), None);
+        assert_eq!(timeout(&cell, "/a.B/C"), None);
         let valid = r#"{"methodConfig": [{"name": [{"service": "a.B"}], "timeout": "0.2s"}]}"#;
-        assert!(cell.update("app", valid));
-        assert_eq!(cell.timeout("/a.B/C"), Some(Duration::from_millis(200)));
-        assert_eq!(cell.timeout("/x.Y/C"), None);
-        assert!(!cell.update("app", r#"{"methodConfig": [{"timeout": "soon"}]}"#));
-        assert_eq!(cell.timeout("/a.B/C"), Some(Duration::from_millis(200)));
-        assert!(cell.update("app", ""));
-        assert_eq!(cell.timeout("/a.B/C"), None);
+        assert_eq!(cell.update("app", valid), Update::Applied);
+        assert_eq!(cell.update("app", valid), Update::Unchanged);
+        assert_eq!(timeout(&cell, "/a.B/C"), Some(Duration::from_millis(200)));
+        assert_eq!(timeout(&cell, "/x.Y/C"), None);
+        let invalid = r#"{"methodConfig": [{"timeout": "soon"}]}"#;
+        assert_eq!(cell.update("app", invalid), Update::Rejected);
+        assert_eq!(timeout(&cell, "/a.B/C"), Some(Duration::from_millis(200)));
+        let state = cell.state_json();
+        assert_eq!(state["methods"][0]["timeout_ms"], 200);
+        let faults = state["rejected_change"].to_string();
+        assert!(faults.contains("methodConfig[0].timeout"), "{faults}");
+        assert_eq!(cell.update("app", ""), Update::Applied);
+        assert_eq!(timeout(&cell, "/a.B/C"), None);
+        assert_eq!(cell.state_json()["rejected_change"], Value::Null);
+    }
+
+    #[test]
+    fn endpoints_shows_which_status_codes_the_owner_chose_to_retry() {
+        let cell = ServiceConfigCell::default();
+        let text = r#"{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 5,
+            "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE", 10]}}]}"#;
+        assert_eq!(cell.update("app", text), Update::Applied);
+        let retry = &cell.state_json()["methods"][0]["retry"];
+        assert_eq!(
+            retry["retryable_status_codes"],
+            json!(["ABORTED", "UNAVAILABLE"])
+        );
+        assert_eq!(retry["max_attempts"], 5);
+        assert_eq!(
+            cell.for_call("/any.S/M")
+                .unwrap()
+                .retry()
+                .unwrap()
+                .max_attempts,
+            5
+        );
     }
 }

@@ -187,7 +187,8 @@ fn apply(upstream: &Arc<Upstream>, snapshot: &Snapshot) {
         .policy
         .as_ref()
         .map_or("", |p| p.service_config.as_str());
-    upstream
+    // A rejected change is logged by the cell and shown in /endpoints and the metrics.
+    let _ = upstream
         .service_config
         .update(&upstream.name, service_config);
     let addrs = addresses(snapshot);

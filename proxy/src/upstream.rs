@@ -84,7 +84,8 @@ pub struct Upstream {
     status: Mutex<DiscoveryStatus>,
     discovery_task: Mutex<Option<tokio::task::AbortHandle>>,
     started: Instant,
-    /// The Service's own service config (from the discovery server): per-method timeouts.
+    /// The Service's own service config (from the discovery server): per-method timeouts,
+    /// retry policies, waitForReady and retry throttling.
     pub service_config: ServiceConfigCell,
 }
 
@@ -140,6 +141,12 @@ impl Upstream {
             started: Instant::now(),
             service_config: ServiceConfigCell::default(),
         });
+        if let Some(rendered) = &upstream.config.service_config {
+            // Checked when the config was read; a discovery server's live one replaces it.
+            let _ = upstream
+                .service_config
+                .update(&upstream.name, &rendered.to_string());
+        }
         let task = tokio::spawn(discover::run(upstream.clone(), client));
         *upstream
             .discovery_task
@@ -223,14 +230,25 @@ impl Upstream {
 
     /// An endpoint for a new stream, waiting up to `wait` for one to become ready.
     pub async fn pick(&self, wait: Duration) -> Option<Arc<Endpoint>> {
-        let deadline = Instant::now() + wait;
+        self.pick_until(Some(Instant::now() + wait)).await
+    }
+
+    /// A ready endpoint now, if there is one.
+    pub fn try_pick(&self) -> Option<Arc<Endpoint>> {
+        self.picker.pick(&self.endpoints())
+    }
+
+    /// An endpoint for a new stream, waiting until `deadline` (`None`: for as long as it
+    /// takes) for one to become ready.
+    pub async fn pick_until(&self, deadline: Option<Instant>) -> Option<Arc<Endpoint>> {
         loop {
             let changed = self.changed.notified();
-            if let Some(endpoint) = self.picker.pick(&self.endpoints()) {
+            if let Some(endpoint) = self.try_pick() {
                 return Some(endpoint);
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return None;
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, changed).await.ok()?,
+                None => changed.await,
             }
         }
     }
@@ -381,6 +399,7 @@ impl Upstream {
                 "updates": status.updates,
             },
             "endpoints": endpoints,
+            "service_config": self.service_config.state_json(),
         })
     }
 

@@ -130,6 +130,10 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheck>,
     pub ejection: Ejection,
     pub retry: Retry,
+    /// The upstream Service's gRPC service config (see [`service_config`]), as rendered at
+    /// injection; with the discovery server, the Service's live one replaces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_config: Option<serde_json::Value>,
 }
 
 impl UpstreamConfig {
@@ -145,6 +149,7 @@ impl UpstreamConfig {
             health_check: None,
             ejection: Ejection::default(),
             retry: Retry::default(),
+            service_config: None,
         }
     }
 }

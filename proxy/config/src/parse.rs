@@ -253,6 +253,9 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
         .map(read_ejection)
         .unwrap_or_default();
     let retry = obj.object("retry").map(read_retry).unwrap_or_default();
+    let service_config = obj
+        .get("service_config")
+        .and_then(|value| read_service_config(&obj, value));
     obj.finish();
     Some(UpstreamConfig {
         name: name?,
@@ -264,7 +267,38 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
         health_check,
         ejection,
         retry,
+        service_config,
     })
+}
+
+/// A gRPC service config, as an object or as the JSON text of one (the Service annotation's
+/// value, copied): its faults keep their paths below `service_config`.
+fn read_service_config(obj: &Object<'_>, value: &Value) -> Option<Value> {
+    let path = obj.field_path("service_config");
+    let document = match value {
+        Value::String(text) => match serde_json::from_str::<Value>(text) {
+            Ok(document) => document,
+            Err(e) => {
+                obj.fault("service_config", format!("not JSON: {e}"));
+                return None;
+            }
+        },
+        other => other.clone(),
+    };
+    match crate::service_config::ServiceConfig::parse(&document.to_string()) {
+        Ok(_) => Some(document),
+        Err(faults) => {
+            for fault in faults.0 {
+                let at = if fault.path.is_empty() {
+                    path.clone()
+                } else {
+                    format!("{path}.{}", fault.path)
+                };
+                obj.faults().add(&at, fault.message);
+            }
+            None
+        }
+    }
 }
 
 pub(crate) fn read_health_check(obj: Object<'_>) -> HealthCheck {

@@ -114,15 +114,17 @@ impl ServiceConfig {
     /// The method config for a call to `path` (`/package.Service/Method`): the one naming the
     /// method, else the one naming its service, else the default one.
     pub fn method(&self, path: &str) -> Option<&MethodConfig> {
+        self.methods.get(self.method_index(path)?)
+    }
+
+    /// Where in [`Self::methods`] the method config for `path` is (see [`Self::method`]).
+    pub fn method_index(&self, path: &str) -> Option<usize> {
         let (service, method) = path
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
             .unwrap_or(("", ""));
         // Looked up by &str: no allocation on a call's path.
-        let find = |service: &str, method: &str| {
-            let i = self.index.get(service)?.get(method)?;
-            self.methods.get(*i)
-        };
+        let find = |service: &str, method: &str| self.index.get(service)?.get(method).copied();
         (!service.is_empty())
             .then(|| find(service, method).or_else(|| find(service, "")))
             .flatten()

@@ -22,6 +22,9 @@ fn sample() -> ProxyConfig {
         Discovery::Static(vec![addr("127.0.0.2:9000"), addr("[::1]:9000")]),
     );
     b.balancer = Balancer::RoundRobin;
+    b.service_config = Some(serde_json::json!({
+        "methodConfig": [{"name": [{"service": "billing.v1.Billing"}], "timeout": "0.5s"}]
+    }));
     ProxyConfig::new(vec![a, b])
 }
 
@@ -32,6 +35,26 @@ fn rendered_config_reads_back_identically() {
     assert_eq!(
         ProxyConfig::from_json(&config.to_json_pretty()).unwrap(),
         config
+    );
+}
+
+/// The Service annotation's text, copied into the config as a string, reads as the object would.
+#[test]
+fn a_service_config_given_as_text_reads_as_the_object() {
+    let text = r#"{"version":1,"upstreams":[{"name":"a","listen":"127.0.0.1:15001",
+        "discovery":{"static":["127.0.0.2:1"]},
+        "service_config":"{\"methodConfig\":[{\"name\":[{}],\"timeout\":\"1s\"}]}"}]}"#;
+    let config = ProxyConfig::from_json(text).unwrap();
+    assert_eq!(
+        config.upstreams[0].service_config,
+        Some(serde_json::json!({"methodConfig": [{"name": [{}], "timeout": "1s"}]}))
+    );
+    let text = text.replace("1s", "1 s");
+    let got = lines(&text);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].starts_with("upstreams[0].service_config.methodConfig[0].timeout: "),
+        "{got:#?}"
     );
 }
 
@@ -65,7 +88,8 @@ fn every_fault_is_reported_with_its_path() {
             {"name": "a", "listen": "127.0.0.1:15001", "balancer": "random",
              "discovery": {"dns": {"name": "bad..name", "port": 0, "refresh": "5"}},
              "retry": {"budget_percent": 101}, "timeouts": {"conect": "1s"}},
-            {"name": "a", "listen": "127.0.0.1:15020", "discovery": {"static": []}},
+            {"name": "a", "listen": "127.0.0.1:15020", "discovery": {"static": []},
+             "service_config": {"methodConfig": [{"timeout": "soon"}]}},
             {"listen": "127.0.0.1:15003", "discovery": {"static": ["1.2.3.4"]}}
         ],
         "extra": true
@@ -81,6 +105,7 @@ fn every_fault_is_reported_with_its_path() {
         "upstreams[0].timeouts.conect: unknown field",
         "upstreams[0].retry.budget_percent: must be 0..=100, got 101",
         "upstreams[1].discovery.static: must list at least one ip:port",
+        "upstreams[1].service_config.methodConfig[0].timeout: \"soon\" is not a duration such as \"1.5s\" (seconds, then s)",
         "upstreams[2].name: is required",
         "upstreams[2].discovery.static[0]: \"1.2.3.4\" is not an ip:port address (e.g. \"127.0.0.1:15001\")",
         "extra: unknown field",
