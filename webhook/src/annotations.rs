@@ -1,4 +1,4 @@
-//! Names fanout reads and writes on pods.
+//! Names fanout reads and writes on pods (and the two it reads on Services).
 
 /// Namespace label that opts a namespace in; pod label or annotation `disabled` opts a pod out.
 pub const INJECT: &str = "fanout.dev/inject";
@@ -21,6 +21,11 @@ pub const PROXY_CPU_REQUEST: &str = "fanout.dev/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT: &str = "fanout.dev/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "fanout.dev/proxy-memory-request";
 pub const PROXY_MEMORY_LIMIT: &str = "fanout.dev/proxy-memory-limit";
+
+/// On a Service: its gRPC service config (JSON), applied by every caller's proxy.
+pub const SERVICE_CONFIG: &str = "fanout.dev/service-config";
+/// On a Service: fanout's own settings the service config lacks (JSON).
+pub const POLICY: &str = "fanout.dev/policy";
 
 /// The injected container.
 pub const PROXY_CONTAINER: &str = "fanout-proxy";

@@ -15,6 +15,8 @@ pub struct ServiceInfo {
     pub headless: bool,
     pub cluster_ip: Option<String>,
     pub ports: Vec<ServicePort>,
+    /// The `fanout.dev/service-config` annotation's text, if it has one.
+    pub service_config: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,10 +77,17 @@ impl ServiceInfo {
                 })
             })
             .collect();
+        let service_config = service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::annotations::SERVICE_CONFIG))
+            .cloned();
         Self {
             headless: spec.cluster_ip.as_deref() == Some("None"),
             cluster_ip: spec.cluster_ip,
             ports,
+            service_config,
         }
     }
 }

@@ -48,6 +48,21 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
                         "spec": {"clusterIP": "10.96.3.4", "ports": [{"port": 80}]}
                     }),
                 ),
+                "/api/v1/namespaces/shop/services/tuned" => (
+                    200,
+                    headless_with_service_config(
+                        "tuned",
+                        r#"{"methodConfig": [{"name": [{"service": "shop.v1.Cart"}],
+                            "timeout": "0.2s"}]}"#,
+                    ),
+                ),
+                "/api/v1/namespaces/shop/services/broken" => (
+                    200,
+                    headless_with_service_config(
+                        "broken",
+                        r#"{"methodConfig": [{"timeout": "soon", "retryPolicy": {}}]}"#,
+                    ),
+                ),
                 p if p.starts_with("/api/v1/namespaces/locked/") => (403, status(403, "Forbidden")),
                 _ => (404, status(404, "NotFound")),
             };
@@ -60,6 +75,15 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
         }
     });
     kube::Client::new(service, "default")
+}
+
+fn headless_with_service_config(name: &str, service_config: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop",
+                     "annotations": {"fanout.dev/service-config": service_config}},
+        "spec": {"clusterIP": "None", "ports": [{"name": "grpc", "port": 50051}]}
+    })
 }
 
 #[tokio::test]
@@ -175,4 +199,51 @@ async fn admission_renders_what_the_api_says() {
         ),
         "{message}"
     );
+}
+
+/// Without the discovery server the webhook is the only way a Service's service config reaches
+/// its callers: a valid one is rendered into the proxy config; an invalid one is left out and
+/// the caller's pod is admitted with a warning naming every fault (the owner's mistake must
+/// not block the callers).
+#[tokio::test]
+async fn admission_renders_the_service_s_service_config_and_warns_of_an_invalid_one() {
+    let lookup = KubeLookup::new(
+        mock_api(Arc::default(), Duration::ZERO),
+        Duration::from_secs(2),
+    );
+    let admitter = admitter_with(Arc::new(lookup));
+    let mut review = fixture("pod-generatename-no-volumes");
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
+        json!("tuned:grpc,broken:grpc");
+    let answer = Answer::parse(
+        &admitter
+            .review(&serde_json::to_vec(&review).unwrap())
+            .await
+            .unwrap(),
+    );
+    assert!(answer.allowed());
+    let pod = answer.patched(&review);
+    let config = ProxyConfig::from_json(
+        pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config.upstreams[0].service_config,
+        Some(json!({"methodConfig": [{"name": [{"service": "shop.v1.Cart"}], "timeout": "0.2s"}]}))
+    );
+    assert_eq!(config.upstreams[1].service_config, None);
+    let warnings = answer.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    for expected in [
+        "Service shop/broken annotation fanout.dev/service-config is invalid and not applied",
+        "methodConfig[0].timeout: \"soon\"",
+        "methodConfig[0].retryPolicy.maxAttempts: is required",
+    ] {
+        assert!(
+            warnings[0].contains(expected),
+            "{expected:?} not in {warnings:?}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! `fanout-test-client [--target ADDR] --calls N [--connections C --in-flight M]`: the gateway of
 //! the cluster suite. Waits until a call through `--target` (default: `$FANOUT_UPSTREAM_BACKEND`,
-//! what the webhook sets) succeeds, then makes N unary calls over C HTTP/2 connections with M in
+//! what the webhook sets) succeeds (a `Stats` call, which backends answer whatever they are told
+//! to do with unary calls), then makes N unary calls over C HTTP/2 connections with M in
 //! flight on each, as gRPC client pods do, and prints one JSON line: calls answered per backend
 //! id, the fewest each backend answered in any window of `--window` calls, and failures.
 //!
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use fanout_e2e::backend::proto::EchoRequest;
+use fanout_e2e::backend::proto::StatsRequest;
 use fanout_e2e::backend::proto::test_client::TestClient;
 use fanout_e2e::spread;
 
@@ -62,7 +63,9 @@ async fn main() -> anyhow::Result<()> {
     let first = loop {
         let attempt = async {
             let mut client = TestClient::connect(format!("http://{target}")).await?;
-            client.unary(EchoRequest::default()).await?;
+            // Stats: answered by every backend whatever it is told to do with unary calls
+            // (fail some, sleep), so the wait ends when the path works.
+            client.stats(StatsRequest {}).await?;
             anyhow::Ok(client)
         };
         match attempt.await {

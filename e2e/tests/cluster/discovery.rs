@@ -17,7 +17,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::spread::{BACKENDS, assert_spread, deploy, gateway, paced_gateway};
-use crate::support::{create_pod, eventually, finished_report, is_ready};
+use crate::support::{create_pod, eventually, finished_report, http_get as get, is_ready};
 
 /// What one round of the sampler saw, at one instant.
 struct Sample {
@@ -30,20 +30,6 @@ struct Sample {
     proxy: BTreeSet<String>,
     /// Calls the gateway proxy sent to each pod IP.
     calls: BTreeMap<String, u64>,
-}
-
-async fn get(url: &str) -> Result<String, String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = tokio::time::timeout(Duration::from_secs(2), client.get(url.parse().unwrap()))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 fn ip_of(address: &str) -> String {

@@ -17,6 +17,9 @@
 //!   again when a backend is back.
 //! - `grpc_health`: a gRPC server pod with only `fanout.dev/grpc-health` is injected, and
 //!   another pod's HTTP GETs of its `:15020/grpc-health` follow its NOT_SERVING → SERVING.
+//! - `policy`: a Service's `fanout.dev/service-config` decides retries (`maxAttempts` 5: no
+//!   failures over backends failing 10 %; 1: about 10 %), an edit reaches a running proxy
+//!   within 1 s, and a 200 ms method timeout ends 1 s calls at about 200 ms.
 //!
 //! The namespace is deleted however the cases end; the test waits until it is gone.
 //! `FANOUT_E2E_CASES` (comma-separated) runs only some of the cases after `spread`, e.g. to
@@ -25,6 +28,7 @@
 
 mod discovery;
 mod grpc_health;
+mod policy;
 mod readiness;
 mod spread;
 mod support;
@@ -85,6 +89,9 @@ async fn the_product_on_a_real_cluster() {
         }
         if runs("grpc_health") {
             grpc_health::run(&client, &namespace).await;
+        }
+        if runs("policy") {
+            policy::run(&client, &namespace).await;
         }
         gateway
     })

@@ -30,6 +30,18 @@ pub async fn deploy_backends(client: &Client, namespace: &str) -> Vec<String> {
 /// (50051), and a Service of that name whose port `grpc` (9000) targets it by name: headless or
 /// ClusterIP. Returns once every pod is Ready.
 pub async fn deploy(client: &Client, namespace: &str, name: &str, headless: bool) -> Vec<String> {
+    deploy_with(client, namespace, name, headless, &[], json!({})).await
+}
+
+/// As [`deploy`], the backends given `args` and the Service `annotations`.
+pub async fn deploy_with(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    headless: bool,
+    args: &[&str],
+    annotations: Value,
+) -> Vec<String> {
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let mut spec = json!({"selector": {"app": name},
         "ports": [{"name": "grpc", "port": 9000, "targetPort": "grpc"}]});
@@ -40,11 +52,13 @@ pub async fn deploy(client: &Client, namespace: &str, name: &str, headless: bool
         .create(
             &PostParams::default(),
             &object(json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": name}, "spec": spec})),
+                "metadata": {"name": name, "annotations": annotations}, "spec": spec})),
         )
         .await
         .unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let mut backend_args = vec!["--listen", "0.0.0.0:50051", "--id", "$(POD_NAME)"];
+    backend_args.extend_from_slice(args);
     let deployment: Deployment = object(json!({"apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {"replicas": BACKENDS, "selector": {"matchLabels": {"app": name}},
@@ -53,7 +67,7 @@ pub async fn deploy(client: &Client, namespace: &str, name: &str, headless: bool
                     "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{"name": "backend",
                     "image": image("fanout-test"),
-                    "args": ["--listen", "0.0.0.0:50051", "--id", "$(POD_NAME)"],
+                    "args": backend_args,
                     "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                     "ports": [{"containerPort": 50051, "name": "grpc"}],
                     "securityContext": restricted(),

@@ -211,3 +211,18 @@ pub async fn dump(client: &Client, namespace: &str) {
         }
     }
 }
+
+/// An HTTP/1.1 GET, 2 s at most: the body, or why not.
+pub async fn http_get(url: &str) -> Result<String, String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = tokio::time::timeout(Duration::from_secs(2), client.get(url.parse().unwrap()))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

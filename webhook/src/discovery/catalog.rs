@@ -15,8 +15,8 @@ use crate::upstreams::PortRef;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Policy annotations on a Service, passed to proxies verbatim.
-pub const SERVICE_CONFIG_ANNOTATION: &str = "fanout.dev/service-config";
-pub const POLICY_ANNOTATION: &str = "fanout.dev/policy";
+pub const SERVICE_CONFIG_ANNOTATION: &str = crate::annotations::SERVICE_CONFIG;
+pub const POLICY_ANNOTATION: &str = crate::annotations::POLICY;
 
 /// `(namespace, name)` of a Service.
 pub type ServiceKey = (String, String);

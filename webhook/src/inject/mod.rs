@@ -356,6 +356,7 @@ pub fn render_config(
                     source,
                 );
                 upstream.health_check = health_check.cloned();
+                upstream.service_config = r.service_config.clone();
                 upstream
             })
             .collect(),

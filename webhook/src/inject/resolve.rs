@@ -8,9 +8,10 @@
 //! which Kubernetes DNS answers with each pod's own port; a number is an A/AAAA lookup dialled
 //! on the pods' port.
 
+use fanout_proxy_config::service_config::ServiceConfig;
 use fanout_proxy_config::{Discovery, DnsDiscovery, ServicePort as ConfigPort, SrvDiscovery};
 
-use crate::annotations::UPSTREAMS;
+use crate::annotations::{SERVICE_CONFIG, UPSTREAMS};
 use crate::lookup::{Lookup, ServiceInfo, TargetPort};
 use crate::upstreams::{PortRef, UpstreamRef};
 
@@ -23,6 +24,9 @@ pub struct ResolvedUpstream {
     pub namespace: String,
     /// DNS discovery: the proxy's only source without the discovery server, its fallback with.
     pub dns: Discovery,
+    /// The Service's gRPC service config, when it has a valid one: rendered into the proxy
+    /// config, so it applies without the discovery server too (which keeps it live).
+    pub service_config: Option<serde_json::Value>,
 }
 
 impl ResolvedUpstream {
@@ -56,6 +60,13 @@ pub fn resolve(
         ))
     };
     let a = |port: u16| Discovery::Dns(DnsDiscovery::new(dns_name.clone(), port));
+    let service_config = match lookup {
+        Lookup::Found(info) => info
+            .service_config
+            .as_deref()
+            .and_then(|text| checked_service_config(text, &service, warnings)),
+        _ => None,
+    };
     let dns = match (lookup, &upstream.port) {
         (Lookup::Found(info), port) => {
             if !info.headless && !discovery {
@@ -86,7 +97,29 @@ pub fn resolve(
         name: upstream.qualified_name(pod_namespace),
         namespace: namespace.to_string(),
         dns,
+        service_config,
     })
+}
+
+/// The Service's service config if it is valid. An invalid one is the Service owner's to fix,
+/// not a reason to refuse the caller's pod: it is left out, and the warning (shown by
+/// `kubectl` on the pod's create or apply) names every fault.
+fn checked_service_config(
+    text: &str,
+    service: &str,
+    warnings: &mut Vec<String>,
+) -> Option<serde_json::Value> {
+    match ServiceConfig::parse(text) {
+        Ok(_) => serde_json::from_str(text).ok(),
+        Err(faults) => {
+            warnings.push(format!(
+                "fanout: Service {service} annotation {SERVICE_CONFIG} is invalid and not \
+                 applied: {}",
+                faults.lines().join("; ")
+            ));
+            None
+        }
+    }
 }
 
 /// Without a Service to read: a name is SRV, a number is dialled as given.

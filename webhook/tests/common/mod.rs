@@ -52,6 +52,7 @@ pub fn catalogue() -> StaticLookup {
                 port: 50051,
                 target: TargetPort::Same,
             }],
+            service_config: None,
         },
     )
 }
