@@ -844,7 +844,8 @@ async fn a_refused_subscription_turns_to_dns_at_once() {
 /// A method timeout declared on the Service (`fanout.dev/service-config`) reaches a running
 /// proxy through the discovery server and ends that method's calls at its deadline; other
 /// methods are not limited; a change that does not parse is logged with its path and leaves
-/// the last valid config in force; removing the annotation lifts the limit.
+/// the last valid config in force; removing the annotation lifts the limit. Then a whole-call
+/// limit (`fanout.dev/policy` `request_timeout`) arrives the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_timeout_declared_on_the_service_reaches_running_proxies() {
     use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
@@ -936,4 +937,112 @@ async fn a_method_timeout_declared_on_the_service_reaches_running_proxies() {
     setup.api.apply(annotated(None));
     tokio::time::sleep(Duration::from_secs(1)).await;
     app.unary(slow()).await.unwrap();
+
+    // fanout.dev/policy's whole-call limit acts live too, on every method.
+    let mut service = app_service();
+    service["metadata"]["annotations"] =
+        json!({"fanout.dev/policy": r#"{"request_timeout": "300ms"}"#});
+    setup.api.apply(service);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let took = ended_early(&mut app, slow()).await;
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(900),
+        "{took:?}"
+    );
+    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+    let endpoints: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    assert_eq!(
+        endpoints["upstreams"][0]["policy"]["request_timeout_ms"], 300,
+        "{endpoints:#}"
+    );
+}
+
+/// A canary declared on the Service (`fanout.dev/policy` `split`): `app` 90, `app-canary` 10.
+/// The proxy subscribed to `app` gets both Services' endpoints and sends the canary its share
+/// of 10,000 calls within ±2 percentage points; when the canary's only pod leaves, `app`
+/// takes every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_sends_the_canary_its_share() {
+    use fanout_e2e::backend::proto::EchoRequest;
+    let setup = Setup::new().await;
+    let (port, stats) = spawn_backends(4, Behaviour::default()).await;
+    let mut app = app_service();
+    app["metadata"]["annotations"] = json!({"fanout.dev/policy":
+        r#"{"split": [{"service": "app", "weight": 90}, {"service": "app-canary", "weight": 10}]}"#});
+    setup.api.apply(app);
+    setup.api.apply(service(
+        "shop",
+        "app-canary",
+        false,
+        &[("grpc", 80, json!("rpc"))],
+    ));
+    let stable: Vec<SliceEndpoint> = (0..3).map(|i| SliceEndpoint::ready(pod_ip(i))).collect();
+    setup.api.apply(endpoint_slice(
+        "shop",
+        "app-1",
+        "app",
+        ("grpc", port),
+        &stable,
+    ));
+    let canary_slice = |endpoints: &[SliceEndpoint]| {
+        endpoint_slice(
+            "shop",
+            "app-canary-1",
+            "app-canary",
+            ("grpc", port),
+            endpoints,
+        )
+    };
+    setup
+        .api
+        .apply(canary_slice(&[SliceEndpoint::ready(pod_ip(3))]));
+    let _server = setup.start_server(&[]);
+    let (config, local) = subscribed_proxy_config(&setup);
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut expected: Vec<String> = (0..4).map(|i| format!("{}:{port}", pod_ip(i))).collect();
+    expected.sort();
+    wait_for_addresses(&proxy, &expected).await;
+
+    let calls = 10_000;
+    let callers = 4;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let mut app = client(local).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..calls / callers {
+                app.unary(EchoRequest::default()).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let served: Vec<u64> = stats
+        .iter()
+        .map(|s| s.calls.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(served.iter().sum::<u64>(), calls);
+    let canary_percent = served[3] as f64 * 100.0 / calls as f64;
+    eprintln!("split 90/10: calls per backend {served:?}, canary {canary_percent:.2} %");
+    assert!(
+        (8.0..=12.0).contains(&canary_percent),
+        "the canary took {canary_percent:.2} % of {calls} calls: {served:?}"
+    );
+    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+    let endpoints: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    assert_eq!(
+        endpoints["upstreams"][0]["split"][1],
+        json!({"service": "shop/app-canary", "weight": 10, "endpoints": 1, "ready": 1}),
+        "{endpoints:#}"
+    );
+
+    // The canary's pod goes: every call to `app`, none failing.
+    setup.api.apply(canary_slice(&[]));
+    wait_for_addresses(&proxy, &expected[..3]).await;
+    let before = stats[3].calls.load(Ordering::SeqCst);
+    let mut app = client(local).await;
+    for _ in 0..200 {
+        app.unary(EchoRequest::default()).await.unwrap();
+    }
+    assert_eq!(stats[3].calls.load(Ordering::SeqCst), before);
 }

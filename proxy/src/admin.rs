@@ -17,8 +17,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::grpc_health::AppHealth;
-use crate::metrics::{DiscoverySourceLabels, EndpointStateLabels, Metrics, UpstreamLabels};
+use crate::metrics::{AnnotationLabels, DiscoverySourceLabels, EndpointStateLabels, Metrics};
+use crate::service_config::{Annotation, Applied};
 use crate::upstream::Upstream;
+use fanout_proxy_config::policy::Policy;
 
 pub struct Admin {
     /// Replaced when a config reload changes the upstreams.
@@ -161,12 +163,18 @@ impl Admin {
                     })
                     .set(i64::from(status.source == source));
             }
-            self.metrics
-                .service_config_rejected
-                .get_or_create(&UpstreamLabels {
-                    upstream: upstream.name.to_string(),
-                })
-                .set(i64::from(upstream.service_config.is_rejected()));
+            for (annotation, rejected) in [
+                (Applied::NAME, upstream.service_config.is_rejected()),
+                (Policy::NAME, upstream.policy.is_rejected()),
+            ] {
+                self.metrics
+                    .annotation_rejected
+                    .get_or_create(&AnnotationLabels {
+                        upstream: upstream.name.to_string(),
+                        annotation,
+                    })
+                    .set(i64::from(rejected));
+            }
             for (state, count) in upstream.state_counts() {
                 self.metrics
                     .endpoints

@@ -79,7 +79,7 @@ impl Forwarder {
         // Service's service config for this method, whichever are set.
         let timeout = [
             grpc::parse_timeout(&parts.headers),
-            upstream.config.timeouts.request,
+            upstream.request_timeout(),
             method.and_then(|m| m.timeout),
         ]
         .into_iter()

@@ -7,7 +7,7 @@
 //! - `server`: the h2c listener of each upstream; a task per stream.
 //! - `forward`: one call: pick, open upstream, move both ways, deadline, retries.
 //! - `pump`: one direction of a stream under flow control, kept for replay while it fits.
-//! - `retry`: the retry budget.
+//! - `retry`: the retry budget, retry throttling, and backoff.
 //! - `accounting`: per-call and per-attempt bookkeeping (drain, metrics, ejection).
 //! - `failure_log`: a rate-limited line for every call the proxy fails or sees reset.
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
@@ -19,6 +19,7 @@
 //! - `health`: active `grpc.health.v1` checks.
 //! - `grpc_health`: `GET /grpc-health`, the pod's own `grpc.health.v1` for HTTP health checkers.
 //! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
+//! - `split`: a weighted split of an upstream over Services (a canary).
 //! - `latency`: each endpoint's latency estimate, aged in time and in calls.
 //! - `discover`: an upstream's discovery: static, DNS (A/AAAA, SRV), or the discovery server.
 //! - `subscribe`: the discovery server's stream of snapshots, with DNS as fallback.
@@ -50,6 +51,7 @@ pub mod retry;
 pub mod server;
 pub mod service_config;
 pub mod serving;
+pub mod split;
 pub mod subscribe;
 pub mod upstream;
 pub mod wait;

@@ -30,6 +30,13 @@ pub struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnnotationLabels {
+    pub upstream: String,
+    /// `fanout.dev/service-config` or `fanout.dev/policy`.
+    pub annotation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointStateLabels {
     pub upstream: String,
     pub state: &'static str,
@@ -51,7 +58,7 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     retries_refused: Family<UpstreamLabels, Counter>,
     retries_throttled: Family<UpstreamLabels, Counter>,
-    pub service_config_rejected: Family<UpstreamLabels, Gauge>,
+    pub annotation_rejected: Family<AnnotationLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -102,12 +109,12 @@ impl Default for Metrics {
             "Retries not made because the Service's retryThrottling held them back",
             retries_throttled.clone(),
         );
-        let service_config_rejected = Family::<UpstreamLabels, Gauge>::default();
+        let annotation_rejected = Family::<AnnotationLabels, Gauge>::default();
         registry.register(
-            "fanout_proxy_service_config_rejected",
-            "1 while the Service's latest fanout.dev/service-config is invalid (the last valid \
-             one stays in force; /endpoints names the faults)",
-            service_config_rejected.clone(),
+            "fanout_proxy_service_annotation_rejected",
+            "1 while the upstream Service's latest fanout.dev/service-config or fanout.dev/policy \
+             is invalid (the last valid one stays in force; /endpoints names the faults)",
+            annotation_rejected.clone(),
         );
         Self {
             registry,
@@ -118,7 +125,7 @@ impl Default for Metrics {
             retries,
             retries_refused,
             retries_throttled,
-            service_config_rejected,
+            annotation_rejected,
         }
     }
 }

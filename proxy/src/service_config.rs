@@ -1,15 +1,41 @@
-//! The upstream Service's gRPC service config, as the discovery server delivers it (the
-//! `fanout.dev/service-config` annotation, verbatim): kept parsed for the calls, replaced when
-//! the annotation changes, and kept as it was when a change does not parse — the owner's
-//! mistake is logged with every fault's path, counted, shown in `/endpoints`, and calls go on
-//! under the last valid config.
+//! The upstream Service's policy annotations as the discovery server delivers them
+//! (`fanout.dev/service-config` and `fanout.dev/policy`, verbatim): kept parsed for the calls,
+//! replaced when an annotation changes, and kept as it was when a change does not parse — the
+//! owner's mistake is logged with every fault's path, shown in `/endpoints` and the metrics,
+//! and calls go on under the last valid one.
 
 use std::sync::{Arc, Mutex, RwLock};
 
+use fanout_proxy_config::Faults;
+use fanout_proxy_config::policy::Policy;
 use fanout_proxy_config::service_config::{MethodConfig, RetryPolicy, STATUS_CODES, ServiceConfig};
 use serde_json::{Value, json};
 
 use crate::retry::Throttle;
+
+/// A document a Service annotation holds.
+pub trait Annotation: Sized {
+    const NAME: &'static str;
+    fn parse(text: &str) -> Result<Self, Faults>;
+}
+
+impl Annotation for Applied {
+    const NAME: &'static str = "fanout.dev/service-config";
+    fn parse(text: &str) -> Result<Self, Faults> {
+        let config = ServiceConfig::parse(text)?;
+        Ok(Self {
+            throttle: config.retry_throttling.as_ref().map(Throttle::new),
+            config,
+        })
+    }
+}
+
+impl Annotation for Policy {
+    const NAME: &'static str = "fanout.dev/policy";
+    fn parse(text: &str) -> Result<Self, Faults> {
+        Policy::parse(text)
+    }
+}
 
 /// A service config in force, with the state it keeps while in force (retry throttling's
 /// tokens start afresh when the config changes).
@@ -27,14 +53,26 @@ pub enum Update {
     Rejected,
 }
 
-#[derive(Default)]
-pub struct ServiceConfigCell {
+/// One annotation of the Service, live.
+pub struct Live<T> {
     /// The annotation last seen, so an unchanged one is not parsed (or reported) again.
     text: Mutex<String>,
-    current: RwLock<Option<Arc<Applied>>>,
+    current: RwLock<Option<Arc<T>>>,
     /// The faults of the last text seen, when it did not parse.
     rejected: Mutex<Option<Vec<String>>>,
 }
+
+impl<T> Default for Live<T> {
+    fn default() -> Self {
+        Self {
+            text: Mutex::default(),
+            current: RwLock::new(None),
+            rejected: Mutex::default(),
+        }
+    }
+}
+
+pub type ServiceConfigCell = Live<Applied>;
 
 /// The method config that applies to one call, held for the call's life: a config change
 /// mid-call does not change the rules under it.
@@ -57,7 +95,7 @@ impl CallPolicy {
     }
 }
 
-impl ServiceConfigCell {
+impl<T: Annotation> Live<T> {
     /// Applies the annotation's text (empty: the Service has none).
     pub fn update(&self, upstream: &str, text: &str) -> Update {
         {
@@ -70,15 +108,12 @@ impl ServiceConfigCell {
         let parsed = if text.trim().is_empty() {
             None
         } else {
-            match ServiceConfig::parse(text) {
-                Ok(config) => Some(Arc::new(Applied {
-                    throttle: config.retry_throttling.as_ref().map(Throttle::new),
-                    config,
-                })),
+            match T::parse(text) {
+                Ok(parsed) => Some(Arc::new(parsed)),
                 Err(faults) => {
                     let faults = faults.lines();
-                    tracing::warn!(upstream, faults = %faults.join("; "),
-                        "the Service's fanout.dev/service-config is invalid; the last valid one stays in force");
+                    tracing::warn!(upstream, annotation = T::NAME, faults = %faults.join("; "),
+                        "the Service's annotation is invalid; the last valid one stays in force");
                     *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(faults);
                     return Update::Rejected;
                 }
@@ -86,14 +121,59 @@ impl ServiceConfigCell {
         };
         tracing::info!(
             upstream,
+            annotation = T::NAME,
             present = parsed.is_some(),
-            "service config applied"
+            "Service annotation applied"
         );
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = parsed;
         Update::Applied
     }
 
+    /// What is in force.
+    pub fn current(&self) -> Option<Arc<T>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the latest text did not parse (and an older one, or none, is in force).
+    pub fn is_rejected(&self) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The faults of a rejected change, for `/endpoints`.
+    fn rejected_json(&self) -> Value {
+        json!(
+            self.rejected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        )
+    }
+}
+
+impl Live<Policy> {
+    /// For `/endpoints`: the settings in force that act live (the rest were rendered at
+    /// injection), and a rejected change's faults.
+    pub fn state_json(&self) -> Value {
+        let current = self.current();
+        json!({
+            "present": current.is_some(),
+            "request_timeout_ms": current.as_ref().and_then(|p| p.request_timeout)
+                .map(|t| t.as_millis() as u64),
+            "ejection": current.as_ref().and_then(|p| p.ejection.as_ref())
+                .map(|e| json!({"consecutive_failures": e.consecutive_failures})),
+            "rejected_change": self.rejected_json(),
+        })
+    }
+}
+
+impl Live<Applied> {
     /// The method config for a call to `path`, if the Service declares one that applies.
     pub fn for_call(&self, path: &str) -> Option<CallPolicy> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
@@ -105,25 +185,12 @@ impl ServiceConfigCell {
         })
     }
 
-    /// Whether the latest text did not parse (and an older config, or none, is in force).
-    pub fn is_rejected(&self) -> bool {
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
     /// What is in force, for `/endpoints`: each method config's names, timeout, waitForReady
     /// and retry policy (its retryable codes by name: retrying anything but a call that never
     /// reached a backend is the Service owner's choice, and shown as such), and the faults of
     /// a rejected change.
     pub fn state_json(&self) -> Value {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        let rejected = self
-            .rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let current = self.current();
         let methods: Vec<Value> = current
             .iter()
             .flat_map(|applied| applied.config.methods.iter())
@@ -134,7 +201,7 @@ impl ServiceConfigCell {
             "methods": methods,
             "retry_throttling": current.as_ref().and_then(|a| a.config.retry_throttling.as_ref())
                 .map(|t| json!({"max_tokens": t.max_tokens, "token_ratio": t.token_ratio})),
-            "rejected_change": rejected,
+            "rejected_change": self.rejected_json(),
         })
     }
 }

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::discover::{DiscoveryClient, dns_loop};
+use crate::split::SplitSpec;
 use crate::upstream::Upstream;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -46,6 +47,30 @@ pub fn addresses(snapshot: &Snapshot) -> Vec<SocketAddr> {
         .filter(|e| e.serving)
         .filter_map(parse)
         .collect()
+}
+
+/// The snapshot's weighted split, if it has one: the targets and each endpoint's Service.
+pub fn split_of(snapshot: &Snapshot) -> Option<SplitSpec> {
+    if snapshot.split.is_empty() {
+        return None;
+    }
+    let service_of = snapshot
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let ip: IpAddr = e.ip.parse().ok()?;
+            let port = u16::try_from(e.port).ok()?;
+            Some((SocketAddr::new(ip, port), e.service.clone()))
+        })
+        .collect();
+    Some(SplitSpec {
+        targets: snapshot
+            .split
+            .iter()
+            .map(|t| (t.service.clone(), t.weight))
+            .collect(),
+        service_of,
+    })
 }
 
 fn request(config: &EndpointsDiscovery) -> WatchRequest {
@@ -191,8 +216,14 @@ fn apply(upstream: &Arc<Upstream>, snapshot: &Snapshot) {
     let _ = upstream
         .service_config
         .update(&upstream.name, service_config);
+    let policy = snapshot
+        .policy
+        .as_ref()
+        .map_or("", |p| p.fanout_policy.as_str());
+    let _ = upstream.policy.update(&upstream.name, policy);
     let addrs = addresses(snapshot);
     upstream.set_addresses(&addrs);
+    upstream.set_split(split_of(snapshot));
     let error = addrs.is_empty().then(|| {
         if snapshot.reason.is_empty() {
             format!(

@@ -18,7 +18,10 @@ use crate::endpoint::{Endpoint, Events, State};
 use crate::failure_log::FailureLog;
 use crate::latency::Clock;
 use crate::retry::Budget;
-use crate::service_config::ServiceConfigCell;
+use crate::service_config::{Live, ServiceConfigCell};
+use crate::split::{Split, SplitSpec};
+use fanout_proxy_config::Ejection;
+use fanout_proxy_config::policy::Policy;
 
 /// Streams in flight across the proxy, and when that last changed: the drain waits on it.
 pub struct Activity {
@@ -87,6 +90,12 @@ pub struct Upstream {
     /// The Service's own service config (from the discovery server): per-method timeouts,
     /// retry policies, waitForReady and retry throttling.
     pub service_config: ServiceConfigCell,
+    /// The Service's `fanout.dev/policy` (from the discovery server): its request timeout and
+    /// ejection act live; its split arrives resolved in the snapshots.
+    pub policy: Live<Policy>,
+    /// A weighted split over Services, when the discovery server delivers one.
+    split_spec: Mutex<Option<SplitSpec>>,
+    split: RwLock<Option<Arc<Split<Endpoint>>>>,
 }
 
 /// The proxy counts as ready to serve once every upstream's discovery answered, or after this
@@ -140,6 +149,9 @@ impl Upstream {
             discovery_task: Mutex::new(None),
             started: Instant::now(),
             service_config: ServiceConfigCell::default(),
+            policy: Live::default(),
+            split_spec: Mutex::new(None),
+            split: RwLock::new(None),
         });
         if let Some(rendered) = &upstream.config.service_config {
             // Checked when the config was read; a discovery server's live one replaces it.
@@ -208,6 +220,12 @@ impl Upstream {
         if let Ok(mut slot) = self.endpoints.write() {
             *slot = Arc::new(next);
         }
+        self.regroup(
+            self.split_spec
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref(),
+        );
         let events: Arc<dyn Events> = Arc::new(UpstreamEvents(Arc::downgrade(self)));
         for endpoint in added {
             for slot in 0..endpoint.pool_size() {
@@ -233,9 +251,36 @@ impl Upstream {
         self.pick_until(Some(Instant::now() + wait)).await
     }
 
-    /// A ready endpoint now, if there is one.
+    /// A ready endpoint now, if there is one (with a split: of the Service drawn by weight).
     pub fn try_pick(&self) -> Option<Arc<Endpoint>> {
-        self.picker.pick(&self.endpoints())
+        let split = self.split.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match split {
+            Some(split) => split.pick(|members| self.picker.pick(members)),
+            None => self.picker.pick(&self.endpoints()),
+        }
+    }
+
+    /// Applies a split (after [`Self::set_addresses`], whose endpoints it groups); `None`: no
+    /// split.
+    pub fn set_split(&self, spec: Option<SplitSpec>) {
+        let mut current = self.split_spec.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != spec {
+            tracing::info!(upstream = %self.name, split = ?spec.as_ref().map(|s| &s.targets),
+                "split changed");
+        }
+        *current = spec;
+        self.regroup(current.as_ref());
+        self.changed.notify_waiters();
+    }
+
+    /// Groups the current endpoints by the split's Services. Endpoints the split does not
+    /// know (DNS's, while the discovery server is away) are balanced as one set instead.
+    fn regroup(&self, spec: Option<&SplitSpec>) {
+        let split = spec
+            .map(|spec| Split::new(spec, &self.endpoints(), |e| e.addr))
+            .filter(Split::covers_any)
+            .map(Arc::new);
+        *self.split.write().unwrap_or_else(|e| e.into_inner()) = split;
     }
 
     /// An endpoint for a new stream, waiting until `deadline` (`None`: for as long as it
@@ -251,6 +296,20 @@ impl Upstream {
                 None => changed.await,
             }
         }
+    }
+
+    /// The whole-call limit: the Service's policy's, else the config's.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        self.policy
+            .current()
+            .and_then(|p| p.request_timeout)
+            .or(self.config.timeouts.request)
+    }
+
+    /// The ejection rules: the Service's policy's, else the config's.
+    fn ejection<'a>(&'a self, live: Option<&'a Policy>) -> &'a Ejection {
+        live.and_then(|p| p.ejection.as_ref())
+            .unwrap_or(&self.config.ejection)
     }
 
     /// Where the upstream is, in time and in calls, for aging latency samples.
@@ -272,7 +331,8 @@ impl Upstream {
     /// Counts a finished call against `endpoint`, ejecting it when it keeps failing — but never
     /// more endpoints than `max_ejected_percent` allows (the panic threshold).
     pub fn record_outcome(&self, endpoint: &Endpoint, grpc_status: Option<u16>) {
-        let policy = &self.config.ejection;
+        let live = self.policy.current();
+        let policy = self.ejection(live.as_deref());
         if !endpoint.record_outcome(
             crate::eject::is_failure(grpc_status),
             policy.consecutive_failures,
@@ -400,6 +460,9 @@ impl Upstream {
             },
             "endpoints": endpoints,
             "service_config": self.service_config.state_json(),
+            "policy": self.policy.state_json(),
+            "split": self.split.read().unwrap_or_else(|e| e.into_inner()).as_ref()
+                .map(|split| split.state_json()),
         })
     }
 

@@ -17,6 +17,8 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
     /// The `fanout.dev/service-config` annotation's text, if it has one.
     pub service_config: Option<String>,
+    /// The `fanout.dev/policy` annotation's text, if it has one.
+    pub policy: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,17 +79,20 @@ impl ServiceInfo {
                 })
             })
             .collect();
-        let service_config = service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(crate::annotations::SERVICE_CONFIG))
-            .cloned();
+        let annotation = |name: &str| {
+            service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(name))
+                .cloned()
+        };
         Self {
             headless: spec.cluster_ip.as_deref() == Some("None"),
             cluster_ip: spec.cluster_ip,
             ports,
-            service_config,
+            service_config: annotation(crate::annotations::SERVICE_CONFIG),
+            policy: annotation(crate::annotations::POLICY),
         }
     }
 }

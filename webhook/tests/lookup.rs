@@ -54,6 +54,10 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
                         "tuned",
                         r#"{"methodConfig": [{"name": [{"service": "shop.v1.Cart"}],
                             "timeout": "0.2s"}]}"#,
+                        r#"{"request_timeout": "60s", "balancer": "least_request",
+                            "health_check": {"interval": "5s", "timeout": "2s",
+                                "healthy_threshold": 2, "unhealthy_threshold": 3},
+                            "ejection": {"consecutive_failures": 7}}"#,
                     ),
                 ),
                 "/api/v1/namespaces/shop/services/broken" => (
@@ -61,6 +65,7 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
                     headless_with_service_config(
                         "broken",
                         r#"{"methodConfig": [{"timeout": "soon", "retryPolicy": {}}]}"#,
+                        r#"{"balancer": "random"}"#,
                     ),
                 ),
                 p if p.starts_with("/api/v1/namespaces/locked/") => (403, status(403, "Forbidden")),
@@ -77,11 +82,16 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
     kube::Client::new(service, "default")
 }
 
-fn headless_with_service_config(name: &str, service_config: &str) -> serde_json::Value {
+fn headless_with_service_config(
+    name: &str,
+    service_config: &str,
+    policy: &str,
+) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "shop",
-                     "annotations": {"fanout.dev/service-config": service_config}},
+                     "annotations": {"fanout.dev/service-config": service_config,
+                                     "fanout.dev/policy": policy}},
         "spec": {"clusterIP": "None", "ports": [{"name": "grpc", "port": 50051}]}
     })
 }
@@ -204,7 +214,7 @@ async fn admission_renders_what_the_api_says() {
 /// Without the discovery server the webhook is the only way a Service's service config reaches
 /// its callers: a valid one is rendered into the proxy config; an invalid one is left out and
 /// the caller's pod is admitted with a warning naming every fault (the owner's mistake must
-/// not block the callers).
+/// not block the callers). Likewise `fanout.dev/policy`, whose settings replace the defaults.
 #[tokio::test]
 async fn admission_renders_the_service_s_service_config_and_warns_of_an_invalid_one() {
     let lookup = KubeLookup::new(
@@ -234,8 +244,35 @@ async fn admission_renders_the_service_s_service_config_and_warns_of_an_invalid_
         Some(json!({"methodConfig": [{"name": [{"service": "shop.v1.Cart"}], "timeout": "0.2s"}]}))
     );
     assert_eq!(config.upstreams[1].service_config, None);
+    let tuned = &config.upstreams[0];
+    assert_eq!(tuned.timeouts.request, Some(Duration::from_secs(60)));
+    assert_eq!(tuned.balancer, fanout_proxy_config::Balancer::LeastRequest);
+    let check = tuned
+        .health_check
+        .as_ref()
+        .expect("the policy's health check");
+    assert_eq!(
+        (
+            check.interval,
+            check.timeout,
+            check.healthy_threshold,
+            check.unhealthy_threshold
+        ),
+        (Duration::from_secs(5), Duration::from_secs(2), 2, 3)
+    );
+    assert_eq!(tuned.ejection.consecutive_failures, 7);
+    let broken = &config.upstreams[1];
+    assert_eq!(broken.balancer, fanout_proxy_config::Balancer::PeakEwma);
+    assert!(broken.health_check.is_none());
     let warnings = answer.warnings();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[1].contains(
+            "Service shop/broken annotation fanout.dev/policy is invalid and not applied: \
+             balancer: unknown balancer \"random\""
+        ),
+        "{warnings:?}"
+    );
     for expected in [
         "Service shop/broken annotation fanout.dev/service-config is invalid and not applied",
         "methodConfig[0].timeout: \"soon\"",

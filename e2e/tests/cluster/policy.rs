@@ -5,7 +5,9 @@
 //!   `maxAttempts: 1` about 10 % fail (the policy decides, not a default);
 //! - the edit reaches a running proxy within 1 s (measured on its `/endpoints`);
 //! - a `timeout` of 200 ms on a method whose backend sleeps 1 s ends those calls with
-//!   DEADLINE_EXCEEDED at about 200 ms (the caller proxy's duration histogram).
+//!   DEADLINE_EXCEEDED at about 200 ms (the caller proxy's duration histogram);
+//! - a canary split declared in `fanout.dev/policy` (`stable` 90, `canary` 10) holds within
+//!   ±2 percentage points over 10,000 calls.
 
 use std::time::{Duration, Instant};
 
@@ -179,4 +181,36 @@ pub async fn run(client: &Client, namespace: &str) {
         "calls ended before the 200 ms timeout"
     );
     assert_eq!(all, in_time, "calls ran past 410 ms");
+
+    // A canary: calls to `stable` split 90 / 10 with the `canary` Service.
+    deploy_with(client, namespace, "canary", false, &[], json!({})).await;
+    deploy_with(
+        client,
+        namespace,
+        "stable",
+        false,
+        &[],
+        json!({"fanout.dev/policy": json!({"split": [
+            {"service": "stable", "weight": 90}, {"service": "canary", "weight": 10}]}).to_string()}),
+    )
+    .await;
+    let calls = 10_000;
+    let upstreams = json!({"fanout.dev/upstreams": "stable:grpc"});
+    create_pod(&pods, gateway("gateway-split", calls, 4, 8, upstreams)).await;
+    let report = finished_report(&pods, "gateway-split", "gateway").await;
+    eprintln!("gateway-split: {report}");
+    assert_eq!(report["failures"], json!({}), "{report}");
+    let backends: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(report["backends"].clone()).unwrap();
+    let to_canary: u64 = backends
+        .iter()
+        .filter(|(pod, _)| pod.starts_with("canary-"))
+        .map(|(_, n)| n)
+        .sum();
+    let percent = to_canary as f64 * 100.0 / f64::from(calls);
+    eprintln!("gateway-split: canary {percent:.2} % of {calls} calls");
+    assert!(
+        (8.0..=12.0).contains(&percent),
+        "the canary took {percent:.2} % of {calls} calls: {report}"
+    );
 }

@@ -252,3 +252,41 @@ impl Call<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pushback(value: Option<&str>) -> Pushback {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = value {
+            headers.insert("grpc-retry-pushback-ms", value.parse().unwrap());
+        }
+        Pushback::of(&headers)
+    }
+
+    /// gRFC A6: a non-negative integer is the wait before the next attempt; anything else
+    /// present means "do not retry".
+    #[test]
+    fn pushback_is_a_wait_or_a_stop() {
+        assert!(matches!(pushback(None), Pushback::Absent));
+        assert!(
+            matches!(pushback(Some("250")), Pushback::Wait(d) if d == Duration::from_millis(250))
+        );
+        assert!(matches!(pushback(Some("0")), Pushback::Wait(d) if d.is_zero()));
+        for stop in ["-1", "soon", "1.5", ""] {
+            assert!(matches!(pushback(Some(stop)), Pushback::Stop), "{stop:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_stream_is_unavailable_and_retry_reasons_name_the_code() {
+        let reset = |reason| h2::Error::from(reason);
+        assert_eq!(
+            status_of_error(&reset(Reason::REFUSED_STREAM)),
+            grpc::UNAVAILABLE
+        );
+        assert_eq!(policy_reason(Some(grpc::UNAVAILABLE)), "policy:UNAVAILABLE");
+        assert_eq!(policy_reason(None), "policy:per_attempt_timeout");
+    }
+}

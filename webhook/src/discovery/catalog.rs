@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use fanout_discovery::v1::{Endpoint, Policy, Snapshot};
+use fanout_discovery::v1::{Endpoint, Policy, Snapshot, SplitTarget};
+use fanout_proxy_config::policy::Policy as FanoutPolicy;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -25,6 +26,9 @@ pub type ServiceKey = (String, String);
 struct ServiceEntry {
     info: ServiceInfo,
     policy: Policy,
+    /// The weighted split its `fanout.dev/policy` declares (the last valid one when a change
+    /// does not parse: the proxies keep theirs too); empty: none.
+    split: Vec<(ServiceKey, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +55,8 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     )
 }
 
-fn service_entry(service: &Service) -> ServiceEntry {
+/// `previous`: what was stored for the Service, whose split stays when the policy is invalid.
+fn service_entry(service: &Service, previous: Option<&ServiceEntry>) -> ServiceEntry {
     let annotation = |name: &str| {
         service
             .metadata
@@ -61,12 +66,33 @@ fn service_entry(service: &Service) -> ServiceEntry {
             .cloned()
             .unwrap_or_default()
     };
+    let fanout_policy = annotation(POLICY_ANNOTATION);
+    let namespace = service.metadata.namespace.clone().unwrap_or_default();
+    let split = if fanout_policy.trim().is_empty() {
+        Vec::new()
+    } else {
+        match FanoutPolicy::parse(&fanout_policy) {
+            Ok(policy) => policy
+                .split
+                .iter()
+                .map(|target| {
+                    let key = match target.service.split_once('.') {
+                        Some((name, namespace)) => (namespace.to_string(), name.to_string()),
+                        None => (namespace.clone(), target.service.clone()),
+                    };
+                    (key, target.weight)
+                })
+                .collect(),
+            Err(_) => previous.map(|p| p.split.clone()).unwrap_or_default(),
+        }
+    };
     ServiceEntry {
         info: ServiceInfo::from_service(service),
         policy: Policy {
             service_config: annotation(SERVICE_CONFIG_ANNOTATION),
-            fanout_policy: annotation(POLICY_ANNOTATION),
+            fanout_policy,
         },
+        split,
     }
 }
 
@@ -117,6 +143,7 @@ fn slice_entry(slice: &EndpointSlice) -> Option<SliceEntry> {
                 zone: endpoint.zone.clone().unwrap_or_default(),
                 node: endpoint.node_name.clone().unwrap_or_default(),
                 pod: pod.clone(),
+                service: String::new(),
             });
         }
     }
@@ -138,7 +165,7 @@ impl Catalog {
     /// Stores a Service; returns it when what proxies see of it changed.
     pub fn apply_service(&mut self, service: &Service) -> Option<ServiceKey> {
         let key = key_of(&service.metadata);
-        let entry = service_entry(service);
+        let entry = service_entry(service, self.services.get(&key));
         if self.services.get(&key) == Some(&entry) {
             return None;
         }
@@ -200,7 +227,11 @@ impl Catalog {
     pub fn replace_services(&mut self, services: &[Service]) -> BTreeSet<ServiceKey> {
         let next: HashMap<ServiceKey, ServiceEntry> = services
             .iter()
-            .map(|s| (key_of(&s.metadata), service_entry(s)))
+            .map(|s| {
+                let key = key_of(&s.metadata);
+                let entry = service_entry(s, self.services.get(&key));
+                (key, entry)
+            })
             .collect();
         let mut changed: BTreeSet<ServiceKey> = self
             .services
@@ -255,15 +286,89 @@ impl Catalog {
         self.slices.len()
     }
 
+    /// The Services whose endpoints the upstream of `service` shows besides its own: the
+    /// targets of its split. A subscription listens to their changes too.
+    pub fn split_targets(&self, service: &ServiceKey) -> Vec<ServiceKey> {
+        self.services
+            .get(service)
+            .into_iter()
+            .flat_map(|entry| entry.split.iter())
+            .map(|(target, _)| target.clone())
+            .filter(|target| target != service)
+            .collect()
+    }
+
     /// The upstream as a proxy should see it now (`version` left 0 for the caller to set).
+    /// With a split, the endpoints of every target Service (the same port, by name or number),
+    /// each tagged with its Service.
     pub fn snapshot(&self, upstream: &UpstreamKey) -> Snapshot {
-        let (namespace, name) = &upstream.service;
         let not_found = |reason: String| Snapshot {
             reason,
             ..Snapshot::default()
         };
         let Some(service) = self.services.get(&upstream.service) else {
+            let (namespace, name) = &upstream.service;
             return not_found(format!("Service {namespace}/{name} not found"));
+        };
+        if service.split.is_empty() {
+            return match self.endpoints_of(&upstream.service, &upstream.port) {
+                Ok(endpoints) => Self::found(&upstream.service, service, endpoints, Vec::new()),
+                Err(reason) => not_found(reason),
+            };
+        }
+        let mut endpoints = Vec::new();
+        let mut reasons = Vec::new();
+        let mut split = Vec::new();
+        for (target, weight) in &service.split {
+            let name = format!("{}/{}", target.0, target.1);
+            match self.endpoints_of(target, &upstream.port) {
+                Ok(found) if found.is_empty() => {
+                    reasons.push(format!("Service {name} has no endpoints"));
+                }
+                Ok(found) => endpoints.extend(found.into_iter().map(|mut e| {
+                    e.service.clone_from(&name);
+                    e
+                })),
+                Err(reason) => reasons.push(reason),
+            }
+            split.push(SplitTarget {
+                service: name,
+                weight: *weight,
+            });
+        }
+        let mut snapshot = Self::found(&upstream.service, service, endpoints, split);
+        // Said even when other targets have endpoints: a canary that is not there is news.
+        snapshot.reason = reasons.join("; ");
+        snapshot
+    }
+
+    fn found(
+        key: &ServiceKey,
+        service: &ServiceEntry,
+        endpoints: Vec<Endpoint>,
+        split: Vec<SplitTarget>,
+    ) -> Snapshot {
+        let reason = if endpoints.is_empty() {
+            let (namespace, name) = key;
+            format!("Service {namespace}/{name} has no endpoints")
+        } else {
+            String::new()
+        };
+        Snapshot {
+            version: 0,
+            service_found: true,
+            endpoints,
+            reason,
+            policy: Some(service.policy.clone()),
+            split,
+        }
+    }
+
+    /// Every endpoint of one Service port; `Err`: the Service or the port does not exist.
+    fn endpoints_of(&self, key: &ServiceKey, port: &PortRef) -> Result<Vec<Endpoint>, String> {
+        let (namespace, name) = key;
+        let Some(service) = self.services.get(key) else {
+            return Err(format!("Service {namespace}/{name} not found"));
         };
         let ports = &service.info.ports;
         // The slice port to read: by the Service port's name ("" when unnamed), or, for a number
@@ -272,11 +377,11 @@ impl Catalog {
             Name(String),
             PodPort(u16),
         }
-        let wanted = match &upstream.port {
+        let wanted = match port {
             PortRef::Name(want) => match ports.iter().find(|p| p.name.as_deref() == Some(want)) {
                 Some(_) => Wanted::Name(want.clone()),
                 None => {
-                    return not_found(format!(
+                    return Err(format!(
                         "Service {namespace}/{name} has no port named {want:?}"
                     ));
                 }
@@ -291,7 +396,7 @@ impl Catalog {
             }
         };
         let mut endpoints: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
-        for slice_name in self.slices_of.get(&upstream.service).into_iter().flatten() {
+        for slice_name in self.slices_of.get(key).into_iter().flatten() {
             let Some(slice) = self.slices.get(&(namespace.clone(), slice_name.clone())) else {
                 continue;
             };
@@ -322,18 +427,7 @@ impl Catalog {
                 merged.terminating &= endpoint.terminating;
             }
         }
-        let reason = if endpoints.is_empty() {
-            format!("Service {namespace}/{name} has no endpoints")
-        } else {
-            String::new()
-        };
-        Snapshot {
-            version: 0,
-            service_found: true,
-            endpoints: endpoints.into_values().collect(),
-            reason,
-            policy: Some(service.policy.clone()),
-        }
+        Ok(endpoints.into_values().collect())
     }
 }
 

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use fanout_discovery::v1::discovery_server::Discovery;
 use fanout_discovery::v1::{Snapshot, WatchRequest, watch_request};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::catalog::UpstreamKey;
+use super::catalog::{ServiceKey, UpstreamKey};
 use super::hub::Hub;
 use crate::metrics::{Metrics, RefusedLabels};
 use crate::server::Peer;
@@ -197,6 +197,8 @@ async fn send_snapshots(
     open: OpenWatch,
 ) {
     let mut changed = hub.subscribe(&upstream.service);
+    // The Services a split sends calls to: their changes change this upstream too.
+    let mut targets: Vec<(ServiceKey, watch::Receiver<u64>)> = Vec::new();
     // Before the first lists are in, the catalog is empty: answering then would take every
     // endpoint away from a proxy that reconnects to a replica just started.
     tokio::select! {
@@ -207,7 +209,24 @@ async fn send_snapshots(
     let mut version = 0;
     loop {
         changed.borrow_and_update();
-        let snapshot = hub.read(|catalog| catalog.snapshot(&upstream));
+        let (snapshot, wanted) = hub.read(|catalog| {
+            (
+                catalog.snapshot(&upstream),
+                catalog.split_targets(&upstream.service),
+            )
+        });
+        if targets.iter().map(|(key, _)| key).ne(wanted.iter()) {
+            targets = wanted
+                .into_iter()
+                .map(|key| {
+                    let signal = hub.subscribe(&key);
+                    (key, signal)
+                })
+                .collect();
+        }
+        for (_, signal) in &mut targets {
+            signal.borrow_and_update();
+        }
         if last.as_ref() != Some(&snapshot) {
             version += 1;
             let mut sent = snapshot.clone();
@@ -218,8 +237,18 @@ async fn send_snapshots(
             open.metrics.discovery_snapshots.inc();
             last = Some(snapshot);
         }
+        let target_changed = async {
+            if targets.is_empty() {
+                return std::future::pending().await;
+            }
+            let signals = targets
+                .iter_mut()
+                .map(|(_, signal)| Box::pin(signal.changed()));
+            let _ = futures::future::select_all(signals).await;
+        };
         tokio::select! {
             result = changed.changed() => if result.is_err() { return },
+            () = target_changed => {}
             () = tx.closed() => return,
         }
     }

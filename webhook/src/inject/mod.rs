@@ -11,6 +11,7 @@ pub mod resolve;
 use std::collections::BTreeMap;
 use std::fmt;
 
+use fanout_proxy_config::policy::Policy;
 use fanout_proxy_config::{
     ADMIN_PORT, Discovery, DiscoveryServer, EndpointsDiscovery, GrpcHealth, HealthCheck,
     ProxyConfig, UpstreamConfig,
@@ -355,8 +356,14 @@ pub fn render_config(
                     std::net::SocketAddr::from(([127, 0, 0, 1], r.upstream.local_port)),
                     source,
                 );
-                upstream.health_check = health_check.cloned();
                 upstream.service_config = r.service_config.clone();
+                if let Some(policy) = &r.policy {
+                    apply_policy(&mut upstream, policy);
+                }
+                // The caller's own fanout.dev/health-check, when it asks for checks, wins.
+                if let Some(check) = health_check {
+                    upstream.health_check = Some(check.clone());
+                }
                 upstream
             })
             .collect(),
@@ -366,6 +373,22 @@ pub fn render_config(
         config.discovery_server = discovery.cloned();
     }
     config
+}
+
+/// The Service owner's `fanout.dev/policy` over the chart's defaults.
+fn apply_policy(upstream: &mut UpstreamConfig, policy: &Policy) {
+    if let Some(check) = &policy.health_check {
+        upstream.health_check = Some(check.clone());
+    }
+    if let Some(ejection) = &policy.ejection {
+        upstream.ejection = ejection.clone();
+    }
+    if let Some(timeout) = policy.request_timeout {
+        upstream.timeouts.request = Some(timeout);
+    }
+    if let Some(balancer) = policy.balancer {
+        upstream.balancer = balancer;
+    }
 }
 
 /// The whole decision for one pod object as the API server sent it.

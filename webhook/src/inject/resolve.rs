@@ -8,10 +8,11 @@
 //! which Kubernetes DNS answers with each pod's own port; a number is an A/AAAA lookup dialled
 //! on the pods' port.
 
+use fanout_proxy_config::policy::Policy;
 use fanout_proxy_config::service_config::ServiceConfig;
 use fanout_proxy_config::{Discovery, DnsDiscovery, ServicePort as ConfigPort, SrvDiscovery};
 
-use crate::annotations::{SERVICE_CONFIG, UPSTREAMS};
+use crate::annotations::{POLICY, SERVICE_CONFIG, UPSTREAMS};
 use crate::lookup::{Lookup, ServiceInfo, TargetPort};
 use crate::upstreams::{PortRef, UpstreamRef};
 
@@ -27,6 +28,9 @@ pub struct ResolvedUpstream {
     /// The Service's gRPC service config, when it has a valid one: rendered into the proxy
     /// config, so it applies without the discovery server too (which keeps it live).
     pub service_config: Option<serde_json::Value>,
+    /// The Service's `fanout.dev/policy`, when it has a valid one: its settings replace the
+    /// chart's defaults in the rendered upstream.
+    pub policy: Option<Policy>,
 }
 
 impl ResolvedUpstream {
@@ -60,12 +64,16 @@ pub fn resolve(
         ))
     };
     let a = |port: u16| Discovery::Dns(DnsDiscovery::new(dns_name.clone(), port));
-    let service_config = match lookup {
-        Lookup::Found(info) => info
-            .service_config
-            .as_deref()
-            .and_then(|text| checked_service_config(text, &service, warnings)),
-        _ => None,
+    let (service_config, policy) = match lookup {
+        Lookup::Found(info) => (
+            info.service_config
+                .as_deref()
+                .and_then(|text| checked_service_config(text, &service, warnings)),
+            info.policy
+                .as_deref()
+                .and_then(|text| checked_policy(text, &service, warnings)),
+        ),
+        _ => (None, None),
     };
     let dns = match (lookup, &upstream.port) {
         (Lookup::Found(info), port) => {
@@ -98,7 +106,21 @@ pub fn resolve(
         namespace: namespace.to_string(),
         dns,
         service_config,
+        policy,
     })
+}
+
+/// The Service's `fanout.dev/policy` if it is valid; as for the service config, an invalid one
+/// is left out with a warning.
+fn checked_policy(text: &str, service: &str, warnings: &mut Vec<String>) -> Option<Policy> {
+    Policy::parse(text)
+        .map_err(|faults| {
+            warnings.push(format!(
+                "fanout: Service {service} annotation {POLICY} is invalid and not applied: {}",
+                faults.lines().join("; ")
+            ));
+        })
+        .ok()
 }
 
 /// The Service's service config if it is valid. An invalid one is the Service owner's to fix,

@@ -53,6 +53,7 @@ pub fn catalogue() -> StaticLookup {
                 target: TargetPort::Same,
             }],
             service_config: None,
+            policy: None,
         },
     )
 }

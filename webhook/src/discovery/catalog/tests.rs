@@ -221,3 +221,90 @@ fn missing_services_and_ports_say_why() {
     assert!(snapshot.service_found);
     assert_eq!(snapshot.reason, "Service shop/app has no endpoints");
 }
+
+/// A split on `app` (90 to itself, 10 to `app-canary`): its snapshot holds both Services'
+/// endpoints, each tagged, and the weights; `app-canary`'s changes are `app`'s too. An invalid
+/// policy edit keeps the last valid split.
+#[test]
+fn a_split_shows_every_target_s_endpoints_tagged_with_their_service() {
+    let mut catalog = Catalog::default();
+    let with_policy = |name: &str, policy: &str| {
+        let mut service = service("shop", name, json!([{"name": "grpc", "port": 80}]));
+        service
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("fanout.dev/policy".into(), policy.into());
+        service
+    };
+    let split =
+        r#"{"split": [{"service": "app", "weight": 90}, {"service": "app-canary", "weight": 10}]}"#;
+    catalog.apply_service(&with_policy("app", split));
+    catalog.apply_service(&service(
+        "shop",
+        "app-canary",
+        json!([{"name": "grpc", "port": 80}]),
+    ));
+    catalog.apply_slice(&slice(
+        "app-1",
+        "app",
+        json!([{"name": "grpc", "port": 8080}]),
+        &[
+            ("10.0.0.1", Some(true), None, None),
+            ("10.0.0.2", Some(true), None, None),
+        ],
+    ));
+    let upstream = key(PortRef::Name("grpc".into()));
+    let snapshot = catalog.snapshot(&upstream);
+    assert_eq!(
+        snapshot.reason, "Service shop/app-canary has no endpoints",
+        "the missing canary is said"
+    );
+    assert_eq!(
+        catalog.split_targets(&upstream.service),
+        [("shop".to_string(), "app-canary".to_string())]
+    );
+    catalog.apply_slice(&slice(
+        "app-canary-1",
+        "app-canary",
+        json!([{"name": "grpc", "port": 9090}]),
+        &[("10.0.1.1", Some(true), None, None)],
+    ));
+    let snapshot = catalog.snapshot(&upstream);
+    let tagged: Vec<(String, String)> = snapshot
+        .endpoints
+        .iter()
+        .map(|e| (format!("{}:{}", e.ip, e.port), e.service.clone()))
+        .collect();
+    assert_eq!(
+        tagged,
+        [
+            ("10.0.0.1:8080".to_string(), "shop/app".to_string()),
+            ("10.0.0.2:8080".to_string(), "shop/app".to_string()),
+            ("10.0.1.1:9090".to_string(), "shop/app-canary".to_string()),
+        ]
+    );
+    let weights: Vec<(String, u32)> = snapshot
+        .split
+        .iter()
+        .map(|t| (t.service.clone(), t.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("shop/app".to_string(), 90),
+            ("shop/app-canary".to_string(), 10)
+        ]
+    );
+    assert_eq!(snapshot.reason, "");
+
+    // An edit that does not parse: the proxies keep their last valid policy, so does the split.
+    catalog.apply_service(&with_policy("app", r#"{"split": [{"service": "app"}]}"#));
+    assert_eq!(catalog.snapshot(&upstream).split.len(), 2);
+    // Removed: the Service's own endpoints again, untagged.
+    catalog.apply_service(&with_policy("app", "{}"));
+    let snapshot = catalog.snapshot(&upstream);
+    assert!(snapshot.split.is_empty());
+    assert_eq!(addresses(&snapshot), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+    assert!(snapshot.endpoints.iter().all(|e| e.service.is_empty()));
+}

@@ -12,6 +12,7 @@ fn service(headless: bool, ports: Vec<ServicePort>) -> Lookup {
         cluster_ip: Some(if headless { "None" } else { "10.96.0.10" }.into()),
         ports,
         service_config: None,
+        policy: None,
     })
 }
 
