@@ -129,6 +129,8 @@ class DefaultInstall(unittest.TestCase):
             {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
              "verbs": ["list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"],
+             "verbs": ["create", "patch"]},
             {"apiGroups": ["admissionregistration.k8s.io"],
              "resources": ["mutatingwebhookconfigurations"],
              "resourceNames": [names["FANOUT_WEBHOOK_CONFIGURATION"]], "verbs": ["get", "patch"]}])
@@ -255,7 +257,9 @@ class CertManager(unittest.TestCase):
         self.assertEqual(rules(objects, "ClusterRole"), [
             {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-             "verbs": ["list", "watch"]}])
+             "verbs": ["list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"],
+             "verbs": ["create", "patch"]}])
 
     def test_a_given_issuer_signs_and_no_issuer_is_created(self):
         ref = {"name": "corp-ca", "kind": "ClusterIssuer"}

@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -55,6 +55,8 @@ struct Store {
     log: Vec<(u64, Kind, &'static str, Value)>,
     /// `LIST services`, `WATCH endpointslices`, …
     requests: Vec<String>,
+    /// Events created (`events.k8s.io/v1`), as posted.
+    events: Vec<Value>,
 }
 
 #[derive(Clone)]
@@ -115,6 +117,19 @@ impl KubeApi {
                         s.0.serve(Kind::EndpointSlice, q.0)
                     }),
                 )
+                .route(
+                    "/apis/events.k8s.io/v1/namespaces/{namespace}/events",
+                    post(
+                        |s: State<KubeApi>, _: Path<String>, body: axum::Json<Value>| async move {
+                            let mut event = body.0;
+                            let mut store = s.0.store.lock().unwrap();
+                            store.version += 1;
+                            event["metadata"]["resourceVersion"] = json!(store.version.to_string());
+                            store.events.push(event.clone());
+                            (StatusCode::CREATED, axum::Json(event))
+                        },
+                    ),
+                )
                 .with_state(api.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         api
@@ -152,6 +167,11 @@ impl KubeApi {
     }
 
     /// The requests served so far, as `LIST services` or `WATCH endpointslices`.
+    /// The Events created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.store.lock().unwrap().events.clone()
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.store.lock().unwrap().requests.clone()
     }

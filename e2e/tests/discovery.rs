@@ -933,6 +933,21 @@ async fn a_method_timeout_declared_on_the_service_reaches_running_proxies() {
             && logged.contains("the last valid one stays in force"),
         "{logged}"
     );
+    // The owner sees it on the Service: a Warning Event naming the fault.
+    let events = setup.api.events();
+    let event = events
+        .iter()
+        .find(|e| e["reason"] == "InvalidServiceConfig")
+        .unwrap_or_else(|| panic!("no Event: {events:#?}"));
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "Service");
+    assert_eq!(event["regarding"]["name"], "app");
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("fanout.dev/service-config is invalid and not applied")
+            && note.contains("methodConfig[0].timeout"),
+        "{note}"
+    );
 
     setup.api.apply(annotated(None));
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -5,10 +5,12 @@
 //! - `catalog`: Services and slices boiled down, and one upstream's snapshot (pure).
 //! - `hub`: the catalog shared by the watch and the subscriptions, with a signal per Service.
 //! - `watch`: the two Kubernetes watches feeding the hub.
+//! - `report`: a Warning Event on a Service whose policy annotations do not parse.
 //! - `service`: the gRPC service, its limits and its answers to malformed requests.
 
 pub mod catalog;
 pub mod hub;
+pub mod report;
 pub mod service;
 pub mod watch;
 

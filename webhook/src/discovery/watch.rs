@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use super::catalog::Catalog;
 use super::hub::Hub;
+use super::report::ServiceEvents;
 use crate::tls::error_chain;
 
 /// Applies one resource's events to the catalog.
@@ -25,6 +26,8 @@ trait Feed: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static 
     fn apply(catalog: &mut Catalog, object: &Self) -> Vec<(String, String)>;
     fn delete(catalog: &mut Catalog, object: &Self) -> Vec<(String, String)>;
     fn replace(catalog: &mut Catalog, objects: &[Self]) -> Vec<(String, String)>;
+    /// Seen in a list or a change: a chance to tell the object's owner something.
+    fn observe(_object: &Self, _events: &Arc<ServiceEvents>) {}
 }
 
 impl Feed for Service {
@@ -37,6 +40,9 @@ impl Feed for Service {
     }
     fn replace(catalog: &mut Catalog, objects: &[Self]) -> Vec<(String, String)> {
         catalog.replace_services(objects).into_iter().collect()
+    }
+    fn observe(object: &Self, events: &Arc<ServiceEvents>) {
+        events.observe(object);
     }
 }
 
@@ -56,6 +62,7 @@ impl Feed for EndpointSlice {
 /// Runs both watches for ever (the watcher re-lists and backs off by itself on errors); the hub
 /// counts as synced once both first lists are in.
 pub async fn run(client: Client, hub: Arc<Hub>) {
+    let events = ServiceEvents::new(client.clone());
     let services_listed = Arc::new(AtomicBool::new(false));
     let slices_listed = Arc::new(AtomicBool::new(false));
     let synced = {
@@ -76,9 +83,16 @@ pub async fn run(client: Client, hub: Arc<Hub>) {
             Api::all(client.clone()),
             hub.clone(),
             services_listed,
-            &synced
+            &synced,
+            &events,
         ),
-        feed::<EndpointSlice>(Api::all(client), hub.clone(), slices_listed, &synced),
+        feed::<EndpointSlice>(
+            Api::all(client),
+            hub.clone(),
+            slices_listed,
+            &synced,
+            &events
+        ),
     );
 }
 
@@ -87,6 +101,7 @@ async fn feed<K: Feed>(
     hub: Arc<Hub>,
     listed: Arc<AtomicBool>,
     synced: &(dyn Fn() + Send + Sync),
+    owners: &Arc<ServiceEvents>,
 ) {
     let config = watcher::Config::default();
     let mut events = watcher::watcher(api, config)
@@ -99,14 +114,20 @@ async fn feed<K: Feed>(
     loop {
         match events.next().await {
             Some(Ok(Event::Init)) => buffer.clear(),
-            Some(Ok(Event::InitApply(object))) => buffer.push(object),
+            Some(Ok(Event::InitApply(object))) => {
+                K::observe(&object, owners);
+                buffer.push(object);
+            }
             Some(Ok(Event::InitDone)) => {
                 let objects = std::mem::take(&mut buffer);
                 hub.update(|catalog| K::replace(catalog, &objects));
                 listed.store(true, Ordering::Relaxed);
                 synced();
             }
-            Some(Ok(Event::Apply(object))) => hub.update(|catalog| K::apply(catalog, &object)),
+            Some(Ok(Event::Apply(object))) => {
+                K::observe(&object, owners);
+                hub.update(|catalog| K::apply(catalog, &object));
+            }
             Some(Ok(Event::Delete(object))) => hub.update(|catalog| K::delete(catalog, &object)),
             Some(Err(error)) => {
                 tracing::warn!(kind = K::KIND, %error, "discovery: watch failed; retrying");
