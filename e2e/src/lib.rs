@@ -4,6 +4,7 @@
 //! # Layout
 //! - `backend`: the tonic test backend (every call kind, its id in replies, delays, errors).
 //! - `backend_process`: the test backend as a process (graceful stop, `kill -9`, restart).
+//! - `discovery_setup`: the discovery server against the stand-in API, and proxies subscribed.
 //! - `dns`: a test DNS server whose records tests change.
 //! - `fleet`: a proxy over backends named by the test DNS server, and what tests ask of it.
 //! - `bench`: percentiles and process CPU for the benchmarks.
@@ -23,6 +24,7 @@ pub mod backend;
 pub mod backend_process;
 pub mod bench;
 pub mod bins;
+pub mod discovery_setup;
 pub mod dns;
 pub mod fixtures;
 pub mod fleet;

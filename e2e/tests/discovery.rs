@@ -8,98 +8,19 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fanout_certs::{Ca, service_dns_names, write_bundle};
-use fanout_discovery::v1::discovery_client::DiscoveryClient;
 use fanout_discovery::v1::{Snapshot, WatchRequest, watch_request};
 use fanout_e2e::backend::Behaviour;
-use fanout_e2e::fleet::{client, endpoint_states};
-use fanout_e2e::kube_api::{Kind, KubeApi, SliceEndpoint, endpoint_slice, service};
+use fanout_e2e::discovery_setup::{
+    Setup, app_service, subscribed_proxy_config, wait_for_addresses,
+};
+use fanout_e2e::fleet::client;
+use fanout_e2e::kube_api::{Kind, SliceEndpoint, endpoint_slice, service};
 use fanout_e2e::open_load::Load;
-use fanout_e2e::proxy::{
-    ProxyProcess, free_port, loopback_config, pod_ip, spawn_backends, spawn_backends_on,
-};
-use fanout_e2e::webhook::{WebhookProcess, kubeconfig};
-use fanout_proxy_config::{
-    Discovery, DiscoveryServer, DnsDiscovery, EndpointsDiscovery, ProxyConfig, ServicePort,
-};
+use fanout_e2e::proxy::{ProxyProcess, loopback_config, pod_ip, spawn_backends, spawn_backends_on};
+use fanout_e2e::webhook::WebhookProcess;
+use fanout_proxy_config::{Discovery, DnsDiscovery, ProxyConfig};
 use serde_json::json;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Streaming};
-
-/// The stand-in API, a serving certificate for 127.0.0.1 and a fixed discovery port, so a
-/// restarted server is found where the proxies look.
-struct Setup {
-    api: KubeApi,
-    dir: tempfile::TempDir,
-    ca_pem: String,
-    port: u16,
-}
-
-impl Setup {
-    async fn new() -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::generate("discovery test CA", Duration::from_secs(3600)).unwrap();
-        let names = service_dns_names("fanout-webhook", "fanout-system", "cluster.local");
-        let serving = ca
-            .issue_serving(
-                &names,
-                &["127.0.0.1".parse().unwrap()],
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        write_bundle(dir.path(), &ca, &serving).unwrap();
-        Self {
-            api: KubeApi::start().await,
-            ca_pem: ca.cert_pem().to_string(),
-            dir,
-            port: free_port(),
-        }
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// `fanout-webhook serve` with the discovery server on, rendering it into configs.
-    fn start_server(&self, extra: &[&str]) -> WebhookProcess {
-        let config = kubeconfig(self.dir.path(), self.api.addr);
-        let address = self.address();
-        let mut args = vec![
-            "--no-lookup",
-            "--discovery-listen",
-            &address,
-            "--discovery-address",
-            &address,
-            "--discovery-exclude-namespaces",
-            "kube-system,fanout-system",
-        ];
-        args.extend(extra);
-        WebhookProcess::start(self.dir.path(), &args, &[("KUBECONFIG", &config)]).unwrap()
-    }
-
-    fn discovery_server(&self) -> DiscoveryServer {
-        DiscoveryServer {
-            address: self.address(),
-            ca: self.ca_pem.clone(),
-        }
-    }
-
-    /// One HTTP/2 connection to the server, as one proxy holds.
-    async fn connect(&self) -> DiscoveryClient<Channel> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .domain_name("127.0.0.1");
-        let channel = Endpoint::from_shared(format!("https://{}", self.address()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        DiscoveryClient::new(channel)
-    }
-}
 
 fn watch_request(namespace: &str, service: &str, port: watch_request::Port) -> WatchRequest {
     WatchRequest {
@@ -136,11 +57,6 @@ fn summary(snapshot: &Snapshot) -> Vec<String> {
             format!("{}:{} {state}", e.ip, e.port)
         })
         .collect()
-}
-
-fn app_service() -> serde_json::Value {
-    // The port most charts write: a name, targeting the container port by name.
-    service("shop", "app", false, &[("grpc", 80, json!("rpc"))])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,25 +328,6 @@ async fn a_thousand_subscribers_share_one_watch() {
     );
 }
 
-/// A proxy whose one upstream subscribes to shop/app, with DNS (that never answers) as fallback.
-fn subscribed_proxy_config(setup: &Setup) -> (ProxyConfig, SocketAddr) {
-    let fallback = Discovery::Dns(DnsDiscovery {
-        nameservers: vec!["127.0.0.1:9".parse().unwrap()],
-        ..DnsDiscovery::new("app.shop.svc.cluster.local", 1)
-    });
-    let (mut config, local) = loopback_config(
-        Discovery::Endpoints(EndpointsDiscovery::new(
-            "shop",
-            "app",
-            ServicePort::Name("grpc".into()),
-            fallback,
-        )),
-        |_| {},
-    );
-    config.discovery_server = Some(setup.discovery_server());
-    (config, local)
-}
-
 /// The test DNS server answering `app.<namespace>.svc.cluster.local` with `count` backends on
 /// 127.0.0.2…, and their port.
 async fn backends_in_dns(namespace: &str, count: usize) -> (fanout_e2e::dns::DnsServer, u16) {
@@ -461,26 +358,6 @@ fn proxy_with_dns_fallback(
         });
     }
     (config, local)
-}
-
-async fn wait_for_addresses(proxy: &ProxyProcess, expected: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut seen: Vec<String> = endpoint_states(proxy)
-            .await
-            .into_iter()
-            .map(|e| e.address)
-            .collect();
-        seen.sort();
-        if seen == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "endpoints {seen:?}, expected {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -839,225 +716,4 @@ async fn a_refused_subscription_turns_to_dns_at_once() {
     app.unary(fanout_e2e::backend::proto::EchoRequest::default())
         .await
         .unwrap();
-}
-
-/// A method timeout declared on the Service (`fanout.dev/service-config`) reaches a running
-/// proxy through the discovery server and ends that method's calls at its deadline; other
-/// methods are not limited; a change that does not parse is logged with its path and leaves
-/// the last valid config in force; removing the annotation lifts the limit. Then a whole-call
-/// limit (`fanout.dev/policy` `request_timeout`) arrives the same way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_method_timeout_declared_on_the_service_reaches_running_proxies() {
-    use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
-    let setup = Setup::new().await;
-    let (port, _stats) = spawn_backends(2, Behaviour::default()).await;
-    let annotated = |service_config: Option<&str>| {
-        let mut service = app_service();
-        if let Some(text) = service_config {
-            service["metadata"]["annotations"] = json!({"fanout.dev/service-config": text});
-        }
-        service
-    };
-    setup.api.apply(annotated(None));
-    let endpoints = [
-        SliceEndpoint::ready(pod_ip(0)),
-        SliceEndpoint::ready(pod_ip(1)),
-    ];
-    setup.api.apply(endpoint_slice(
-        "shop",
-        "app-1",
-        "app",
-        ("grpc", port),
-        &endpoints,
-    ));
-    let _server = setup.start_server(&[]);
-    let (config, local) = subscribed_proxy_config(&setup);
-    let log = setup.dir.path().join("proxy.log");
-    let proxy = ProxyProcess::start_logged(&config, &log).await.unwrap();
-    let mut expected: Vec<String> = (0..2).map(|i| format!("{}:{port}", pod_ip(i))).collect();
-    expected.sort();
-    wait_for_addresses(&proxy, &expected).await;
-    let mut app = client(local).await;
-    let slow = || EchoRequest {
-        delay_ms: 1000,
-        ..Default::default()
-    };
-    // A call ended by the proxy at the Service's deadline, and how long it took.
-    async fn ended_early(
-        app: &mut fanout_e2e::backend::proto::test_client::TestClient<Channel>,
-        request: EchoRequest,
-    ) -> Duration {
-        let started = Instant::now();
-        let status = app.unary(request).await.unwrap_err();
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-        started.elapsed()
-    }
-
-    app.unary(slow()).await.unwrap();
-
-    setup.api.apply(annotated(Some(
-        r#"{"methodConfig": [{"name": [{"service": "fanout.test.v1.Test", "method": "Unary"}],
-            "timeout": "0.2s"}]}"#,
-    )));
-    // Live within a second, without a restart.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let took = ended_early(&mut app, slow()).await;
-    assert!(
-        took >= Duration::from_millis(180) && took < Duration::from_millis(800),
-        "{took:?}"
-    );
-    // A server stream of 600 ms is another method: not limited.
-    let mut stream = app
-        .server_stream(StreamRequest {
-            count: 2,
-            interval_ms: 300,
-            reply_bytes: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut messages = 0;
-    while stream.message().await.unwrap().is_some() {
-        messages += 1;
-    }
-    assert_eq!(messages, 2);
-
-    setup.api.apply(annotated(Some(
-        r#"{"methodConfig": [{"timeout": "soon"}]}"#,
-    )));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    ended_early(&mut app, slow()).await;
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        logged.contains("methodConfig[0].timeout: \\\"soon\\\" is not a duration")
-            && logged.contains("the last valid one stays in force"),
-        "{logged}"
-    );
-    // The owner sees it on the Service: a Warning Event naming the fault.
-    let events = setup.api.events();
-    let event = events
-        .iter()
-        .find(|e| e["reason"] == "InvalidServiceConfig")
-        .unwrap_or_else(|| panic!("no Event: {events:#?}"));
-    assert_eq!(event["type"], "Warning");
-    assert_eq!(event["regarding"]["kind"], "Service");
-    assert_eq!(event["regarding"]["name"], "app");
-    let note = event["note"].as_str().unwrap();
-    assert!(
-        note.starts_with("fanout.dev/service-config is invalid and not applied")
-            && note.contains("methodConfig[0].timeout"),
-        "{note}"
-    );
-
-    setup.api.apply(annotated(None));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    app.unary(slow()).await.unwrap();
-
-    // fanout.dev/policy's whole-call limit acts live too, on every method.
-    let mut service = app_service();
-    service["metadata"]["annotations"] =
-        json!({"fanout.dev/policy": r#"{"request_timeout": "300ms"}"#});
-    setup.api.apply(service);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let took = ended_early(&mut app, slow()).await;
-    assert!(
-        took >= Duration::from_millis(280) && took < Duration::from_millis(900),
-        "{took:?}"
-    );
-    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
-    let endpoints: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
-    assert_eq!(
-        endpoints["upstreams"][0]["policy"]["request_timeout_ms"], 300,
-        "{endpoints:#}"
-    );
-}
-
-/// A canary declared on the Service (`fanout.dev/policy` `split`): `app` 90, `app-canary` 10.
-/// The proxy subscribed to `app` gets both Services' endpoints and sends the canary its share
-/// of 10,000 calls within ±2 percentage points; when the canary's only pod leaves, `app`
-/// takes every call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_weighted_split_sends_the_canary_its_share() {
-    use fanout_e2e::backend::proto::EchoRequest;
-    let setup = Setup::new().await;
-    let (port, stats) = spawn_backends(4, Behaviour::default()).await;
-    let mut app = app_service();
-    app["metadata"]["annotations"] = json!({"fanout.dev/policy":
-        r#"{"split": [{"service": "app", "weight": 90}, {"service": "app-canary", "weight": 10}]}"#});
-    setup.api.apply(app);
-    setup.api.apply(service(
-        "shop",
-        "app-canary",
-        false,
-        &[("grpc", 80, json!("rpc"))],
-    ));
-    let stable: Vec<SliceEndpoint> = (0..3).map(|i| SliceEndpoint::ready(pod_ip(i))).collect();
-    setup.api.apply(endpoint_slice(
-        "shop",
-        "app-1",
-        "app",
-        ("grpc", port),
-        &stable,
-    ));
-    let canary_slice = |endpoints: &[SliceEndpoint]| {
-        endpoint_slice(
-            "shop",
-            "app-canary-1",
-            "app-canary",
-            ("grpc", port),
-            endpoints,
-        )
-    };
-    setup
-        .api
-        .apply(canary_slice(&[SliceEndpoint::ready(pod_ip(3))]));
-    let _server = setup.start_server(&[]);
-    let (config, local) = subscribed_proxy_config(&setup);
-    let proxy = ProxyProcess::start(&config).await.unwrap();
-    let mut expected: Vec<String> = (0..4).map(|i| format!("{}:{port}", pod_ip(i))).collect();
-    expected.sort();
-    wait_for_addresses(&proxy, &expected).await;
-
-    let calls = 10_000;
-    let callers = 4;
-    let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let mut app = client(local).await;
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..calls / callers {
-                app.unary(EchoRequest::default()).await.unwrap();
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let served: Vec<u64> = stats
-        .iter()
-        .map(|s| s.calls.load(Ordering::SeqCst))
-        .collect();
-    assert_eq!(served.iter().sum::<u64>(), calls);
-    let canary_percent = served[3] as f64 * 100.0 / calls as f64;
-    eprintln!("split 90/10: calls per backend {served:?}, canary {canary_percent:.2} %");
-    assert!(
-        (8.0..=12.0).contains(&canary_percent),
-        "the canary took {canary_percent:.2} % of {calls} calls: {served:?}"
-    );
-    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
-    let endpoints: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
-    assert_eq!(
-        endpoints["upstreams"][0]["split"][1],
-        json!({"service": "shop/app-canary", "weight": 10, "endpoints": 1, "ready": 1}),
-        "{endpoints:#}"
-    );
-
-    // The canary's pod goes: every call to `app`, none failing.
-    setup.api.apply(canary_slice(&[]));
-    wait_for_addresses(&proxy, &expected[..3]).await;
-    let before = stats[3].calls.load(Ordering::SeqCst);
-    let mut app = client(local).await;
-    for _ in 0..200 {
-        app.unary(EchoRequest::default()).await.unwrap();
-    }
-    assert_eq!(stats[3].calls.load(Ordering::SeqCst), before);
 }
