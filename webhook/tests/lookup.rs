@@ -60,6 +60,15 @@ fn mock_api(paths: Arc<Mutex<Vec<String>>>, delay: Duration) -> kube::Client {
                             "ejection": {"consecutive_failures": 7}}"#,
                     ),
                 ),
+                "/api/v1/namespaces/shop/services/rr" => (
+                    200,
+                    headless_with_service_config(
+                        "rr",
+                        r#"{"loadBalancingConfig": [{"pick_first": {}}, {"round_robin": {}}],
+                            "healthCheckConfig": {"serviceName": "shop.v1.Cart"}}"#,
+                        r#"{"health_check": {"interval": "10s"}}"#,
+                    ),
+                ),
                 "/api/v1/namespaces/shop/services/broken" => (
                     200,
                     headless_with_service_config(
@@ -224,7 +233,7 @@ async fn admission_renders_the_service_s_service_config_and_warns_of_an_invalid_
     let admitter = admitter_with(Arc::new(lookup));
     let mut review = fixture("pod-generatename-no-volumes");
     review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
-        json!("tuned:grpc,broken:grpc");
+        json!("tuned:grpc,broken:grpc,rr:grpc");
     let answer = Answer::parse(
         &admitter
             .review(&serde_json::to_vec(&review).unwrap())
@@ -261,6 +270,14 @@ async fn admission_renders_the_service_s_service_config_and_warns_of_an_invalid_
         (Duration::from_secs(5), Duration::from_secs(2), 2, 3)
     );
     assert_eq!(tuned.ejection.consecutive_failures, 7);
+    // gRPC's own loadBalancingConfig and healthCheckConfig are rendered as settings.
+    let rr = &config.upstreams[2];
+    assert_eq!(rr.balancer, fanout_proxy_config::Balancer::RoundRobin);
+    let check = rr.health_check.as_ref().unwrap();
+    assert_eq!(
+        (check.interval, check.service.as_str()),
+        (Duration::from_secs(10), "shop.v1.Cart")
+    );
     let broken = &config.upstreams[1];
     assert_eq!(broken.balancer, fanout_proxy_config::Balancer::PeakEwma);
     assert!(broken.health_check.is_none());

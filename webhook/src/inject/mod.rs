@@ -357,8 +357,18 @@ pub fn render_config(
                     source,
                 );
                 upstream.service_config = r.service_config.clone();
+                if let Some(balancer) = r.balancer {
+                    upstream.balancer = balancer;
+                }
                 if let Some(policy) = &r.policy {
                     apply_policy(&mut upstream, policy);
+                }
+                // The owner's healthCheckConfig names what the owner's checks ask about.
+                if let (Some(check), Some(service)) =
+                    (&mut upstream.health_check, &r.health_check_service)
+                    && check.service.is_empty()
+                {
+                    check.service.clone_from(service);
                 }
                 // The caller's own fanout.dev/health-check, when it asks for checks, wins.
                 if let Some(check) = health_check {

@@ -28,6 +28,10 @@ pub struct ResolvedUpstream {
     /// The Service's gRPC service config, when it has a valid one: rendered into the proxy
     /// config, so it applies without the discovery server too (which keeps it live).
     pub service_config: Option<serde_json::Value>,
+    /// The service config's `loadBalancingConfig`, as fanout applies it.
+    pub balancer: Option<fanout_proxy_config::Balancer>,
+    /// The service config's `healthCheckConfig.serviceName`: what health checks ask about.
+    pub health_check_service: Option<String>,
     /// The Service's `fanout.dev/policy`, when it has a valid one: its settings replace the
     /// chart's defaults in the rendered upstream.
     pub policy: Option<Policy>,
@@ -100,12 +104,23 @@ pub fn resolve(
         }
         (Lookup::Skipped, port) => by_port(port, srv, a),
     };
+    // What the service config says of balancing and health checks is rendered as settings too.
+    let service_config = service_config.map(|value| {
+        let parsed = ServiceConfig::parse(&value.to_string()).ok();
+        (value, parsed)
+    });
     Ok(ResolvedUpstream {
         upstream: upstream.clone(),
         name: upstream.qualified_name(pod_namespace),
         namespace: namespace.to_string(),
         dns,
-        service_config,
+        balancer: service_config
+            .as_ref()
+            .and_then(|(_, c)| c.as_ref()?.balancer),
+        health_check_service: service_config
+            .as_ref()
+            .and_then(|(_, c)| c.as_ref()?.health_check_service.clone()),
+        service_config: service_config.map(|(value, _)| value),
         policy,
     })
 }
