@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::fleet::endpoint_states;
-use crate::kube_api::{KubeApi, service};
-use crate::proxy::{ProxyProcess, free_port, loopback_config};
+use crate::kube_api::{KubeApi, SliceEndpoint, endpoint_slice, service};
+use crate::proxy::{ProxyProcess, free_port, loopback_config, pod_ip};
 use crate::webhook::{WebhookProcess, kubeconfig};
 
 /// The stand-in API, a serving certificate for 127.0.0.1 and a fixed discovery port, so a
@@ -137,4 +137,38 @@ pub async fn wait_for_addresses(proxy: &ProxyProcess, expected: &[String]) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `shop/app`'s EndpointSlice listing `count` backends on 127.0.0.2… at `port`, the server
+/// started, and a proxy subscribed (logging into `log`, if given) that has them all: the
+/// server (keep it), the proxy, and the app's address of the upstream.
+pub async fn serve_app(
+    setup: &Setup,
+    port: u16,
+    count: usize,
+    log: Option<&std::path::Path>,
+) -> (WebhookProcess, ProxyProcess, SocketAddr) {
+    let endpoints: Vec<SliceEndpoint> = (0..count)
+        .map(|i| SliceEndpoint::ready(pod_ip(i)))
+        .collect();
+    setup.api.apply(endpoint_slice(
+        "shop",
+        "app-1",
+        "app",
+        ("grpc", port),
+        &endpoints,
+    ));
+    let server = setup.start_server(&[]);
+    let (config, local) = subscribed_proxy_config(setup);
+    let proxy = match log {
+        Some(log) => ProxyProcess::start_logged(&config, log).await,
+        None => ProxyProcess::start(&config).await,
+    }
+    .unwrap();
+    let mut expected: Vec<String> = (0..count)
+        .map(|i| format!("{}:{port}", pod_ip(i)))
+        .collect();
+    expected.sort();
+    wait_for_addresses(&proxy, &expected).await;
+    (server, proxy, local)
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use fanout_e2e::backend::Behaviour;
 use fanout_e2e::discovery_setup::{
-    Setup, app_service, subscribed_proxy_config, wait_for_addresses,
+    Setup, app_service, serve_app, subscribed_proxy_config, wait_for_addresses,
 };
 use fanout_e2e::fleet::client;
 use fanout_e2e::kube_api::{SliceEndpoint, endpoint_slice, service};
@@ -44,20 +44,7 @@ async fn a_retry_policy_changed_mid_load_applies_to_the_calls_after_it() {
     };
     let (port, _) = spawn_backends(4, flaky).await;
     setup.api.apply(with_service_config(&retry_config(5)));
-    let endpoints: Vec<SliceEndpoint> = (0..4).map(|i| SliceEndpoint::ready(pod_ip(i))).collect();
-    setup.api.apply(endpoint_slice(
-        "shop",
-        "app-1",
-        "app",
-        ("grpc", port),
-        &endpoints,
-    ));
-    let _server = setup.start_server(&[]);
-    let (config, local) = subscribed_proxy_config(&setup);
-    let proxy = ProxyProcess::start(&config).await.unwrap();
-    let mut expected: Vec<String> = (0..4).map(|i| format!("{}:{port}", pod_ip(i))).collect();
-    expected.sort();
-    wait_for_addresses(&proxy, &expected).await;
+    let (_server, _proxy, local) = serve_app(&setup, port, 4, None).await;
 
     let load = Load::start(local, 2, 300, 0).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -108,24 +95,8 @@ async fn a_method_timeout_declared_on_the_service_reaches_running_proxies() {
         service
     };
     setup.api.apply(annotated(None));
-    let endpoints = [
-        SliceEndpoint::ready(pod_ip(0)),
-        SliceEndpoint::ready(pod_ip(1)),
-    ];
-    setup.api.apply(endpoint_slice(
-        "shop",
-        "app-1",
-        "app",
-        ("grpc", port),
-        &endpoints,
-    ));
-    let _server = setup.start_server(&[]);
-    let (config, local) = subscribed_proxy_config(&setup);
     let log = setup.dir.path().join("proxy.log");
-    let proxy = ProxyProcess::start_logged(&config, &log).await.unwrap();
-    let mut expected: Vec<String> = (0..2).map(|i| format!("{}:{port}", pod_ip(i))).collect();
-    expected.sort();
-    wait_for_addresses(&proxy, &expected).await;
+    let (_server, proxy, local) = serve_app(&setup, port, 2, Some(&log)).await;
     let mut app = client(local).await;
     let slow = || EchoRequest {
         delay_ms: 1000,

@@ -105,6 +105,31 @@ fn headless_with_service_config(
     })
 }
 
+/// The pod fixture naming `upstreams`, admitted: the answer and the proxy config rendered.
+async fn admitted(
+    admitter: &fanout_webhook::admission::Admitter,
+    upstreams: &str,
+) -> (Answer, ProxyConfig) {
+    let mut review = fixture("pod-generatename-no-volumes");
+    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
+        json!(upstreams);
+    let answer = Answer::parse(
+        &admitter
+            .review(&serde_json::to_vec(&review).unwrap())
+            .await
+            .unwrap(),
+    );
+    assert!(answer.allowed(), "{:?}", answer.response);
+    let pod = answer.patched(&review);
+    let config = ProxyConfig::from_json(
+        pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    (answer, config)
+}
+
 #[tokio::test]
 async fn lookups_read_services_from_the_api() {
     let paths = Arc::new(Mutex::new(Vec::new()));
@@ -156,23 +181,12 @@ async fn admission_renders_what_the_api_says() {
         Duration::from_secs(2),
     );
     let admitter = admitter_with(Arc::new(lookup));
-    let mut review = fixture("pod-generatename-no-volumes");
-    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
-        json!("app:grpc,web:80,ghost:7000,x.locked:1,spirit:grpc");
-    let answer = Answer::parse(
-        &admitter
-            .review(&serde_json::to_vec(&review).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert!(answer.allowed());
-    let pod = answer.patched(&review);
-    let config = ProxyConfig::from_json(
-        pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
-            .as_str()
-            .unwrap(),
+    let (answer, config) = admitted(
+        &admitter,
+        "app:grpc,web:80,ghost:7000,x.locked:1,spirit:grpc",
     )
-    .unwrap();
+    .await;
+    let mut review = fixture("pod-generatename-no-volumes");
     let targets: Vec<(String, u16)> = config
         .upstreams
         .iter()
@@ -231,23 +245,7 @@ async fn admission_renders_the_service_s_service_config_and_warns_of_an_invalid_
         Duration::from_secs(2),
     );
     let admitter = admitter_with(Arc::new(lookup));
-    let mut review = fixture("pod-generatename-no-volumes");
-    review["request"]["object"]["metadata"]["annotations"]["fanout.dev/upstreams"] =
-        json!("tuned:grpc,broken:grpc,rr:grpc");
-    let answer = Answer::parse(
-        &admitter
-            .review(&serde_json::to_vec(&review).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert!(answer.allowed());
-    let pod = answer.patched(&review);
-    let config = ProxyConfig::from_json(
-        pod["metadata"]["annotations"]["fanout.dev/proxy-config"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let (answer, config) = admitted(&admitter, "tuned:grpc,broken:grpc,rr:grpc").await;
     assert_eq!(
         config.upstreams[0].service_config,
         Some(json!({"methodConfig": [{"name": [{"service": "shop.v1.Cart"}], "timeout": "0.2s"}]}))

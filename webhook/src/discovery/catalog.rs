@@ -15,9 +15,6 @@ use crate::upstreams::PortRef;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Policy annotations on a Service, passed to proxies verbatim.
-pub const SERVICE_CONFIG_ANNOTATION: &str = crate::annotations::SERVICE_CONFIG;
-pub const POLICY_ANNOTATION: &str = crate::annotations::POLICY;
 
 /// `(namespace, name)` of a Service.
 pub type ServiceKey = (String, String);
@@ -57,16 +54,8 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
 
 /// `previous`: what was stored for the Service, whose split stays when the policy is invalid.
 fn service_entry(service: &Service, previous: Option<&ServiceEntry>) -> ServiceEntry {
-    let annotation = |name: &str| {
-        service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(name))
-            .cloned()
-            .unwrap_or_default()
-    };
-    let fanout_policy = annotation(POLICY_ANNOTATION);
+    let info = ServiceInfo::from_service(service);
+    let fanout_policy = info.policy.clone().unwrap_or_default();
     let namespace = service.metadata.namespace.clone().unwrap_or_default();
     let split = if fanout_policy.trim().is_empty() {
         Vec::new()
@@ -87,11 +76,11 @@ fn service_entry(service: &Service, previous: Option<&ServiceEntry>) -> ServiceE
         }
     };
     ServiceEntry {
-        info: ServiceInfo::from_service(service),
         policy: Policy {
-            service_config: annotation(SERVICE_CONFIG_ANNOTATION),
+            service_config: info.service_config.clone().unwrap_or_default(),
             fanout_policy,
         },
+        info,
         split,
     }
 }
