@@ -8,13 +8,11 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::{Reason, RecvStream, SendStream};
-use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Method, Request, Response, Uri};
+use h2::{Reason, RecvStream};
+use http::{Request, Response};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::{Instant, Sleep};
 
@@ -23,16 +21,17 @@ use crate::endpoint::Endpoint;
 use crate::failure_log::Failure;
 use crate::grpc;
 use crate::metrics::Metrics;
-use crate::pump::{Cursor, PumpError, Source};
+use crate::pump::{Cursor, Source};
 use crate::service_config::CallPolicy;
 use crate::upstream::{Activity, Upstream};
 
+mod both_ways;
+mod head;
 mod retry;
 
+use both_ways::{Streamed, Waited, poll_deadline};
+use head::{Head, upstream_uri};
 use retry::{Fallback, PolicyVerdict, Pushback, RetryAfter};
-
-/// Added to the deadline passed upstream; see [`Head::request`].
-const DEADLINE_SLACK: Duration = Duration::from_millis(20);
 
 /// What every stream of one upstream needs.
 pub struct Forwarder {
@@ -112,33 +111,6 @@ impl Forwarder {
     }
 }
 
-/// The request head, kept to open the stream again on another endpoint.
-struct Head {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    deadline: Option<Instant>,
-}
-
-impl Head {
-    fn request(&self) -> Request<()> {
-        let mut request = Request::new(());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers.clone();
-        if let Some(deadline) = self.deadline {
-            // The proxy enforces the deadline itself (and cancels upstream when it passes); the
-            // backend gets a little longer so that the client reliably sees DEADLINE_EXCEEDED
-            // rather than whatever a backend answers when its own timer fires at the same time.
-            let remaining = deadline.saturating_duration_since(Instant::now()) + DEADLINE_SLACK;
-            request
-                .headers_mut()
-                .insert("grpc-timeout", grpc::format_timeout(remaining));
-        }
-        request
-    }
-}
-
 struct Call<'a> {
     metrics: &'a Arc<Metrics>,
     upstream: Arc<Upstream>,
@@ -154,35 +126,12 @@ struct Call<'a> {
     wait_for_ready: bool,
 }
 
-/// What ended the wait for an upstream's response headers.
-enum Waited {
-    Response(Result<Response<RecvStream>, h2::Error>),
-    ClientGone,
-    Deadline,
-    /// The retry policy's per-attempt timeout passed before the endpoint answered.
-    AttemptTimeout,
-}
-
-/// What ended a response on its way to the client.
-enum Streamed {
-    Finished,
-    ClientGone,
-    Deadline,
-    UpstreamFailed(h2::Error),
-}
-
 enum Next {
     Done,
     /// Sent again at once: the endpoint provably never processed it.
     Retry(Arc<Endpoint>),
     /// Sent again by the Service's retry policy, after its backoff.
     RetryAfter(RetryAfter),
-}
-
-fn poll_deadline(deadline: &mut Option<Pin<Box<Sleep>>>, cx: &mut std::task::Context<'_>) -> bool {
-    deadline
-        .as_mut()
-        .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
 }
 
 impl Call<'_> {
@@ -522,77 +471,6 @@ impl Call<'_> {
         }
         Next::Done
     }
-
-    /// Sends the request body while waiting for the response headers; stops at a client
-    /// reset or the deadline.
-    async fn wait_response(
-        &mut self,
-        mut response: h2::client::ResponseFuture,
-        cursor: &mut Cursor,
-        upstream_send: &mut SendStream<Bytes>,
-        attempt_timer: &mut Option<Pin<Box<Sleep>>>,
-    ) -> Waited {
-        poll_fn(|cx| {
-            if self.respond.poll_reset(cx).is_ready() {
-                return Poll::Ready(Waited::ClientGone);
-            }
-            if poll_deadline(&mut self.deadline, cx) {
-                return Poll::Ready(Waited::Deadline);
-            }
-            if poll_deadline(attempt_timer, cx) {
-                return Poll::Ready(Waited::AttemptTimeout);
-            }
-            if let Poll::Ready(result) = Pin::new(&mut response).poll(cx) {
-                return Poll::Ready(Waited::Response(result));
-            }
-            if !cursor.done {
-                match self.source.poll_forward(cursor, upstream_send, cx) {
-                    Poll::Ready(Err(PumpError::Recv(_))) => return Poll::Ready(Waited::ClientGone),
-                    // The endpoint takes no more of the body; its answer will say why.
-                    Poll::Ready(Err(_)) => cursor.done = true,
-                    Poll::Ready(Ok(())) | Poll::Pending => {}
-                }
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Moves the response to the client while the rest of the request (client and bidi
-    /// streaming) still goes upstream.
-    async fn stream_response(
-        &mut self,
-        answer: &mut Source,
-        client_send: &mut SendStream<Bytes>,
-        cursor: &mut Cursor,
-        upstream_send: &mut SendStream<Bytes>,
-    ) -> Streamed {
-        let mut answer_cursor = Cursor::default();
-        poll_fn(|cx| {
-            if poll_deadline(&mut self.deadline, cx) {
-                return Poll::Ready(Streamed::Deadline);
-            }
-            match answer.poll_forward(&mut answer_cursor, client_send, cx) {
-                Poll::Ready(Ok(())) => return Poll::Ready(Streamed::Finished),
-                Poll::Ready(Err(PumpError::Recv(e))) => {
-                    return Poll::Ready(Streamed::UpstreamFailed(e));
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(Streamed::ClientGone),
-                Poll::Pending => {}
-            }
-            if !cursor.done {
-                match self.source.poll_forward(cursor, upstream_send, cx) {
-                    Poll::Ready(Err(PumpError::Recv(_))) => {
-                        return Poll::Ready(Streamed::ClientGone);
-                    }
-                    Poll::Ready(Err(_)) => cursor.done = true,
-                    Poll::Ready(Ok(())) | Poll::Pending => {}
-                }
-            }
-            Poll::Pending
-        })
-        .await
-    }
 }
 
 /// The endpoint provably did not process the stream: it refused it (REFUSED_STREAM), or it
@@ -601,24 +479,4 @@ fn is_unprocessed(error: &h2::Error) -> bool {
     error.is_remote()
         && (error.is_go_away()
             || (error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM)))
-}
-
-/// An absolute URI for the upstream request: the path as sent, http, and the client's
-/// authority (gRPC clients name the service they dial; backends may route on it).
-fn upstream_uri(uri: &Uri, host: Option<&http::HeaderValue>) -> Uri {
-    if uri.scheme() == Some(&Scheme::HTTP) && uri.authority().is_some() {
-        return uri.clone();
-    }
-    let mut parts = uri.clone().into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    if parts.authority.is_none() {
-        parts.authority = host
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<Authority>().ok())
-            .or_else(|| Some(Authority::from_static("fanout")));
-    }
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }

@@ -1,0 +1,114 @@
+//! Both directions of one attempt at once: the rest of the request goes upstream while the
+//! proxy waits for the answer's headers, and then while the answer streams to the client; the
+//! client's reset, the deadline and the per-attempt timeout end either wait.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::Response;
+use tokio::time::Sleep;
+
+use super::Call;
+use crate::pump::{Cursor, PumpError, Source};
+
+/// What ended the wait for an upstream's response headers.
+pub(super) enum Waited {
+    Response(Result<Response<RecvStream>, h2::Error>),
+    ClientGone,
+    Deadline,
+    /// The retry policy's per-attempt timeout passed before the endpoint answered.
+    AttemptTimeout,
+}
+
+/// What ended a response on its way to the client.
+pub(super) enum Streamed {
+    Finished,
+    ClientGone,
+    Deadline,
+    UpstreamFailed(h2::Error),
+}
+
+pub(super) fn poll_deadline(
+    deadline: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    deadline
+        .as_mut()
+        .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+}
+
+impl Call<'_> {
+    /// Sends the request body while waiting for the response headers; stops at a client
+    /// reset or the deadline.
+    pub(super) async fn wait_response(
+        &mut self,
+        mut response: h2::client::ResponseFuture,
+        cursor: &mut Cursor,
+        upstream_send: &mut SendStream<Bytes>,
+        attempt_timer: &mut Option<Pin<Box<Sleep>>>,
+    ) -> Waited {
+        poll_fn(|cx| {
+            if self.respond.poll_reset(cx).is_ready() {
+                return Poll::Ready(Waited::ClientGone);
+            }
+            if poll_deadline(&mut self.deadline, cx) {
+                return Poll::Ready(Waited::Deadline);
+            }
+            if poll_deadline(attempt_timer, cx) {
+                return Poll::Ready(Waited::AttemptTimeout);
+            }
+            if let Poll::Ready(result) = Pin::new(&mut response).poll(cx) {
+                return Poll::Ready(Waited::Response(result));
+            }
+            if !cursor.done {
+                match self.source.poll_forward(cursor, upstream_send, cx) {
+                    Poll::Ready(Err(PumpError::Recv(_))) => return Poll::Ready(Waited::ClientGone),
+                    // The endpoint takes no more of the body; its answer will say why.
+                    Poll::Ready(Err(_)) => cursor.done = true,
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Moves the response to the client while the rest of the request (client and bidi
+    /// streaming) still goes upstream.
+    pub(super) async fn stream_response(
+        &mut self,
+        answer: &mut Source,
+        client_send: &mut SendStream<Bytes>,
+        cursor: &mut Cursor,
+        upstream_send: &mut SendStream<Bytes>,
+    ) -> Streamed {
+        let mut answer_cursor = Cursor::default();
+        poll_fn(|cx| {
+            if poll_deadline(&mut self.deadline, cx) {
+                return Poll::Ready(Streamed::Deadline);
+            }
+            match answer.poll_forward(&mut answer_cursor, client_send, cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Streamed::Finished),
+                Poll::Ready(Err(PumpError::Recv(e))) => {
+                    return Poll::Ready(Streamed::UpstreamFailed(e));
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Streamed::ClientGone),
+                Poll::Pending => {}
+            }
+            if !cursor.done {
+                match self.source.poll_forward(cursor, upstream_send, cx) {
+                    Poll::Ready(Err(PumpError::Recv(_))) => {
+                        return Poll::Ready(Streamed::ClientGone);
+                    }
+                    Poll::Ready(Err(_)) => cursor.done = true,
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
