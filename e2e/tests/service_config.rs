@@ -294,3 +294,65 @@ async fn wait_for_ready_holds_a_call_until_an_endpoint_is_up_or_its_deadline() {
     assert_eq!(reply.backend, "late");
     assert_eq!(late_stats.calls.load(Ordering::SeqCst), 1);
 }
+
+/// The idle timeout (`timeouts.idle`, or `idle_timeout` in the Service's `fanout.dev/policy`):
+/// a call with nothing moving either way for that long ends with DEADLINE_EXCEEDED — waiting
+/// for an answer counts — while a stream whose messages keep coming lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_nothing_moving_for_the_idle_timeout_is_ended() {
+    let (port, _) = spawn_backends(1, Behaviour::default()).await;
+    let (config, local) = loopback_config(Discovery::Static(addresses(port, 1)), |u| {
+        u.timeouts.idle = Some(Duration::from_millis(300));
+    });
+    let _proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut app = client(local).await;
+    let stream = |interval_ms| StreamRequest {
+        count: 4,
+        interval_ms,
+        reply_bytes: 1,
+    };
+
+    // Messages 100 ms apart: 4 of them, never idle for 300 ms.
+    let mut lively = app.server_stream(stream(100)).await.unwrap().into_inner();
+    let mut messages = 0;
+    while lively.message().await.unwrap().is_some() {
+        messages += 1;
+    }
+    assert_eq!(messages, 4);
+
+    // Messages 700 ms apart: the first comes (at once), then the call is ended at 300 ms.
+    let started = Instant::now();
+    let mut sleepy = app.server_stream(stream(700)).await.unwrap().into_inner();
+    let mut received = 0;
+    let status = loop {
+        match sleepy.message().await {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => panic!("the stream finished"),
+            Err(status) => break status,
+        }
+    };
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("idle timeout"), "{status:?}");
+    assert!(received <= 1, "{received} messages");
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(690),
+        "{took:?}"
+    );
+
+    // A unary call whose answer takes 1 s: waiting counts as idle.
+    let started = Instant::now();
+    let status = app
+        .unary(EchoRequest {
+            delay_ms: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(900),
+        "{took:?}"
+    );
+}

@@ -29,7 +29,7 @@ mod both_ways;
 mod head;
 mod retry;
 
-use both_ways::{Streamed, Waited, poll_deadline};
+use both_ways::{Idle, Streamed, Waited, poll_deadline};
 use head::{Head, upstream_uri};
 use retry::{Fallback, PolicyVerdict, Pushback, RetryAfter};
 
@@ -91,6 +91,7 @@ impl Forwarder {
         } else {
             0
         };
+        let upstream_idle = upstream.idle_timeout();
         let mut call = Call {
             metrics: &self.metrics,
             head: Head {
@@ -106,6 +107,7 @@ impl Forwarder {
             upstream,
             policy,
             wait_for_ready,
+            idle: upstream_idle.map(Idle::new),
         };
         call.run(guard.arrived).await;
     }
@@ -124,6 +126,8 @@ struct Call<'a> {
     policy: Option<CallPolicy>,
     /// Hold the call while no endpoint is ready, up to its deadline (`waitForReady`).
     wait_for_ready: bool,
+    /// Ends the call when nothing moves either way for this long.
+    idle: Option<Idle>,
 }
 
 enum Next {
@@ -213,6 +217,14 @@ impl Call<'_> {
             failure,
             reason,
         );
+    }
+
+    fn idle_message(&self) -> String {
+        let after = self.idle.as_ref().map(|i| i.after).unwrap_or_default();
+        format!(
+            "fanout: upstream {}: nothing moved either way for {after:?} (the idle timeout)",
+            self.upstream.name
+        )
     }
 
     /// Answers the client with a Trailers-Only status of the proxy's own.
@@ -345,6 +357,18 @@ impl Call<'_> {
                 self.answer(grpc::DEADLINE_EXCEEDED, "fanout: deadline exceeded");
                 return Next::Done;
             }
+            Waited::Idle => {
+                upstream_send.send_reset(Reason::CANCEL);
+                guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
+                let message = self.idle_message();
+                self.log_failure(
+                    Some(endpoint),
+                    Failure::Status(grpc::DEADLINE_EXCEEDED),
+                    &"nothing moved either way for the idle timeout before the endpoint answered",
+                );
+                self.answer(grpc::DEADLINE_EXCEEDED, &message);
+                return Next::Done;
+            }
             Waited::AttemptTimeout => {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
@@ -370,6 +394,9 @@ impl Call<'_> {
             }
         };
         guard.answered();
+        if let Some(idle) = &mut self.idle {
+            idle.touch();
+        }
         let (parts, upstream_recv) = response.into_parts();
         if upstream_recv.is_end_stream() {
             // Trailers-Only: the status is in the headers, and no message was sent.
@@ -443,6 +470,18 @@ impl Call<'_> {
                     grpc::DEADLINE_EXCEEDED,
                     "fanout: deadline exceeded",
                 ));
+            }
+            Streamed::Idle => {
+                upstream_send.send_reset(Reason::CANCEL);
+                guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
+                self.log_failure(
+                    Some(endpoint),
+                    Failure::Status(grpc::DEADLINE_EXCEEDED),
+                    &"nothing moved either way for the idle timeout while the response streamed",
+                );
+                let message = self.idle_message();
+                let _ = client_send
+                    .send_trailers(grpc::status_headers(grpc::DEADLINE_EXCEEDED, &message));
             }
             Streamed::UpstreamFailed(e) => {
                 guard.set_status(None);

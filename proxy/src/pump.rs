@@ -48,6 +48,8 @@ pub struct Source {
 pub struct Cursor {
     next: usize,
     pub done: bool,
+    /// Frames sent so far (data and trailers): progress, for the idle timeout.
+    pub sent: u64,
     /// A chunk has been sent: the next ones wait for send capacity.
     started: bool,
 }
@@ -59,6 +61,7 @@ impl Cursor {
             next: 0,
             done: true,
             started: true,
+            sent: 0,
         }
     }
 
@@ -131,6 +134,7 @@ impl Source {
                 let chunk = self.kept[cursor.next].clone();
                 send.send_data(chunk, end).map_err(PumpError::Send)?;
                 cursor.started = true;
+                cursor.sent += 1;
                 cursor.next += 1;
                 cursor.done = end;
                 continue;
@@ -144,6 +148,7 @@ impl Source {
                         .send_data(Bytes::new(), true)
                         .map_err(PumpError::Send)?,
                 }
+                cursor.sent += 1;
                 cursor.done = true;
                 continue;
             }
@@ -155,6 +160,7 @@ impl Source {
                     self.keep(&chunk, cursor);
                     send.send_data(chunk, self.ended).map_err(PumpError::Send)?;
                     cursor.started = true;
+                    cursor.sent += 1;
                     cursor.done = self.ended;
                 }
                 Some(Err(e)) => return Poll::Ready(Err(PumpError::Recv(e))),

@@ -166,6 +166,8 @@ impl Live<Policy> {
             "present": current.is_some(),
             "request_timeout_ms": current.as_ref().and_then(|p| p.request_timeout)
                 .map(|t| t.as_millis() as u64),
+            "idle_timeout_ms": current.as_ref().and_then(|p| p.idle_timeout)
+                .map(|t| t.as_millis() as u64),
             "ejection": current.as_ref().and_then(|p| p.ejection.as_ref())
                 .map(|e| json!({"consecutive_failures": e.consecutive_failures})),
             "rejected_change": self.rejected_json(),

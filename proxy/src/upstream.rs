@@ -306,6 +306,14 @@ impl Upstream {
             .or(self.config.timeouts.request)
     }
 
+    /// How long a call may go with nothing moving: the Service's policy's, else the config's.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.policy
+            .current()
+            .and_then(|p| p.idle_timeout)
+            .or(self.config.timeouts.idle)
+    }
+
     /// The ejection rules: the Service's policy's, else the config's.
     fn ejection<'a>(&'a self, live: Option<&'a Policy>) -> &'a Ejection {
         live.and_then(|p| p.ejection.as_ref())

@@ -188,6 +188,13 @@ pub struct Timeouts {
         skip_serializing_if = "Option::is_none"
     )]
     pub request: Option<Duration>,
+    /// A call with nothing moving either way (no message, no headers) for this long is ended;
+    /// `None`: no limit.
+    #[serde(
+        serialize_with = "duration::serialize_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -195,6 +202,7 @@ impl Default for Timeouts {
         Self {
             connect: Duration::from_millis(250),
             request: None,
+            idle: None,
         }
     }
 }

@@ -241,6 +241,7 @@ fn read_upstream(obj: Object<'_>) -> Option<UpstreamConfig> {
                     Duration::from_millis(1),
                 ),
                 request: t.opt_duration("request", Duration::from_millis(1)),
+                idle: t.opt_duration("idle", Duration::from_millis(1)),
             };
             t.finish();
             timeouts

@@ -16,6 +16,7 @@ fn sample() -> ProxyConfig {
     let mut a = UpstreamConfig::new("app.shop", addr("127.0.0.1:15001"), Discovery::Dns(dns));
     a.health_check = Some(HealthCheck::default());
     a.timeouts.request = Some(Duration::from_secs(30));
+    a.timeouts.idle = Some(Duration::from_secs(60));
     let mut b = UpstreamConfig::new(
         "billing",
         addr("127.0.0.1:15002"),

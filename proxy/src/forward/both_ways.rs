@@ -1,15 +1,16 @@
 //! Both directions of one attempt at once: the rest of the request goes upstream while the
 //! proxy waits for the answer's headers, and then while the answer streams to the client; the
-//! client's reset, the deadline and the per-attempt timeout end either wait.
+//! client's reset, the deadline, the per-attempt timeout and the idle timeout end either wait.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::Response;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::Call;
 use crate::pump::{Cursor, PumpError, Source};
@@ -21,6 +22,7 @@ pub(super) enum Waited {
     Deadline,
     /// The retry policy's per-attempt timeout passed before the endpoint answered.
     AttemptTimeout,
+    Idle,
 }
 
 /// What ended a response on its way to the client.
@@ -28,7 +30,41 @@ pub(super) enum Streamed {
     Finished,
     ClientGone,
     Deadline,
+    Idle,
     UpstreamFailed(h2::Error),
+}
+
+/// A call's idle timeout: a timer pushed back whenever a frame moves either way.
+pub(super) struct Idle {
+    pub after: Duration,
+    timer: Pin<Box<Sleep>>,
+    /// Frames moved when last looked at.
+    seen: u64,
+}
+
+impl Idle {
+    pub fn new(after: Duration) -> Self {
+        Self {
+            after,
+            timer: Box::pin(tokio::time::sleep(after)),
+            seen: 0,
+        }
+    }
+
+    /// Something moved that no count shows (the answer's headers).
+    pub fn touch(&mut self) {
+        self.timer.as_mut().reset(Instant::now() + self.after);
+    }
+
+    /// `moved`: frames sent either way so far in this attempt. `true` once nothing has moved
+    /// for `after`.
+    fn poll(&mut self, moved: u64, cx: &mut std::task::Context<'_>) -> bool {
+        if moved != self.seen {
+            self.seen = moved;
+            self.timer.as_mut().reset(Instant::now() + self.after);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 pub(super) fn poll_deadline(
@@ -71,6 +107,11 @@ impl Call<'_> {
                     Poll::Ready(Ok(())) | Poll::Pending => {}
                 }
             }
+            if let Some(idle) = &mut self.idle
+                && idle.poll(cursor.sent, cx)
+            {
+                return Poll::Ready(Waited::Idle);
+            }
             Poll::Pending
         })
         .await
@@ -106,6 +147,11 @@ impl Call<'_> {
                     Poll::Ready(Err(_)) => cursor.done = true,
                     Poll::Ready(Ok(())) | Poll::Pending => {}
                 }
+            }
+            if let Some(idle) = &mut self.idle
+                && idle.poll(cursor.sent + answer_cursor.sent, cx)
+            {
+                return Poll::Ready(Streamed::Idle);
             }
             Poll::Pending
         })

@@ -396,6 +396,9 @@ fn apply_policy(upstream: &mut UpstreamConfig, policy: &Policy) {
     if let Some(timeout) = policy.request_timeout {
         upstream.timeouts.request = Some(timeout);
     }
+    if let Some(timeout) = policy.idle_timeout {
+        upstream.timeouts.idle = Some(timeout);
+    }
     if let Some(balancer) = policy.balancer {
         upstream.balancer = balancer;
     }
