@@ -302,3 +302,129 @@ fn endpoints_discovery_faults_are_named() {
         ]
     );
 }
+
+mod fuzz_service_annotations {
+    use fanout_proxy_config::policy::Policy;
+    use fanout_proxy_config::service_config::ServiceConfig;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn service_config() -> Value {
+        json!({
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": "shop.v1.Cart"},
+            "methodConfig": [{
+                "name": [{"service": "shop.v1.Cart", "method": "Get"}, {}],
+                "waitForReady": true, "timeout": "1.5s",
+                "maxRequestMessageBytes": 1024, "maxResponseMessageBytes": "2048",
+                "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", 10],
+                    "perAttemptRecvTimeout": "0.5s"}}],
+            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}
+        })
+    }
+
+    fn policy() -> Value {
+        json!({"request_timeout": "60s", "idle_timeout": "60s", "balancer": "round_robin",
+            "health_check": {"interval": "5s", "timeout": "2s", "healthy_threshold": 2,
+                "unhealthy_threshold": 3, "service": "x"},
+            "ejection": {"consecutive_failures": 5, "base_time": "5s", "max_time": "60s",
+                "max_ejected_percent": 50},
+            "split": [{"service": "app", "weight": 90}, {"service": "app-canary.shop", "weight": 10}]})
+    }
+
+    /// Values a careless or hostile owner might write anywhere.
+    fn odd_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            Just(json!(u64::MAX)),
+            Just(json!(1e308)),
+            Just(json!(-0.0)),
+            ".{0,12}".prop_map(Value::from),
+            prop_oneof![
+                Just("99999999999999999999s"),
+                Just("-1s"),
+                Just("1e9s"),
+                Just("0s"),
+                Just("315576000001s"),
+                Just("0.0000000001s"),
+                Just("1.s"),
+                Just(".5s"),
+                Just("18446744073709551616"),
+                Just("NaN"),
+                Just("UNAVAILABLE")
+            ]
+            .prop_map(Value::from),
+            Just(json!([])),
+            Just(json!({})),
+        ]
+    }
+
+    /// Every leaf path of `value` (object keys and list indexes).
+    fn paths(value: &Value, at: Vec<String>, out: &mut Vec<Vec<String>>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let mut next = at.clone();
+                    next.push(k.clone());
+                    paths(v, next, out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    let mut next = at.clone();
+                    next.push(i.to_string());
+                    paths(v, next, out);
+                }
+            }
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    fn replace(value: &mut Value, path: &[String], with: Value) {
+        let mut target = value;
+        for key in path {
+            target = match target {
+                Value::Object(map) => map.get_mut(key).unwrap(),
+                Value::Array(items) => &mut items[key.parse::<usize>().unwrap()],
+                _ => unreachable!(),
+            };
+        }
+        *target = with;
+    }
+
+    proptest! {
+        // Any value at any place of a full service config or policy, and any truncation of
+        // one, gives the document or its faults: never a panic.
+        #[test]
+        fn odd_values_anywhere_never_panic(pick in any::<prop::sample::Index>(), with in odd_value(), which in any::<bool>()) {
+            let mut document = if which { service_config() } else { policy() };
+            let mut all = Vec::new();
+            paths(&document, Vec::new(), &mut all);
+            replace(&mut document, &all[pick.index(all.len())], with);
+            let text = document.to_string();
+            let _ = ServiceConfig::parse(&text);
+            let _ = Policy::parse(&text);
+        }
+
+        #[test]
+        fn truncated_annotations_never_panic(cut in 0usize..1000) {
+            for text in [service_config().to_string(), policy().to_string()] {
+                let cut = cut.min(text.len());
+                let _ = ServiceConfig::parse(&text[..cut]);
+                let _ = Policy::parse(&text[..cut]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_documents_fuzzed_are_valid_to_begin_with() {
+        ServiceConfig::parse(&service_config().to_string()).unwrap();
+        Policy::parse(&policy().to_string()).unwrap();
+    }
+}
