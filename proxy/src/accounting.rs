@@ -8,10 +8,11 @@ use std::sync::Arc;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
+use crate::activity::Activity;
 use crate::endpoint::Endpoint;
 use crate::grpc;
 use crate::metrics::Metrics;
-use crate::upstream::{Activity, Upstream};
+use crate::upstream::Upstream;
 
 /// One call from arrival to its end.
 pub struct CallGuard {

@@ -13,11 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::activity::Activity;
 use crate::admin::{self, Admin};
 use crate::grpc_health::AppHealth;
 use crate::metrics::Metrics;
 use crate::serving::Serving;
-use crate::upstream::Activity;
 use crate::{check, wait};
 
 #[derive(Parser)]

@@ -17,13 +17,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::{Instant, Sleep};
 
 use crate::accounting::{AttemptGuard, CallGuard, Outcome};
+use crate::activity::Activity;
 use crate::endpoint::Endpoint;
 use crate::failure_log::Failure;
 use crate::grpc;
 use crate::metrics::Metrics;
 use crate::pump::{Cursor, Source};
 use crate::service_config::CallPolicy;
-use crate::upstream::{Activity, Upstream};
+use crate::upstream::Upstream;
 
 mod both_ways;
 mod head;

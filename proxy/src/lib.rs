@@ -9,10 +9,12 @@
 //! - `pump`: one direction of a stream under flow control, kept for replay while it fits.
 //! - `retry`: the retry budget, retry throttling, and backoff.
 //! - `accounting`: per-call and per-attempt bookkeeping (drain, metrics, ejection).
+//! - `activity`: streams in flight across the proxy, for the drain.
 //! - `failure_log`: a rate-limited line for every call the proxy fails or sees reset.
 //! - `grpc`: deadlines (`grpc-timeout`) and status answers the proxy makes itself.
 //! - `service_config`: the upstream Service's gRPC service config as discovery delivers it.
-//! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint.
+//! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint; what
+//!   it reports of itself (`upstream/report.rs`).
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
 //! - `conn_io`: an endpoint connection's bytes, read to the end after a write fails.
 //! - `eject`: passive ejection of endpoints that keep failing.
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounting;
+pub mod activity;
 pub mod admin;
 pub mod balance;
 pub mod check;

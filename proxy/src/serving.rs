@@ -9,13 +9,14 @@ use std::sync::Arc;
 use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
 use tokio::task::AbortHandle;
 
+use crate::activity::Activity;
 use crate::admin::Admin;
 use crate::cli::{BindError, bind};
 use crate::discover::DiscoveryClient;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::server;
-use crate::upstream::{Activity, Upstream};
+use crate::upstream::Upstream;
 
 /// The discovery server's client, made once for the config that names it.
 fn discovery_client(config: &ProxyConfig) -> Option<DiscoveryClient> {

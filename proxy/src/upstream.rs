@@ -3,18 +3,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fanout_proxy_config::UpstreamConfig;
-use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod report;
+
 use crate::balance::Picker;
 use crate::discover::{self, DiscoveryClient};
-use crate::endpoint::{Endpoint, Events, State};
+use crate::endpoint::{Endpoint, Events};
 use crate::failure_log::FailureLog;
 use crate::latency::Clock;
 use crate::retry::Budget;
@@ -22,51 +23,6 @@ use crate::service_config::{Live, ServiceConfigCell};
 use crate::split::{Split, SplitSpec};
 use fanout_proxy_config::Ejection;
 use fanout_proxy_config::policy::Policy;
-
-/// Streams in flight across the proxy, and when that last changed: the drain waits on it.
-pub struct Activity {
-    active: AtomicUsize,
-    last_change: Mutex<Instant>,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self {
-            active: AtomicUsize::new(0),
-            last_change: Mutex::new(Instant::now()),
-        }
-    }
-}
-
-impl Activity {
-    pub fn started(&self) {
-        self.active.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn ended(&self) {
-        // Only the moment the proxy goes idle matters to the drain.
-        if self.active.fetch_sub(1, Ordering::Relaxed) == 1
-            && let Ok(mut t) = self.last_change.lock()
-        {
-            *t = Instant::now();
-        }
-    }
-
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// How long no stream has been active; zero while one is.
-    pub fn idle_for(&self) -> Duration {
-        if self.active() > 0 {
-            return Duration::ZERO;
-        }
-        self.last_change
-            .lock()
-            .map(|t| t.elapsed())
-            .unwrap_or_default()
-    }
-}
 
 pub struct Upstream {
     pub name: Arc<str>,
@@ -402,92 +358,5 @@ impl Upstream {
 
     pub fn has_ready_endpoint(&self) -> bool {
         self.endpoints().iter().any(|e| e.is_ready())
-    }
-
-    /// Why the upstream is not ready, for `/ready`.
-    pub fn not_ready_reason(&self) -> Option<String> {
-        if self.has_ready_endpoint() {
-            return None;
-        }
-        let endpoints = self.endpoints();
-        Some(if endpoints.is_empty() {
-            match self
-                .last_discovery_error
-                .lock()
-                .ok()
-                .and_then(|e| e.clone())
-            {
-                Some(error) => format!("no endpoints: {error}"),
-                None if !self.discovered.load(Ordering::Relaxed) => "discovering endpoints".into(),
-                None => "discovery found no endpoints".into(),
-            }
-        } else {
-            let mut states: Vec<(&str, usize)> = Vec::new();
-            for endpoint in endpoints.iter() {
-                let state = endpoint.state().as_str();
-                match states.iter_mut().find(|(s, _)| *s == state) {
-                    Some((_, n)) => *n += 1,
-                    None => states.push((state, 1)),
-                }
-            }
-            let states: Vec<String> = states.iter().map(|(s, n)| format!("{n} {s}")).collect();
-            format!(
-                "none of {} endpoints is ready ({})",
-                endpoints.len(),
-                states.join(", ")
-            )
-        })
-    }
-
-    pub fn state_json(&self) -> Value {
-        let clock = self.clock();
-        let endpoints: Vec<Value> = self
-            .endpoints()
-            .iter()
-            .map(|e| {
-                json!({
-                    "address": e.label,
-                    "state": e.state().as_str(),
-                    "outstanding": e.outstanding(),
-                    "started": e.started(),
-                    "connections": e.connections(),
-                    "rtt_ms": e.rtt_estimate(&clock).map(|rtt| rtt.as_secs_f64() * 1000.0),
-                })
-            })
-            .collect();
-        let status = self.discovery_status();
-        json!({
-            "name": &*self.name,
-            "listen": self.config.listen.to_string(),
-            "ready": self.has_ready_endpoint(),
-            "discovery": {
-                "configured": self.config.discovery.source(),
-                "source": status.source,
-                "server_connected": status.server_connected,
-                "updates": status.updates,
-            },
-            "endpoints": endpoints,
-            "service_config": self.service_config.state_json(),
-            "policy": self.policy.state_json(),
-            "split": self.split.read().unwrap_or_else(|e| e.into_inner()).as_ref()
-                .map(|split| split.state_json()),
-        })
-    }
-
-    /// Endpoint counts by state, for the `fanout_proxy_endpoints` gauge.
-    pub fn state_counts(&self) -> HashMap<&'static str, i64> {
-        let mut counts: HashMap<&'static str, i64> = [
-            State::Ready,
-            State::Connecting,
-            State::Failing,
-            State::Removed,
-        ]
-        .iter()
-        .map(|s| (s.as_str(), 0))
-        .collect();
-        for endpoint in self.endpoints().iter() {
-            *counts.entry(endpoint.state().as_str()).or_default() += 1;
-        }
-        counts
     }
 }
