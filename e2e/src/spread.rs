@@ -66,9 +66,22 @@ pub fn window_minimum<'a>(
     backends: impl IntoIterator<Item = &'a String>,
     window: usize,
 ) -> BTreeMap<String, usize> {
-    let mut least: BTreeMap<String, usize> = backends
+    worst_windows(order, backends, window)
         .into_iter()
-        .map(|b| (b.clone(), usize::MAX))
+        .map(|(backend, (fewest, _))| (backend, fewest))
+        .collect()
+}
+
+/// As [`window_minimum`], with where each backend's worst window starts (the index of its first
+/// answer in `order`, the first such window): tells a cold start from a later dip.
+pub fn worst_windows<'a>(
+    order: &[String],
+    backends: impl IntoIterator<Item = &'a String>,
+    window: usize,
+) -> BTreeMap<String, (usize, usize)> {
+    let mut worst: BTreeMap<String, (usize, usize)> = backends
+        .into_iter()
+        .map(|b| (b.clone(), (usize::MAX, 0)))
         .collect();
     if window == 0 || order.len() < window {
         return BTreeMap::new();
@@ -79,12 +92,15 @@ pub fn window_minimum<'a>(
         for backend in &order[start..start + window] {
             *counts.entry(backend.as_str()).or_default() += 1;
         }
-        for (backend, least) in least.iter_mut() {
-            *least = (*least).min(counts.get(backend.as_str()).copied().unwrap_or(0));
+        for (backend, (fewest, at)) in worst.iter_mut() {
+            let count = counts.get(backend.as_str()).copied().unwrap_or(0);
+            if count < *fewest {
+                (*fewest, *at) = (count, start);
+            }
         }
         start += (window / 10).max(1);
     }
-    least
+    worst
 }
 
 #[cfg(test)]
@@ -101,5 +117,9 @@ mod tests {
         assert_eq!(least["b"], 4);
         assert_eq!(least["c"], 0, "a backend that never answered has 0");
         assert!(window_minimum(&order[..5], &backends, 10).is_empty());
+        let worst = worst_windows(&order, &backends, 10);
+        // a is absent from the last window (from answer 10 on), b fewest in the first.
+        assert_eq!(worst["a"], (0, 10));
+        assert_eq!(worst["b"], (4, 0));
     }
 }

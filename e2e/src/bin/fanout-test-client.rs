@@ -3,7 +3,8 @@
 //! what the webhook sets) succeeds (a `Stats` call, which backends answer whatever they are told
 //! to do with unary calls), then makes N unary calls over C HTTP/2 connections with M in
 //! flight on each, as gRPC client pods do, and prints one JSON line: calls answered per backend
-//! id, the fewest each backend answered in any window of `--window` calls, and failures.
+//! id, the fewest each backend answered in any window of `--window` calls and where that window
+//! starts, and failures.
 //!
 //! `fanout-test-client --probe URL --count N --every-ms T`: N HTTP GETs of URL, one JSON line
 //! each (status and body), as a cloud load balancer's health checker would send them.
@@ -95,13 +96,17 @@ async fn main() -> anyhow::Result<()> {
             Err(code) => *failures.entry(code).or_default() += 1,
         }
     }
-    let window_min = spread::window_minimum(&order, backends.keys(), args.window);
+    let worst = spread::worst_windows(&order, backends.keys(), args.window);
+    let window_min: BTreeMap<&String, usize> = worst.iter().map(|(b, (n, _))| (b, *n)).collect();
+    // Where each worst window starts (answer index): a cold start shows as 0.
+    let window_min_at: BTreeMap<&String, usize> =
+        worst.iter().map(|(b, (_, at))| (b, *at)).collect();
     println!(
         "{}",
         serde_json::json!({"target": target, "calls": args.calls,
             "connections": args.connections, "in_flight": args.in_flight,
             "backends": backends, "window": args.window, "window_min": window_min,
-            "failures": failures})
+            "window_min_at": window_min_at, "failures": failures})
     );
     Ok(())
 }
