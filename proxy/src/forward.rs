@@ -30,7 +30,7 @@ mod both_ways;
 mod head;
 mod retry;
 
-use both_ways::{Idle, Streamed, Waited, poll_deadline};
+use both_ways::{Expiry, Idle, Streamed, Waited, poll_deadline};
 use head::{Head, upstream_uri};
 use retry::{Fallback, PolicyVerdict, Pushback, RetryAfter};
 
@@ -75,11 +75,12 @@ impl Forwarder {
         let policy = upstream.service_config.for_call(parts.uri.path());
         let method = policy.as_ref().map(CallPolicy::method);
         let wait_for_ready = method.and_then(|m| m.wait_for_ready) == Some(true);
+        let (request_timeout, idle_timeout) = upstream.call_timeouts();
         // The client's deadline, capped by the upstream's own request timeout and by the
         // Service's service config for this method, whichever are set.
         let timeout = [
             grpc::parse_timeout(&parts.headers),
-            upstream.request_timeout(),
+            request_timeout,
             method.and_then(|m| m.timeout),
         ]
         .into_iter()
@@ -92,7 +93,6 @@ impl Forwarder {
         } else {
             0
         };
-        let upstream_idle = upstream.idle_timeout();
         let mut call = Call {
             metrics: &self.metrics,
             head: Head {
@@ -108,7 +108,7 @@ impl Forwarder {
             upstream,
             policy,
             wait_for_ready,
-            idle: upstream_idle.map(Idle::new),
+            idle: idle_timeout.map(Idle::new),
         };
         call.run(guard.arrived).await;
     }
@@ -220,12 +220,18 @@ impl Call<'_> {
         );
     }
 
-    fn idle_message(&self) -> String {
-        let after = self.idle.as_ref().map(|i| i.after).unwrap_or_default();
-        format!(
-            "fanout: upstream {}: nothing moved either way for {after:?} (the idle timeout)",
-            self.upstream.name
-        )
+    /// What the client is told when one of the call's timers ended it.
+    fn expiry_message(&self, expiry: Expiry) -> String {
+        match expiry {
+            Expiry::Deadline => "fanout: deadline exceeded".into(),
+            Expiry::Idle => {
+                let after = self.idle.as_ref().map(|i| i.after).unwrap_or_default();
+                format!(
+                    "fanout: upstream {}: nothing moved either way for {after:?} (the idle timeout)",
+                    self.upstream.name
+                )
+            }
+        }
     }
 
     /// Answers the client with a Trailers-Only status of the proxy's own.
@@ -347,26 +353,15 @@ impl Call<'_> {
                 guard.set_status(Some(grpc::CANCELLED));
                 return Next::Done;
             }
-            Waited::Deadline => {
+            Waited::Expired(expiry) => {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
                 self.log_failure(
                     Some(endpoint),
                     Failure::Status(grpc::DEADLINE_EXCEEDED),
-                    &"the deadline passed before the endpoint answered",
+                    &format_args!("{} before the endpoint answered", expiry_cause(expiry)),
                 );
-                self.answer(grpc::DEADLINE_EXCEEDED, "fanout: deadline exceeded");
-                return Next::Done;
-            }
-            Waited::Idle => {
-                upstream_send.send_reset(Reason::CANCEL);
-                guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
-                let message = self.idle_message();
-                self.log_failure(
-                    Some(endpoint),
-                    Failure::Status(grpc::DEADLINE_EXCEEDED),
-                    &"nothing moved either way for the idle timeout before the endpoint answered",
-                );
+                let message = self.expiry_message(expiry);
                 self.answer(grpc::DEADLINE_EXCEEDED, &message);
                 return Next::Done;
             }
@@ -459,28 +454,15 @@ impl Call<'_> {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::CANCELLED));
             }
-            Streamed::Deadline => {
+            Streamed::Expired(expiry) => {
                 upstream_send.send_reset(Reason::CANCEL);
                 guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
                 self.log_failure(
                     Some(endpoint),
                     Failure::Status(grpc::DEADLINE_EXCEEDED),
-                    &"the deadline passed while the response streamed",
+                    &format_args!("{} while the response streamed", expiry_cause(expiry)),
                 );
-                let _ = client_send.send_trailers(grpc::status_headers(
-                    grpc::DEADLINE_EXCEEDED,
-                    "fanout: deadline exceeded",
-                ));
-            }
-            Streamed::Idle => {
-                upstream_send.send_reset(Reason::CANCEL);
-                guard.set_status(Some(grpc::DEADLINE_EXCEEDED));
-                self.log_failure(
-                    Some(endpoint),
-                    Failure::Status(grpc::DEADLINE_EXCEEDED),
-                    &"nothing moved either way for the idle timeout while the response streamed",
-                );
-                let message = self.idle_message();
+                let message = self.expiry_message(expiry);
                 let _ = client_send
                     .send_trailers(grpc::status_headers(grpc::DEADLINE_EXCEEDED, &message));
             }
@@ -510,6 +492,14 @@ impl Call<'_> {
             }
         }
         Next::Done
+    }
+}
+
+/// Why the call ended, for the failure log.
+fn expiry_cause(expiry: Expiry) -> &'static str {
+    match expiry {
+        Expiry::Deadline => "the deadline passed",
+        Expiry::Idle => "nothing moved either way for the idle timeout",
     }
 }
 

@@ -254,20 +254,17 @@ impl Upstream {
         }
     }
 
-    /// The whole-call limit: the Service's policy's, else the config's.
-    pub fn request_timeout(&self) -> Option<Duration> {
-        self.policy
-            .current()
-            .and_then(|p| p.request_timeout)
-            .or(self.config.timeouts.request)
-    }
-
-    /// How long a call may go with nothing moving: the Service's policy's, else the config's.
-    pub fn idle_timeout(&self) -> Option<Duration> {
-        self.policy
-            .current()
-            .and_then(|p| p.idle_timeout)
-            .or(self.config.timeouts.idle)
+    /// A call's whole-call limit and idle timeout: the Service's policy's, else the config's
+    /// (one read of the policy per call).
+    pub fn call_timeouts(&self) -> (Option<Duration>, Option<Duration>) {
+        let live = self.policy.current();
+        let live = live.as_deref();
+        (
+            live.and_then(|p| p.request_timeout)
+                .or(self.config.timeouts.request),
+            live.and_then(|p| p.idle_timeout)
+                .or(self.config.timeouts.idle),
+        )
     }
 
     /// The ejection rules: the Service's policy's, else the config's.

@@ -19,19 +19,25 @@ use crate::pump::{Cursor, PumpError, Source};
 pub(super) enum Waited {
     Response(Result<Response<RecvStream>, h2::Error>),
     ClientGone,
-    Deadline,
+    Expired(Expiry),
     /// The retry policy's per-attempt timeout passed before the endpoint answered.
     AttemptTimeout,
-    Idle,
 }
 
 /// What ended a response on its way to the client.
 pub(super) enum Streamed {
     Finished,
     ClientGone,
-    Deadline,
-    Idle,
+    Expired(Expiry),
     UpstreamFailed(h2::Error),
+}
+
+/// Which of the call's timers ended it: either way the client gets DEADLINE_EXCEEDED.
+#[derive(Clone, Copy)]
+pub(super) enum Expiry {
+    Deadline,
+    /// Nothing moved either way for the idle timeout.
+    Idle,
 }
 
 /// A call's idle timeout: a timer pushed back whenever a frame moves either way.
@@ -91,7 +97,7 @@ impl Call<'_> {
                 return Poll::Ready(Waited::ClientGone);
             }
             if poll_deadline(&mut self.deadline, cx) {
-                return Poll::Ready(Waited::Deadline);
+                return Poll::Ready(Waited::Expired(Expiry::Deadline));
             }
             if poll_deadline(attempt_timer, cx) {
                 return Poll::Ready(Waited::AttemptTimeout);
@@ -110,7 +116,7 @@ impl Call<'_> {
             if let Some(idle) = &mut self.idle
                 && idle.poll(cursor.sent, cx)
             {
-                return Poll::Ready(Waited::Idle);
+                return Poll::Ready(Waited::Expired(Expiry::Idle));
             }
             Poll::Pending
         })
@@ -129,7 +135,7 @@ impl Call<'_> {
         let mut answer_cursor = Cursor::default();
         poll_fn(|cx| {
             if poll_deadline(&mut self.deadline, cx) {
-                return Poll::Ready(Streamed::Deadline);
+                return Poll::Ready(Streamed::Expired(Expiry::Deadline));
             }
             match answer.poll_forward(&mut answer_cursor, client_send, cx) {
                 Poll::Ready(Ok(())) => return Poll::Ready(Streamed::Finished),
@@ -151,7 +157,7 @@ impl Call<'_> {
             if let Some(idle) = &mut self.idle
                 && idle.poll(cursor.sent + answer_cursor.sent, cx)
             {
-                return Poll::Ready(Streamed::Idle);
+                return Poll::Ready(Streamed::Expired(Expiry::Idle));
             }
             Poll::Pending
         })

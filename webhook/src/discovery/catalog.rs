@@ -21,8 +21,8 @@ pub type ServiceKey = (String, String);
 
 #[derive(Debug, Clone, PartialEq)]
 struct ServiceEntry {
+    /// With the policy annotations' texts, passed to proxies verbatim.
     info: ServiceInfo,
-    policy: Policy,
     /// The weighted split its `fanout.dev/policy` declares (the last valid one when a change
     /// does not parse: the proxies keep theirs too); empty: none.
     split: Vec<(ServiceKey, u32)>,
@@ -55,12 +55,14 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
 /// `previous`: what was stored for the Service, whose split stays when the policy is invalid.
 fn service_entry(service: &Service, previous: Option<&ServiceEntry>) -> ServiceEntry {
     let info = ServiceInfo::from_service(service);
-    let fanout_policy = info.policy.clone().unwrap_or_default();
     let namespace = service.metadata.namespace.clone().unwrap_or_default();
-    let split = if fanout_policy.trim().is_empty() {
-        Vec::new()
-    } else {
-        match FanoutPolicy::parse(&fanout_policy) {
+    let split = match info
+        .policy
+        .as_deref()
+        .filter(|text| !text.trim().is_empty())
+    {
+        None => Vec::new(),
+        Some(text) => match FanoutPolicy::parse(text) {
             Ok(policy) => policy
                 .split
                 .iter()
@@ -73,16 +75,9 @@ fn service_entry(service: &Service, previous: Option<&ServiceEntry>) -> ServiceE
                 })
                 .collect(),
             Err(_) => previous.map(|p| p.split.clone()).unwrap_or_default(),
-        }
-    };
-    ServiceEntry {
-        policy: Policy {
-            service_config: info.service_config.clone().unwrap_or_default(),
-            fanout_policy,
         },
-        info,
-        split,
-    }
+    };
+    ServiceEntry { info, split }
 }
 
 fn slice_entry(slice: &EndpointSlice) -> Option<SliceEntry> {
@@ -348,7 +343,10 @@ impl Catalog {
             service_found: true,
             endpoints,
             reason,
-            policy: Some(service.policy.clone()),
+            policy: Some(Policy {
+                service_config: service.info.service_config.clone().unwrap_or_default(),
+                fanout_policy: service.info.policy.clone().unwrap_or_default(),
+            }),
             split,
         }
     }

@@ -104,22 +104,16 @@ pub fn resolve(
         }
         (Lookup::Skipped, port) => by_port(port, srv, a),
     };
-    // What the service config says of balancing and health checks is rendered as settings too.
-    let service_config = service_config.map(|value| {
-        let parsed = ServiceConfig::parse(&value.to_string()).ok();
-        (value, parsed)
-    });
     Ok(ResolvedUpstream {
         upstream: upstream.clone(),
         name: upstream.qualified_name(pod_namespace),
         namespace: namespace.to_string(),
         dns,
-        balancer: service_config
-            .as_ref()
-            .and_then(|(_, c)| c.as_ref()?.balancer),
+        // What the service config says of balancing and health checks is rendered as settings.
+        balancer: service_config.as_ref().and_then(|(_, c)| c.balancer),
         health_check_service: service_config
             .as_ref()
-            .and_then(|(_, c)| c.as_ref()?.health_check_service.clone()),
+            .and_then(|(_, c)| c.health_check_service.clone()),
         service_config: service_config.map(|(value, _)| value),
         policy,
     })
@@ -138,16 +132,16 @@ fn checked_policy(text: &str, service: &str, warnings: &mut Vec<String>) -> Opti
         .ok()
 }
 
-/// The Service's service config if it is valid. An invalid one is the Service owner's to fix,
+/// The Service's service config if it is valid, as written and as read. An invalid one is the Service owner's to fix,
 /// not a reason to refuse the caller's pod: it is left out, and the warning (shown by
 /// `kubectl` on the pod's create or apply) names every fault.
 fn checked_service_config(
     text: &str,
     service: &str,
     warnings: &mut Vec<String>,
-) -> Option<serde_json::Value> {
+) -> Option<(serde_json::Value, ServiceConfig)> {
     match ServiceConfig::parse(text) {
-        Ok(_) => serde_json::from_str(text).ok(),
+        Ok(config) => Some((serde_json::from_str(text).ok()?, config)),
         Err(faults) => {
             warnings.push(format!(
                 "fanout: Service {service} annotation {SERVICE_CONFIG} is invalid and not \
