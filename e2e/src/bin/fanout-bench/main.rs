@@ -44,6 +44,14 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/proxy.md")]
         out: PathBuf,
+        /// Which to measure, comma-separated: direct, fanout, wire-spike (issue 13's measuring
+        /// spike), haproxy, nginx.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "direct,fanout,wire-spike,haproxy,nginx"
+        )]
+        peers: Vec<String>,
     },
     /// fanout's cost as the work grows: 10, 100 and 1,000 endpoints, 4 and 256 client
     /// connections, 10,000 long-lived streams.
@@ -67,9 +75,11 @@ async fn main() -> anyhow::Result<()> {
             connections,
             out,
         } => webhook(reviews, throughput_reviews, connections, out).await,
-        Command::Proxy { seconds, out } => {
-            proxy_bench::run(Duration::from_secs(seconds), out).await
-        }
+        Command::Proxy {
+            seconds,
+            out,
+            peers,
+        } => proxy_bench::run(Duration::from_secs(seconds), out, &peers).await,
         Command::Curve { seconds, out } => curve::run(Duration::from_secs(seconds), out).await,
     }
 }

@@ -114,6 +114,22 @@ impl Peer {
         })
     }
 
+    /// The measuring spike of `fanout-wire` (issue 13): the forwarding-specific HTTP/2 layer's
+    /// floor, round robin with none of the proxy's policy.
+    pub async fn wire_spike(backends: &[SocketAddr]) -> anyhow::Result<Self> {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let dir = tempfile::tempdir()?;
+        let program = fanout_e2e::bins::path("fanout-wire", "fanout-wire-spike");
+        let child = spawn(
+            Command::new(program)
+                .arg("--listen")
+                .arg(listen.to_string())
+                .args(backends.iter().map(SocketAddr::to_string)),
+            &dir,
+        )?;
+        Self::other("wire spike", listen, child, dir).await
+    }
+
     /// HAProxy with HTTP/2 on both sides and `balance roundrobin`; `None` when not installed.
     pub async fn haproxy(backends: &[SocketAddr]) -> anyhow::Result<Option<Self>> {
         if !installed("haproxy", "-v") {

@@ -151,14 +151,15 @@ struct Subject {
     _peer: Option<Peer>,
 }
 
-pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
+pub async fn run(seconds: Duration, out: PathBuf, peers: &[String]) -> anyhow::Result<()> {
+    let wanted = |name: &str| peers.iter().any(|p| p.eq_ignore_ascii_case(name));
     let backends = Backends::start().await?;
     let has_h2load = H2load::installed();
     let mut subjects = Vec::new();
 
     // Direct: the client balances itself over one connection per backend (the best case, and
     // the latency baseline). h2load cannot balance: it drives one backend.
-    subjects.push(Subject {
+    let direct = wanted("direct").then(|| Subject {
         name: "direct (client-side, 10 conns)".into(),
         targets: backends.addrs.clone(),
         per_target: 1,
@@ -168,10 +169,15 @@ pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
         rounds: Vec::new(),
         _peer: None,
     });
+    subjects.extend(direct);
     let mut missing = Vec::new();
-    for kind in ["fanout", "HAProxy", "nginx"] {
+    for kind in ["fanout", "wire-spike", "HAProxy", "nginx"] {
+        if !wanted(kind) {
+            continue;
+        }
         let peer = match kind {
             "fanout" => Some(Peer::fanout(&backends.addrs).await?),
+            "wire-spike" => Some(Peer::wire_spike(&backends.addrs).await?),
             "HAProxy" => Peer::haproxy(&backends.addrs).await?,
             _ => Peer::nginx(&backends.addrs).await?,
         };
@@ -367,8 +373,8 @@ fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::R
         )?;
     }
     writeln!(t)?;
-    if let Some(direct) = results.first() {
-        for r in &results[1..] {
+    if let Some(direct) = results.iter().find(|r| r.name.starts_with("direct")) {
+        for r in results.iter().filter(|r| !r.name.starts_with("direct")) {
             let h2 = |i: usize| match (r.h2load_latency(i, 99.0), direct.h2load_latency(i, 99.0)) {
                 (Some(a), Some(b)) => signed_ms(a, b),
                 _ => dash(),
@@ -385,7 +391,9 @@ fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::R
         }
     }
     let find = |prefix: &str| results.iter().find(|r| r.name.starts_with(prefix));
-    if let (Some(f), Some(h)) = (find("fanout"), find("HAProxy")) {
+    let compared = ["fanout", "wire spike"].into_iter().filter_map(find);
+    for f in compared {
+        let Some(h) = find("HAProxy") else { break };
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
             _ => "–".into(),
@@ -394,8 +402,9 @@ fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::R
         let h2 = |r: &Measured, i: usize, p: f64| r.h2load_latency(i, p).map(|d| d.as_secs_f64());
         writeln!(
             t,
-            "fanout ÷ HAProxy, CPU per call: at saturation {} (ours) / {} (h2load), at {high}/s {} / {}; \
+            "{} ÷ HAProxy, CPU per call: at saturation {} (ours) / {} (h2load), at {high}/s {} / {}; \
              p99 at {low}/s {} / {}, at {high}/s {} / {}; p99.9 at {low}/s {} / {}, at {high}/s {} / {}; peak RSS {}.",
+            f.name.split(" (").next().unwrap_or_default(),
             ratio(f.cpu_per_100k(), h.cpu_per_100k()),
             ratio(f.h2load_cpu_per_100k(), h.h2load_cpu_per_100k()),
             ratio(f.cpu_per_100k_at(1), h.cpu_per_100k_at(1)),
