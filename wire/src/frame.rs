@@ -113,6 +113,32 @@ pub fn finish_frame(out: &mut BytesMut, at: usize) {
     out[at..at + 3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
 }
 
+/// Finishes a HEADERS frame begun at `at` (with END_HEADERS set) whose block may be larger
+/// than the peer's largest frame: then the block goes on in CONTINUATION frames, the last of
+/// which carries END_HEADERS.
+pub fn finish_headers(out: &mut BytesMut, at: usize, max_frame: usize) {
+    let len = out.len() - at - HEADER_LEN;
+    if len <= max_frame {
+        finish_frame(out, at);
+        return;
+    }
+    let block = out.split_off(at + HEADER_LEN);
+    let flags = out[at + 4];
+    let stream = u32::from_be_bytes([out[at + 5], out[at + 6], out[at + 7], out[at + 8]]);
+    out.truncate(at);
+    let mut chunks = block.chunks(max_frame).peekable();
+    let mut kind = HEADERS;
+    let mut first_flags = flags & !END_HEADERS;
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        let flags = first_flags | if last { END_HEADERS } else { 0 };
+        put_head(out, chunk.len(), kind, flags, stream);
+        out.extend_from_slice(chunk);
+        kind = CONTINUATION;
+        first_flags = 0;
+    }
+}
+
 pub fn put_data(out: &mut BytesMut, stream: u32, payload: &[u8], end_stream: bool) {
     put_head(
         out,
@@ -176,6 +202,32 @@ mod tests {
         out.extend_from_slice(&[0x82; 300]);
         finish_frame(&mut out, at);
         assert_eq!(Head::parse(&out).unwrap().len, 300);
+    }
+
+    #[test]
+    fn a_header_block_past_the_largest_frame_goes_on_in_continuations() {
+        let mut out = BytesMut::new();
+        put_data(&mut out, 1, b"x", false);
+        let at = begin_frame(&mut out, HEADERS, END_HEADERS | END_STREAM, 5);
+        out.extend((0..40_000u32).map(|i| i as u8));
+        finish_headers(&mut out, at, DEFAULT_MAX_FRAME);
+        let mut frames = Vec::new();
+        let mut rest = &out[HEADER_LEN + 1..];
+        let mut block = Vec::new();
+        while let Some(head) = Head::parse(rest) {
+            block.extend_from_slice(&rest[HEADER_LEN..HEADER_LEN + head.len]);
+            frames.push((head.kind, head.flags, head.len, head.stream));
+            rest = &rest[HEADER_LEN + head.len..];
+        }
+        assert_eq!(
+            frames,
+            [
+                (HEADERS, END_STREAM, 16_384, 5),
+                (CONTINUATION, 0, 16_384, 5),
+                (CONTINUATION, END_HEADERS, 40_000 - 32_768, 5)
+            ]
+        );
+        assert!(block.iter().enumerate().all(|(i, &b)| b == i as u8));
     }
 
     #[test]

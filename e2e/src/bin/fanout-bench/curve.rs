@@ -41,10 +41,22 @@ struct Case {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Fanout,
+    /// Issue 13's measuring spike (`fanout-wire`).
+    WireSpike,
     HAProxy,
 }
 
-const CASES: [Case; 8] = [
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Fanout => "fanout",
+            Kind::WireSpike => "wire-spike",
+            Kind::HAProxy => "haproxy",
+        }
+    }
+}
+
+const CASES: [Case; 12] = [
     Case {
         proxy: Kind::Fanout,
         name: "10 endpoints, 4 conns",
@@ -76,6 +88,34 @@ const CASES: [Case; 8] = [
     Case {
         proxy: Kind::Fanout,
         name: "10 endpoints, 4 conns, 10,000 streams open",
+        endpoints: 10,
+        connections: 4,
+        streams: STREAMS,
+    },
+    Case {
+        proxy: Kind::WireSpike,
+        name: "wire spike: 10 endpoints, 4 conns",
+        endpoints: 10,
+        connections: 4,
+        streams: 0,
+    },
+    Case {
+        proxy: Kind::WireSpike,
+        name: "wire spike: 1,000 endpoints, 4 conns",
+        endpoints: 1_000,
+        connections: 4,
+        streams: 0,
+    },
+    Case {
+        proxy: Kind::WireSpike,
+        name: "wire spike: 10 endpoints, 256 conns",
+        endpoints: 10,
+        connections: 256,
+        streams: 0,
+    },
+    Case {
+        proxy: Kind::WireSpike,
+        name: "wire spike: 10 endpoints, 4 conns, 10,000 streams open",
         endpoints: 10,
         connections: 4,
         streams: STREAMS,
@@ -119,11 +159,12 @@ struct Subject {
     _streams: Vec<hyper::body::Incoming>,
 }
 
-pub async fn run(seconds: Duration, out: PathBuf) -> anyhow::Result<()> {
+pub async fn run(seconds: Duration, out: PathBuf, peers: &[String]) -> anyhow::Result<()> {
     let (backends, addrs) = start_backends().await?;
     let has_h2load = H2load::installed();
     let mut subjects = Vec::new();
-    for case in &CASES {
+    let wanted = |kind: Kind| peers.iter().any(|p| p.eq_ignore_ascii_case(kind.name()));
+    for case in CASES.iter().filter(|c| wanted(c.proxy)) {
         eprintln!("starting: {}", case.name);
         if let Some(subject) = start(case, &addrs).await? {
             subjects.push(subject);
@@ -181,6 +222,7 @@ async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Opti
     let endpoints = &addrs[..case.endpoints];
     let proxy = match case.proxy {
         Kind::Fanout => Peer::fanout(endpoints).await?,
+        Kind::WireSpike => Peer::wire_spike(endpoints).await?,
         Kind::HAProxy => match Peer::haproxy(endpoints).await? {
             Some(peer) => peer,
             None => return Ok(None),
@@ -340,34 +382,37 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
         )?;
     }
     writeln!(t)?;
-    let find = |endpoints: usize, connections: usize, streams: usize| {
-        subjects.iter().find(|s| {
-            s.case.proxy == Kind::Fanout
-                && (s.case.endpoints, s.case.connections, s.case.streams)
-                    == (endpoints, connections, streams)
-        })
-    };
-    if let (Some(small), Some(large)) = (find(10, 4, 0), find(1_000, 4, 0)) {
-        let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 990.0;
-        writeln!(
-            t,
-            "Memory per endpoint (one HTTP/2 connection each): {bytes:.0} bytes (RSS with 1,000 endpoints less with 10, ÷ 990)."
-        )?;
-    }
-    if let Some(streams) = find(10, 4, STREAMS) {
-        let bytes =
-            (streams.rss_streams as f64 - streams.rss_connected as f64) * 1024.0 / STREAMS as f64;
-        writeln!(
-            t,
-            "Memory per open stream (client side and upstream side): {bytes:.0} bytes (RSS with {STREAMS} server streams open less before, ÷ {STREAMS})."
-        )?;
-    }
-    if let (Some(small), Some(large)) = (find(10, 4, 0), find(10, 256, 0)) {
-        let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 252.0;
-        writeln!(
-            t,
-            "Memory per client connection: {bytes:.0} bytes (RSS with 256 less with 4, ÷ 252)."
-        )?;
+    for kind in [Kind::Fanout, Kind::WireSpike] {
+        let find = |endpoints: usize, connections: usize, streams: usize| {
+            subjects.iter().find(|s| {
+                s.case.proxy == kind
+                    && (s.case.endpoints, s.case.connections, s.case.streams)
+                        == (endpoints, connections, streams)
+            })
+        };
+        let who = kind.name();
+        if let (Some(small), Some(large)) = (find(10, 4, 0), find(1_000, 4, 0)) {
+            let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 990.0;
+            writeln!(
+                t,
+                "{who}: memory per endpoint (one HTTP/2 connection each): {bytes:.0} bytes (RSS with 1,000 endpoints less with 10, ÷ 990)."
+            )?;
+        }
+        if let Some(streams) = find(10, 4, STREAMS) {
+            let bytes = (streams.rss_streams as f64 - streams.rss_connected as f64) * 1024.0
+                / STREAMS as f64;
+            writeln!(
+                t,
+                "{who}: memory per open stream (client side and upstream side): {bytes:.0} bytes (RSS with {STREAMS} server streams open less before, ÷ {STREAMS})."
+            )?;
+        }
+        if let (Some(small), Some(large)) = (find(10, 4, 0), find(10, 256, 0)) {
+            let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 252.0;
+            writeln!(
+                t,
+                "{who}: memory per client connection: {bytes:.0} bytes (RSS with 256 less with 4, ÷ 252)."
+            )?;
+        }
     }
     if !has_h2load {
         writeln!(

@@ -61,6 +61,13 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/curve.md")]
         out: PathBuf,
+        /// Whose cases run, comma-separated: fanout, wire-spike, haproxy.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "fanout,wire-spike,haproxy"
+        )]
+        peers: Vec<String>,
     },
 }
 
@@ -80,7 +87,11 @@ async fn main() -> anyhow::Result<()> {
             out,
             peers,
         } => proxy_bench::run(Duration::from_secs(seconds), out, &peers).await,
-        Command::Curve { seconds, out } => curve::run(Duration::from_secs(seconds), out).await,
+        Command::Curve {
+            seconds,
+            out,
+            peers,
+        } => curve::run(Duration::from_secs(seconds), out, &peers).await,
     }
 }
 

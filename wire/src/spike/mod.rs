@@ -1,15 +1,16 @@
 //! The measuring spike: a forwarder built the way issue 13's proposal describes, reduced to
-//! what a benchmark exercises, to learn what such a data path costs per call before building
-//! the real one.
+//! what a benchmark exercises plus the protocol a real peer needs, to learn what such a data
+//! path costs per call before building the real one.
 //!
-//! One thread; every connection is an `Rc` owned by one task that reads its socket, and
-//! forwards each frame at once into the other connection's output buffer (headers re-encoded
-//! field by field, DATA copied); when a batch of reads is done, every connection written to is
-//! flushed with one write, from the task that read, without waking the other task.
+//! One thread; every connection is an `Rc` owned by one task that reads its socket and
+//! forwards each frame at once into the other connection's output buffer (header blocks
+//! re-encoded field by field, DATA copied under flow control, `flow.rs`); when a batch of reads
+//! is done, every connection written to is flushed with one write, from the task that read,
+//! without waking the other task.
 //!
 //! Left out on purpose (the real layer needs each): endpoint reconnects and health, any
-//! balancer but round robin, waiting on exhausted send windows (counted instead), CONTINUATION
-//! on the sending side, GOAWAY draining, deadlines, retries, metrics, limits on streams.
+//! balancer but round robin, deadlines, retries, metrics, limits on streams per endpoint,
+//! header validation beyond HPACK.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -23,6 +24,10 @@ use tokio::sync::Notify;
 
 use crate::frame::{self, Head};
 use crate::hpack;
+
+mod flow;
+
+use flow::Pending;
 
 /// Stream ids are small, dense integers: one multiply spreads them over the table (SipHash,
 /// the default, was a fifth of the spike's time).
@@ -63,9 +68,12 @@ struct Route {
     peer_stream: u32,
     /// The peer on this connection sent END_STREAM.
     ended: bool,
-    /// Received on this stream and not yet given back with a WINDOW_UPDATE.
+    /// Received on this stream, passed on, and not yet given back with a WINDOW_UPDATE.
     unacked: u32,
+    /// What this connection's peer lets us send on the stream.
     send_window: i64,
+    /// What waits for that window.
+    pending: Pending,
 }
 
 pub struct Conn {
@@ -74,20 +82,22 @@ pub struct Conn {
     out: RefCell<BytesMut>,
     dirty: Cell<bool>,
     /// Asks the owning task to wait until its socket is writable and flush.
-    blocked: Notify,
+    write_blocked: Notify,
     decoder: RefCell<hpack::Decoder>,
     routes: RefCell<Routes>,
     next_stream: Cell<u32>,
     send_window: Cell<i64>,
     peer_initial_window: Cell<i64>,
+    peer_max_frame: Cell<usize>,
+    /// Streams with data waiting on the connection's send window.
+    window_blocked: RefCell<Vec<u32>>,
     unacked: Cell<u32>,
+    /// An endpoint that said GOAWAY takes no new streams.
+    leaving: Cell<bool>,
     closed: Cell<bool>,
     /// A header block waiting for its CONTINUATION frames: stream, flags, fragments.
     partial: RefCell<Option<(u32, u8, BytesMut)>>,
 }
-
-/// Sends whose window was already spent (the spike does not wait for WINDOW_UPDATE).
-pub static WINDOW_OVERRUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Conn {
     fn new(role: Role, io: TcpStream) -> Rc<Conn> {
@@ -114,13 +124,16 @@ impl Conn {
             io,
             out: RefCell::new(out),
             dirty: Cell::new(false),
-            blocked: Notify::new(),
+            write_blocked: Notify::new(),
             decoder: RefCell::new(hpack::Decoder::default()),
             routes: RefCell::new(Routes::default()),
             next_stream: Cell::new(1),
             send_window: Cell::new(frame::DEFAULT_WINDOW),
             peer_initial_window: Cell::new(frame::DEFAULT_WINDOW),
+            peer_max_frame: Cell::new(frame::DEFAULT_MAX_FRAME),
+            window_blocked: RefCell::new(Vec::new()),
             unacked: Cell::new(0),
+            leaving: Cell::new(false),
             closed: Cell::new(false),
             partial: RefCell::new(None),
         })
@@ -134,7 +147,7 @@ impl Conn {
             match self.io.try_write(&out) {
                 Ok(n) => out.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.blocked.notify_one();
+                    self.write_blocked.notify_one();
                     return;
                 }
                 Err(_) => {
@@ -173,7 +186,7 @@ impl Forwarder {
         self.next.set(start.wrapping_add(1));
         (0..n)
             .map(|i| &self.endpoints[(start + i) % n])
-            .find(|c| !c.closed.get())
+            .find(|c| !c.closed.get() && !c.leaving.get())
             .cloned()
     }
 }
@@ -197,6 +210,17 @@ pub enum SpikeError {
 /// Connects to every endpoint, then serves clients on `listen` until the task ends. Must run
 /// inside a `LocalSet`.
 pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), SpikeError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| SpikeError::Listen {
+            addr: listen,
+            source,
+        })?;
+    serve_on(listener, endpoints).await
+}
+
+/// As [`serve`], on a listener already bound.
+pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result<(), SpikeError> {
     let mut conns = Vec::new();
     for &addr in endpoints {
         let io = TcpStream::connect(addr)
@@ -213,12 +237,6 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
         conn.flush();
         tokio::task::spawn_local(run(conn, forwarder.clone()));
     }
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| SpikeError::Listen {
-            addr: listen,
-            source,
-        })?;
     loop {
         let Ok((io, _)) = listener.accept().await else {
             continue;
@@ -236,7 +254,7 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
         let pending_out = !conn.out.borrow().is_empty();
         tokio::select! {
             biased;
-            _ = conn.blocked.notified() => {}
+            _ = conn.write_blocked.notified() => {}
             ready = conn.io.writable(), if pending_out => if ready.is_err() { break },
             ready = conn.io.readable() => {
                 if ready.is_err() {
@@ -262,11 +280,16 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
                     preface_seen = true;
                 }
                 while let Some(head) = Head::parse(&read) {
+                    if head.len > frame::DEFAULT_MAX_FRAME {
+                        go_away(&conn, frame::FRAME_SIZE_ERROR);
+                        break 'conn;
+                    }
                     if read.len() < frame::HEADER_LEN + head.len {
                         break;
                     }
                     let payload = &read[frame::HEADER_LEN..frame::HEADER_LEN + head.len];
-                    if on_frame(&conn, &forwarder, head, payload).is_err() {
+                    if let Err(Fatal(code)) = on_frame(&conn, &forwarder, head, payload) {
+                        go_away(&conn, code);
                         break 'conn;
                     }
                     read.advance(frame::HEADER_LEN + head.len);
@@ -291,22 +314,29 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
         );
         forwarder.mark(&route.peer);
     }
+    forwarder.mark(&conn);
     forwarder.flush_dirty();
 }
 
-/// A connection error: the connection ends.
-struct Fatal;
+/// Ends the connection with `code` (RFC 9113 §5.4.1).
+fn go_away(conn: &Conn, code: u32) {
+    let last = conn.routes.borrow().keys().copied().max().unwrap_or(0);
+    frame::put_goaway(&mut conn.out.borrow_mut(), last, code);
+}
+
+/// A connection error: the connection ends with this code.
+struct Fatal(u32);
 
 fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
     if let Some((stream, _, _)) = &*conn.partial.borrow()
         && (head.kind != frame::CONTINUATION || head.stream != *stream)
     {
-        return Err(Fatal);
+        return Err(Fatal(frame::PROTOCOL_ERROR));
     }
     match head.kind {
         frame::DATA => on_data(conn, fwd, head, payload),
         frame::HEADERS => {
-            let range = frame::strip(&head, payload).map_err(|_| Fatal)?;
+            let range = frame::strip(&head, payload).map_err(|_| Fatal(frame::PROTOCOL_ERROR))?;
             if head.has(frame::END_HEADERS) {
                 on_headers(conn, fwd, head.stream, head.flags, &payload[range])
             } else {
@@ -318,7 +348,7 @@ fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Res
         frame::CONTINUATION => {
             let mut partial = conn.partial.borrow_mut();
             let Some((stream, flags, block)) = partial.as_mut() else {
-                return Err(Fatal);
+                return Err(Fatal(frame::PROTOCOL_ERROR));
             };
             block.extend_from_slice(payload);
             if head.has(frame::END_HEADERS) {
@@ -333,39 +363,16 @@ fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Res
             let route = conn.routes.borrow_mut().remove(&head.stream);
             if let Some(route) = route {
                 route.peer.routes.borrow_mut().remove(&route.peer_stream);
-                let code = if payload.len() == 4 {
-                    u32::from_be_bytes(payload.try_into().unwrap_or_default())
-                } else {
-                    frame::CANCEL
+                let code = match payload.try_into() {
+                    Ok(code) => u32::from_be_bytes(code),
+                    Err(_) => return Err(Fatal(frame::FRAME_SIZE_ERROR)),
                 };
                 frame::put_rst(&mut route.peer.out.borrow_mut(), route.peer_stream, code);
                 fwd.mark(&route.peer);
             }
             Ok(())
         }
-        frame::SETTINGS => {
-            if head.has(frame::ACK) {
-                return Ok(());
-            }
-            for setting in payload.chunks_exact(6) {
-                let id = u16::from_be_bytes([setting[0], setting[1]]);
-                let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-                if id == frame::SETTINGS_INITIAL_WINDOW_SIZE {
-                    let delta = value as i64 - conn.peer_initial_window.replace(value as i64);
-                    for route in conn.routes.borrow_mut().values_mut() {
-                        route.send_window += delta;
-                    }
-                }
-            }
-            frame::put_head(
-                &mut conn.out.borrow_mut(),
-                0,
-                frame::SETTINGS,
-                frame::ACK,
-                0,
-            );
-            Ok(())
-        }
+        frame::SETTINGS => on_settings(conn, fwd, head, payload),
         frame::PING => {
             if !head.has(frame::ACK) {
                 let mut out = conn.out.borrow_mut();
@@ -375,71 +382,132 @@ fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Res
             Ok(())
         }
         frame::WINDOW_UPDATE => {
-            let increment =
-                u32::from_be_bytes(payload.try_into().map_err(|_| Fatal)?) & 0x7fff_ffff;
+            let increment = u32::from_be_bytes(
+                payload
+                    .try_into()
+                    .map_err(|_| Fatal(frame::FRAME_SIZE_ERROR))?,
+            ) & 0x7fff_ffff;
             if head.stream == 0 {
                 conn.send_window
                     .set(conn.send_window.get() + increment as i64);
-            } else if let Some(route) = conn.routes.borrow_mut().get_mut(&head.stream) {
-                route.send_window += increment as i64;
+                flow::drain_blocked(fwd, conn);
+            } else {
+                if let Some(route) = conn.routes.borrow_mut().get_mut(&head.stream) {
+                    route.send_window += increment as i64;
+                }
+                flow::drain(fwd, conn, head.stream);
             }
             Ok(())
         }
         frame::GOAWAY => {
-            // No new streams go to an endpoint that is leaving.
-            conn.closed.set(conn.routes.borrow().is_empty());
-            if conn.role == Role::Upstream {
-                conn.next_stream.set(u32::MAX);
-            }
+            on_goaway(conn, fwd, payload);
             Ok(())
         }
-        frame::PUSH_PROMISE => Err(Fatal),
+        frame::PUSH_PROMISE => Err(Fatal(frame::PROTOCOL_ERROR)),
         // PRIORITY and unknown types are ignored, as the RFC asks.
         _ => Ok(()),
     }
 }
 
-fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
-    // Flow control counts the whole frame, padding included, on every stream, even one
-    // already gone.
-    let len = head.len as u32;
-    let unacked = conn.unacked.get() + len;
-    if unacked >= CONNECTION_WINDOW / 2 {
-        frame::put_window_update(&mut conn.out.borrow_mut(), 0, unacked);
-        conn.unacked.set(0);
-    } else {
-        conn.unacked.set(unacked);
-    }
-    let range = frame::strip(&head, payload).map_err(|_| Fatal)?;
-    let end = head.has(frame::END_STREAM);
-    let mut routes = conn.routes.borrow_mut();
-    let Some(route) = routes.get_mut(&head.stream) else {
+fn on_settings(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
+    if head.has(frame::ACK) {
         return Ok(());
-    };
-    route.unacked += len;
-    if !end && route.unacked >= STREAM_WINDOW / 2 {
-        frame::put_window_update(&mut conn.out.borrow_mut(), head.stream, route.unacked);
-        route.unacked = 0;
     }
-    let peer = route.peer.clone();
-    let peer_stream = route.peer_stream;
-    let data = &payload[range];
-    {
-        let mut peer_routes = peer.routes.borrow_mut();
-        if let Some(back) = peer_routes.get_mut(&peer_stream) {
-            back.send_window -= data.len() as i64;
-            if back.send_window < 0 {
-                WINDOW_OVERRUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if !payload.len().is_multiple_of(6) {
+        return Err(Fatal(frame::FRAME_SIZE_ERROR));
+    }
+    let mut grew = false;
+    for setting in payload.chunks_exact(6) {
+        let id = u16::from_be_bytes([setting[0], setting[1]]);
+        let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+        match id {
+            frame::SETTINGS_INITIAL_WINDOW_SIZE => {
+                if value > 0x7fff_ffff {
+                    return Err(Fatal(frame::FLOW_CONTROL_ERROR));
+                }
+                let delta = value as i64 - conn.peer_initial_window.replace(value as i64);
+                for route in conn.routes.borrow_mut().values_mut() {
+                    route.send_window += delta;
+                }
+                grew |= delta > 0;
+            }
+            frame::SETTINGS_MAX_FRAME_SIZE => {
+                if !(16_384..=16_777_215).contains(&value) {
+                    return Err(Fatal(frame::PROTOCOL_ERROR));
+                }
+                conn.peer_max_frame.set(value as usize);
+            }
+            _ => {}
+        }
+    }
+    frame::put_head(
+        &mut conn.out.borrow_mut(),
+        0,
+        frame::SETTINGS,
+        frame::ACK,
+        0,
+    );
+    if grew {
+        flow::drain_all(fwd, conn);
+    }
+    Ok(())
+}
+
+/// An endpoint that is leaving takes no new streams; those above its last processed stream
+/// were never seen by it, and are refused to their clients (a client may retry them
+/// anywhere). A client's GOAWAY ends its connection once its streams are done.
+fn on_goaway(conn: &Rc<Conn>, fwd: &Forwarder, payload: &[u8]) {
+    conn.leaving.set(true);
+    let last = payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| u32::from_be_bytes(b) & 0x7fff_ffff);
+    if conn.role == Role::Upstream {
+        let refused: Vec<u32> = conn
+            .routes
+            .borrow()
+            .keys()
+            .copied()
+            .filter(|&id| id > last)
+            .collect();
+        for id in refused {
+            if let Some(route) = conn.routes.borrow_mut().remove(&id) {
+                route.peer.routes.borrow_mut().remove(&route.peer_stream);
+                frame::put_rst(
+                    &mut route.peer.out.borrow_mut(),
+                    route.peer_stream,
+                    frame::REFUSED_STREAM,
+                );
+                fwd.mark(&route.peer);
             }
         }
     }
-    peer.send_window
-        .set(peer.send_window.get() - data.len() as i64);
-    frame::put_data(&mut peer.out.borrow_mut(), peer_stream, data, end);
-    fwd.mark(&peer);
+    if conn.routes.borrow().is_empty() {
+        conn.closed.set(true);
+    }
+}
+
+fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
+    let range = frame::strip(&head, payload).map_err(|_| Fatal(frame::PROTOCOL_ERROR))?;
+    let data = &payload[range];
+    // Padding is never passed on: its share of the window comes back at once.
+    let padding = head.len - data.len();
+    let end = head.has(frame::END_STREAM);
+    let target = {
+        let mut routes = conn.routes.borrow_mut();
+        routes.get_mut(&head.stream).map(|route| {
+            route.ended |= end;
+            (route.peer.clone(), route.peer_stream)
+        })
+    };
+    let Some((peer, peer_stream)) = target else {
+        // A stream already gone: its bytes still count against the connection's window.
+        flow::credit(fwd, conn, head.stream, head.len);
+        return Ok(());
+    };
+    flow::credit(fwd, conn, head.stream, padding);
+    flow::send_data(fwd, &peer, peer_stream, data, end);
     if end {
-        route.ended = true;
-        drop(routes);
         end_if_done(conn, head.stream);
     }
     Ok(())
@@ -458,9 +526,9 @@ fn on_headers(
         .borrow()
         .get(&stream)
         .map(|r| (r.peer.clone(), r.peer_stream));
-    let (peer, peer_stream) = match known {
-        Some(route) => route,
-        None if conn.role == Role::Downstream => {
+    let (peer, peer_stream, opening) = match known {
+        Some((peer, peer_stream)) => (peer, peer_stream, false),
+        None if conn.role == Role::Downstream && stream % 2 == 1 => {
             let Some(endpoint) = fwd.pick() else {
                 frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::REFUSED_STREAM);
                 // The block must still be decoded: it changes the connection's table.
@@ -468,45 +536,35 @@ fn on_headers(
             };
             let upstream_stream = endpoint.next_stream.get();
             endpoint.next_stream.set(upstream_stream + 2);
-            conn.routes.borrow_mut().insert(
-                stream,
-                Route {
-                    peer: endpoint.clone(),
-                    peer_stream: upstream_stream,
-                    ended: false,
-                    unacked: 0,
-                    send_window: conn.peer_initial_window.get(),
-                },
-            );
-            endpoint.routes.borrow_mut().insert(
-                upstream_stream,
-                Route {
-                    peer: conn.clone(),
-                    peer_stream: stream,
-                    ended: false,
-                    unacked: 0,
-                    send_window: endpoint.peer_initial_window.get(),
-                },
-            );
-            (endpoint, upstream_stream)
+            conn.routes
+                .borrow_mut()
+                .insert(stream, route(&endpoint, upstream_stream, conn));
+            endpoint
+                .routes
+                .borrow_mut()
+                .insert(upstream_stream, route(conn, stream, &endpoint));
+            (endpoint, upstream_stream, true)
         }
         // Headers for a stream we do not know (reset meanwhile): decoded, dropped.
         None => return decode(conn, block, |_, _, _| {}),
     };
-    {
-        let mut out = peer.out.borrow_mut();
-        let at = frame::begin_frame(
-            &mut out,
-            frame::HEADERS,
-            frame::END_HEADERS | (flags & frame::END_STREAM),
-            peer_stream,
-        );
-        decode(conn, block, |name, value, indexing| {
-            hpack::encode_field(&mut out, name, value, indexing)
-        })?;
-        frame::finish_frame(&mut out, at);
+    let mut frames = BytesMut::new();
+    let at = frame::begin_frame(
+        &mut frames,
+        frame::HEADERS,
+        frame::END_HEADERS | (flags & frame::END_STREAM),
+        peer_stream,
+    );
+    decode(conn, block, |name, value, indexing| {
+        hpack::encode_field(&mut frames, name, value, indexing)
+    })?;
+    frame::finish_headers(&mut frames, at, peer.peer_max_frame.get());
+    if opening {
+        peer.out.borrow_mut().extend_from_slice(&frames);
+        fwd.mark(&peer);
+    } else {
+        flow::send_trailers(fwd, &peer, peer_stream, frames);
     }
-    fwd.mark(&peer);
     if end {
         if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
             route.ended = true;
@@ -514,6 +572,18 @@ fn on_headers(
         end_if_done(conn, stream);
     }
     Ok(())
+}
+
+/// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
+fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn) -> Route {
+    Route {
+        peer: peer.clone(),
+        peer_stream,
+        ended: false,
+        unacked: 0,
+        send_window: owner.peer_initial_window.get(),
+        pending: Pending::default(),
+    }
 }
 
 fn decode(
@@ -524,10 +594,11 @@ fn decode(
     conn.decoder
         .borrow_mut()
         .decode(block, field)
-        .map_err(|_| Fatal)
+        .map_err(|_| Fatal(frame::COMPRESSION_ERROR))
 }
 
-/// Forgets a stream once both its directions have ended.
+/// Forgets a stream once both its directions have ended and nothing waits to be sent on
+/// either side.
 fn end_if_done(conn: &Conn, stream: u32) {
     let mut routes = conn.routes.borrow_mut();
     let Some(route) = routes.get(&stream) else {
@@ -536,7 +607,8 @@ fn end_if_done(conn: &Conn, stream: u32) {
     let peer = route.peer.clone();
     let peer_stream = route.peer_stream;
     let mut peer_routes = peer.routes.borrow_mut();
-    if peer_routes.get(&peer_stream).is_some_and(|r| r.ended) {
+    let done = |r: &Route| r.ended && r.pending.is_empty();
+    if done(route) && peer_routes.get(&peer_stream).is_some_and(done) {
         routes.remove(&stream);
         peer_routes.remove(&peer_stream);
     }

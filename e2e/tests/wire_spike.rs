@@ -1,0 +1,261 @@
+//! Issue 13's measuring spike (`fanout-wire`) forwards real gRPC calls between tonic clients
+//! and backends: what the benchmark measures is a data path that works, not one that only
+//! moves bytes. Calls take turns over the endpoints; messages past every window cross under
+//! flow control; streams in both directions, status codes with trailers, and cancellation
+//! arrive as sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fanout_e2e::backend::proto::test_client::TestClient;
+use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
+use fanout_e2e::backend::{Backend, Behaviour, Stats};
+use fanout_e2e::backend_process::{self, Implementation};
+use fanout_e2e::proxy::pod_ip;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// `backends` tonic backends on 127.0.0.2…, the spike in front of them on a thread of its
+/// own (it runs on one thread, as in the benchmark); the spike's address and the backends'
+/// stats.
+async fn setup(backends: usize) -> (SocketAddr, Vec<Arc<Stats>>) {
+    let mut addrs = Vec::new();
+    let mut stats = Vec::new();
+    for n in 0..backends {
+        let backend = Backend::new(format!("backend-{n}"), Behaviour::default());
+        stats.push(backend.stats());
+        addrs.push(backend.spawn(SocketAddr::new(pod_ip(n), 0)).await.unwrap());
+    }
+    (spike(addrs), stats)
+}
+
+/// The spike in front of `endpoints`, on a thread of its own; its address.
+fn spike(addrs: Vec<SocketAddr>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listen = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            fanout_wire::spike::serve_on(listener, &addrs).await
+        })
+    });
+    listen
+}
+
+async fn client(listen: SocketAddr) -> TestClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TestClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_take_turns_over_the_endpoints_and_arrive_unchanged() {
+    let (listen, _) = setup(3).await;
+    let client = client(listen).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let mut client = client.clone();
+        calls.spawn(async move {
+            let mut backends = Vec::new();
+            for i in 0..75u32 {
+                let mut request = tonic::Request::new(EchoRequest {
+                    payload: (worker * 1000 + i).to_be_bytes().to_vec(),
+                    ..Default::default()
+                });
+                request
+                    .metadata_mut()
+                    .insert("x-echo-trace", format!("t-{worker}-{i}").parse().unwrap());
+                let response = client.unary(request).await.unwrap();
+                assert_eq!(
+                    response.metadata().get("x-echo-trace").unwrap(),
+                    &format!("t-{worker}-{i}")
+                );
+                let reply = response.into_inner();
+                assert_eq!(reply.payload, (worker * 1000 + i).to_be_bytes().to_vec());
+                backends.push(reply.backend);
+            }
+            backends
+        });
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    while let Some(backends) = calls.join_next().await {
+        for backend in backends.unwrap() {
+            *counts.entry(backend).or_insert(0) += 1;
+        }
+    }
+    // Round robin over 3 endpoints: 300 calls, 100 each.
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [
+            ("backend-0".to_string(), 100),
+            ("backend-1".to_string(), 100),
+            ("backend-2".to_string(), 100)
+        ]
+    );
+
+    let mut client = client;
+    let mut request = tonic::Request::new(EchoRequest {
+        fail_code: Code::Aborted as i32,
+        fail_message: "conflict".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-echo-retry-after", "3".parse().unwrap());
+    let status = client.unary(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert_eq!(status.message(), "conflict");
+    assert_eq!(status.metadata().get("x-echo-retry-after").unwrap(), "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_larger_than_every_window_cross_whole() {
+    let (listen, _) = setup(1).await;
+    let mut client = client(listen).await;
+    // 6 MiB each way: past the backend's and the client's stream windows and past the spike's
+    // own connection window, so every direction waits for WINDOW_UPDATEs.
+    let payload: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
+    let reply = client
+        .unary(EchoRequest {
+            payload: payload.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.payload == payload, "a 6 MiB message arrives whole");
+
+    // Several at once on one connection share its window.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut client = client.clone();
+        calls.spawn(async move {
+            client
+                .unary(EchoRequest {
+                    reply_bytes: 3 << 20,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().payload.len())
+        });
+    }
+    while let Some(len) = calls.join_next().await {
+        assert_eq!(len.unwrap().unwrap(), 3 << 20);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_flow_both_ways_and_a_cancel_reaches_the_backend() {
+    let (listen, stats) = setup(1).await;
+    let mut client = client(listen).await;
+    let replies: Vec<_> = client
+        .server_stream(StreamRequest {
+            count: 1000,
+            interval_ms: 0,
+            reply_bytes: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .unwrap();
+    assert_eq!(replies.len(), 1000);
+
+    let messages = (0..500).map(|i| EchoRequest {
+        payload: vec![1; i],
+        ..Default::default()
+    });
+    let reply = client
+        .client_stream(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.count, 500);
+    assert_eq!(reply.bytes, (0..500u64).sum::<u64>());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let sender = tokio::spawn(async move {
+        for i in 0..5_000u32 {
+            let message = EchoRequest {
+                payload: i.to_be_bytes().to_vec(),
+                ..Default::default()
+            };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0u32;
+    while let Some(reply) = replies.next().await {
+        assert_eq!(reply.unwrap().payload, n.to_be_bytes().to_vec());
+        n += 1;
+    }
+    sender.await.unwrap();
+    assert_eq!(n, 5_000);
+
+    let mut stream = client
+        .server_stream(StreamRequest {
+            count: 100_000,
+            interval_ms: 10,
+            reply_bytes: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats[0].cancelled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the backend never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_c_core_backends_answer_through_the_spike() {
+    // C-core's HPACK (Huffman, its own table sizes) and its SETTINGS, not tonic's.
+    let (port, _backends) =
+        backend_process::on_pod_ips_as(Implementation::Grpcio, 3, |_| vec![]).await;
+    let listen = spike((0..3).map(|n| SocketAddr::new(pod_ip(n), port)).collect());
+    let mut client = client(listen).await;
+    let mut counts = std::collections::BTreeMap::new();
+    for i in 0..90u32 {
+        let reply = client
+            .unary(EchoRequest {
+                payload: i.to_be_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // This backend answers with its name and a call number only.
+        assert_eq!(reply.seq, u64::from(i / 3) + 1);
+        *counts.entry(reply.backend).or_insert(0) += 1;
+    }
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [30, 30, 30]);
+}
