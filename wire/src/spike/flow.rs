@@ -125,7 +125,7 @@ pub fn drain(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32) {
     fwd.mark(dest);
     credit(fwd, &source.0, source.1, sent);
     if done {
-        super::end_if_done(dest, stream);
+        super::streams::end_if_done(dest, stream);
     }
 }
 
@@ -166,6 +166,9 @@ pub fn credit(fwd: &Forwarder, source: &Rc<Conn>, stream: u32, bytes: usize) {
     let mut updated = false;
     if conn_unacked >= CONNECTION_WINDOW / 2 {
         frame::put_window_update(&mut source.out.borrow_mut(), 0, conn_unacked);
+        source
+            .recv_window
+            .set(source.recv_window.get() + conn_unacked as i64);
         source.unacked.set(0);
         updated = true;
     } else {
@@ -176,6 +179,7 @@ pub fn credit(fwd: &Forwarder, source: &Rc<Conn>, stream: u32, bytes: usize) {
         // A stream whose sender has ended needs no more window.
         if !route.ended && route.unacked >= STREAM_WINDOW / 2 {
             frame::put_window_update(&mut source.out.borrow_mut(), stream, route.unacked);
+            route.recv_window += route.unacked as i64;
             route.unacked = 0;
             updated = true;
         }

@@ -8,9 +8,13 @@
 //! is done, every connection written to is flushed with one write, from the task that read,
 //! without waking the other task.
 //!
+//! Protocol checks follow RFC 9113: frames of the wrong size or on the wrong stream end the
+//! connection with GOAWAY and the RFC's code (`control.rs`), stream state errors and malformed
+//! messages reset their stream (`streams.rs`), both flow-control windows are kept both ways
+//! (`flow.rs`).
+//!
 //! Left out on purpose (the real layer needs each): endpoint reconnects and health, any
-//! balancer but round robin, deadlines, retries, metrics, limits on streams per endpoint,
-//! header validation beyond HPACK.
+//! balancer but round robin, deadlines, retries, metrics, limits on streams per endpoint.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -25,9 +29,11 @@ use tokio::sync::Notify;
 use crate::frame::{self, Head};
 use crate::hpack;
 
+mod control;
 mod flow;
+mod streams;
 
-use flow::Pending;
+use streams::Route;
 
 /// Stream ids are small, dense integers: one multiply spreads them over the table (SipHash,
 /// the default, was a fifth of the spike's time).
@@ -53,6 +59,10 @@ type Routes = HashMap<u32, Route, std::hash::BuildHasherDefault<StreamIdHasher>>
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// Streams a client may have open at once (our SETTINGS_MAX_CONCURRENT_STREAMS).
+const MAX_STREAMS: u32 = 10_000;
+/// The largest header block taken in (HEADERS and CONTINUATIONs together).
+const MAX_HEADER_BLOCK: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -60,20 +70,6 @@ enum Role {
     Downstream,
     /// The proxy's connection to an endpoint: streams are opened by us.
     Upstream,
-}
-
-/// Where a stream of one connection continues on another.
-struct Route {
-    peer: Rc<Conn>,
-    peer_stream: u32,
-    /// The peer on this connection sent END_STREAM.
-    ended: bool,
-    /// Received on this stream, passed on, and not yet given back with a WINDOW_UPDATE.
-    unacked: u32,
-    /// What this connection's peer lets us send on the stream.
-    send_window: i64,
-    /// What waits for that window.
-    pending: Pending,
 }
 
 pub struct Conn {
@@ -86,6 +82,12 @@ pub struct Conn {
     decoder: RefCell<hpack::Decoder>,
     routes: RefCell<Routes>,
     next_stream: Cell<u32>,
+    /// The highest stream id the peer has opened (a client's connection).
+    last_peer_stream: Cell<u32>,
+    /// What the peer may still send us on the connection.
+    recv_window: Cell<i64>,
+    /// The peer's first frame was its SETTINGS, as it must be (§3.4).
+    settings_seen: Cell<bool>,
     send_window: Cell<i64>,
     peer_initial_window: Cell<i64>,
     peer_max_frame: Cell<usize>,
@@ -110,7 +112,7 @@ impl Conn {
             &mut out,
             &[
                 (0x2, 0), // ENABLE_PUSH
-                (frame::SETTINGS_MAX_CONCURRENT_STREAMS, 10_000),
+                (frame::SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
                 (frame::SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
             ],
         );
@@ -128,6 +130,9 @@ impl Conn {
             decoder: RefCell::new(hpack::Decoder::default()),
             routes: RefCell::new(Routes::default()),
             next_stream: Cell::new(1),
+            last_peer_stream: Cell::new(0),
+            recv_window: Cell::new(CONNECTION_WINDOW as i64),
+            settings_seen: Cell::new(false),
             send_window: Cell::new(frame::DEFAULT_WINDOW),
             peer_initial_window: Cell::new(frame::DEFAULT_WINDOW),
             peer_max_frame: Cell::new(frame::DEFAULT_MAX_FRAME),
@@ -274,6 +279,7 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
                         continue;
                     }
                     if &read[..frame::PREFACE.len()] != frame::PREFACE {
+                        go_away(&conn, frame::PROTOCOL_ERROR);
                         break;
                     }
                     read.advance(frame::PREFACE.len());
@@ -328,288 +334,28 @@ fn go_away(conn: &Conn, code: u32) {
 struct Fatal(u32);
 
 fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
+    if !conn.settings_seen.replace(true) && head.kind != frame::SETTINGS {
+        return Err(Fatal(frame::PROTOCOL_ERROR));
+    }
+    // Nothing may come between a HEADERS and the CONTINUATIONs of its block (§6.10).
     if let Some((stream, _, _)) = &*conn.partial.borrow()
         && (head.kind != frame::CONTINUATION || head.stream != *stream)
     {
         return Err(Fatal(frame::PROTOCOL_ERROR));
     }
     match head.kind {
-        frame::DATA => on_data(conn, fwd, head, payload),
-        frame::HEADERS => {
-            let range = frame::strip(&head, payload).map_err(|_| Fatal(frame::PROTOCOL_ERROR))?;
-            if head.has(frame::END_HEADERS) {
-                on_headers(conn, fwd, head.stream, head.flags, &payload[range])
-            } else {
-                *conn.partial.borrow_mut() =
-                    Some((head.stream, head.flags, BytesMut::from(&payload[range])));
-                Ok(())
-            }
-        }
-        frame::CONTINUATION => {
-            let mut partial = conn.partial.borrow_mut();
-            let Some((stream, flags, block)) = partial.as_mut() else {
-                return Err(Fatal(frame::PROTOCOL_ERROR));
-            };
-            block.extend_from_slice(payload);
-            if head.has(frame::END_HEADERS) {
-                let (stream, flags, block) = (*stream, *flags, std::mem::take(block));
-                *partial = None;
-                drop(partial);
-                return on_headers(conn, fwd, stream, flags, &block);
-            }
-            Ok(())
-        }
-        frame::RST_STREAM => {
-            let route = conn.routes.borrow_mut().remove(&head.stream);
-            if let Some(route) = route {
-                route.peer.routes.borrow_mut().remove(&route.peer_stream);
-                let code = match payload.try_into() {
-                    Ok(code) => u32::from_be_bytes(code),
-                    Err(_) => return Err(Fatal(frame::FRAME_SIZE_ERROR)),
-                };
-                frame::put_rst(&mut route.peer.out.borrow_mut(), route.peer_stream, code);
-                fwd.mark(&route.peer);
-            }
-            Ok(())
-        }
-        frame::SETTINGS => on_settings(conn, fwd, head, payload),
-        frame::PING => {
-            if !head.has(frame::ACK) {
-                let mut out = conn.out.borrow_mut();
-                frame::put_head(&mut out, payload.len(), frame::PING, frame::ACK, 0);
-                out.extend_from_slice(payload);
-            }
-            Ok(())
-        }
-        frame::WINDOW_UPDATE => {
-            let increment = u32::from_be_bytes(
-                payload
-                    .try_into()
-                    .map_err(|_| Fatal(frame::FRAME_SIZE_ERROR))?,
-            ) & 0x7fff_ffff;
-            if head.stream == 0 {
-                conn.send_window
-                    .set(conn.send_window.get() + increment as i64);
-                flow::drain_blocked(fwd, conn);
-            } else {
-                if let Some(route) = conn.routes.borrow_mut().get_mut(&head.stream) {
-                    route.send_window += increment as i64;
-                }
-                flow::drain(fwd, conn, head.stream);
-            }
-            Ok(())
-        }
-        frame::GOAWAY => {
-            on_goaway(conn, fwd, payload);
-            Ok(())
-        }
+        frame::DATA => streams::on_data(conn, fwd, head, payload),
+        frame::HEADERS => streams::on_headers_frame(conn, fwd, head, payload),
+        frame::CONTINUATION => streams::on_continuation(conn, fwd, head, payload),
+        frame::PRIORITY => control::on_priority(head, payload),
+        frame::RST_STREAM => control::on_rst_stream(conn, fwd, head, payload),
+        frame::SETTINGS => control::on_settings(conn, fwd, head, payload),
+        frame::PING => control::on_ping(conn, head, payload),
+        frame::WINDOW_UPDATE => control::on_window_update(conn, fwd, head, payload),
+        frame::GOAWAY => control::on_goaway(conn, fwd, head, payload),
+        // Push was turned off in our SETTINGS, and clients never push.
         frame::PUSH_PROMISE => Err(Fatal(frame::PROTOCOL_ERROR)),
-        // PRIORITY and unknown types are ignored, as the RFC asks.
+        // Unknown types are ignored, as the RFC asks (§4.1).
         _ => Ok(()),
-    }
-}
-
-fn on_settings(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
-    if head.has(frame::ACK) {
-        return Ok(());
-    }
-    if !payload.len().is_multiple_of(6) {
-        return Err(Fatal(frame::FRAME_SIZE_ERROR));
-    }
-    let mut grew = false;
-    for setting in payload.chunks_exact(6) {
-        let id = u16::from_be_bytes([setting[0], setting[1]]);
-        let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-        match id {
-            frame::SETTINGS_INITIAL_WINDOW_SIZE => {
-                if value > 0x7fff_ffff {
-                    return Err(Fatal(frame::FLOW_CONTROL_ERROR));
-                }
-                let delta = value as i64 - conn.peer_initial_window.replace(value as i64);
-                for route in conn.routes.borrow_mut().values_mut() {
-                    route.send_window += delta;
-                }
-                grew |= delta > 0;
-            }
-            frame::SETTINGS_MAX_FRAME_SIZE => {
-                if !(16_384..=16_777_215).contains(&value) {
-                    return Err(Fatal(frame::PROTOCOL_ERROR));
-                }
-                conn.peer_max_frame.set(value as usize);
-            }
-            _ => {}
-        }
-    }
-    frame::put_head(
-        &mut conn.out.borrow_mut(),
-        0,
-        frame::SETTINGS,
-        frame::ACK,
-        0,
-    );
-    if grew {
-        flow::drain_all(fwd, conn);
-    }
-    Ok(())
-}
-
-/// An endpoint that is leaving takes no new streams; those above its last processed stream
-/// were never seen by it, and are refused to their clients (a client may retry them
-/// anywhere). A client's GOAWAY ends its connection once its streams are done.
-fn on_goaway(conn: &Rc<Conn>, fwd: &Forwarder, payload: &[u8]) {
-    conn.leaving.set(true);
-    let last = payload
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, |b| u32::from_be_bytes(b) & 0x7fff_ffff);
-    if conn.role == Role::Upstream {
-        let refused: Vec<u32> = conn
-            .routes
-            .borrow()
-            .keys()
-            .copied()
-            .filter(|&id| id > last)
-            .collect();
-        for id in refused {
-            if let Some(route) = conn.routes.borrow_mut().remove(&id) {
-                route.peer.routes.borrow_mut().remove(&route.peer_stream);
-                frame::put_rst(
-                    &mut route.peer.out.borrow_mut(),
-                    route.peer_stream,
-                    frame::REFUSED_STREAM,
-                );
-                fwd.mark(&route.peer);
-            }
-        }
-    }
-    if conn.routes.borrow().is_empty() {
-        conn.closed.set(true);
-    }
-}
-
-fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
-    let range = frame::strip(&head, payload).map_err(|_| Fatal(frame::PROTOCOL_ERROR))?;
-    let data = &payload[range];
-    // Padding is never passed on: its share of the window comes back at once.
-    let padding = head.len - data.len();
-    let end = head.has(frame::END_STREAM);
-    let target = {
-        let mut routes = conn.routes.borrow_mut();
-        routes.get_mut(&head.stream).map(|route| {
-            route.ended |= end;
-            (route.peer.clone(), route.peer_stream)
-        })
-    };
-    let Some((peer, peer_stream)) = target else {
-        // A stream already gone: its bytes still count against the connection's window.
-        flow::credit(fwd, conn, head.stream, head.len);
-        return Ok(());
-    };
-    flow::credit(fwd, conn, head.stream, padding);
-    flow::send_data(fwd, &peer, peer_stream, data, end);
-    if end {
-        end_if_done(conn, head.stream);
-    }
-    Ok(())
-}
-
-fn on_headers(
-    conn: &Rc<Conn>,
-    fwd: &Forwarder,
-    stream: u32,
-    flags: u8,
-    block: &[u8],
-) -> Result<(), Fatal> {
-    let end = flags & frame::END_STREAM != 0;
-    let known = conn
-        .routes
-        .borrow()
-        .get(&stream)
-        .map(|r| (r.peer.clone(), r.peer_stream));
-    let (peer, peer_stream, opening) = match known {
-        Some((peer, peer_stream)) => (peer, peer_stream, false),
-        None if conn.role == Role::Downstream && stream % 2 == 1 => {
-            let Some(endpoint) = fwd.pick() else {
-                frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::REFUSED_STREAM);
-                // The block must still be decoded: it changes the connection's table.
-                return decode(conn, block, |_, _, _| {});
-            };
-            let upstream_stream = endpoint.next_stream.get();
-            endpoint.next_stream.set(upstream_stream + 2);
-            conn.routes
-                .borrow_mut()
-                .insert(stream, route(&endpoint, upstream_stream, conn));
-            endpoint
-                .routes
-                .borrow_mut()
-                .insert(upstream_stream, route(conn, stream, &endpoint));
-            (endpoint, upstream_stream, true)
-        }
-        // Headers for a stream we do not know (reset meanwhile): decoded, dropped.
-        None => return decode(conn, block, |_, _, _| {}),
-    };
-    let mut frames = BytesMut::new();
-    let at = frame::begin_frame(
-        &mut frames,
-        frame::HEADERS,
-        frame::END_HEADERS | (flags & frame::END_STREAM),
-        peer_stream,
-    );
-    decode(conn, block, |name, value, indexing| {
-        hpack::encode_field(&mut frames, name, value, indexing)
-    })?;
-    frame::finish_headers(&mut frames, at, peer.peer_max_frame.get());
-    if opening {
-        peer.out.borrow_mut().extend_from_slice(&frames);
-        fwd.mark(&peer);
-    } else {
-        flow::send_trailers(fwd, &peer, peer_stream, frames);
-    }
-    if end {
-        if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
-            route.ended = true;
-        }
-        end_if_done(conn, stream);
-    }
-    Ok(())
-}
-
-/// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
-fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn) -> Route {
-    Route {
-        peer: peer.clone(),
-        peer_stream,
-        ended: false,
-        unacked: 0,
-        send_window: owner.peer_initial_window.get(),
-        pending: Pending::default(),
-    }
-}
-
-fn decode(
-    conn: &Conn,
-    block: &[u8],
-    field: impl FnMut(&[u8], &[u8], hpack::Indexing),
-) -> Result<(), Fatal> {
-    conn.decoder
-        .borrow_mut()
-        .decode(block, field)
-        .map_err(|_| Fatal(frame::COMPRESSION_ERROR))
-}
-
-/// Forgets a stream once both its directions have ended and nothing waits to be sent on
-/// either side.
-fn end_if_done(conn: &Conn, stream: u32) {
-    let mut routes = conn.routes.borrow_mut();
-    let Some(route) = routes.get(&stream) else {
-        return;
-    };
-    let peer = route.peer.clone();
-    let peer_stream = route.peer_stream;
-    let mut peer_routes = peer.routes.borrow_mut();
-    let done = |r: &Route| r.ended && r.pending.is_empty();
-    if done(route) && peer_routes.get(&peer_stream).is_some_and(done) {
-        routes.remove(&stream);
-        peer_routes.remove(&peer_stream);
     }
 }

@@ -1,0 +1,401 @@
+//! The frames that carry calls: HEADERS (with CONTINUATION) and DATA, through the stream
+//! states of RFC 9113 §5.1. A request opens a stream on an endpoint; response headers, data
+//! and trailers come back the same way. Every header block is decoded once and re-encoded
+//! into the other connection while its fields are checked (§8.2): a malformed message is
+//! refused with RST_STREAM(PROTOCOL_ERROR) and is never passed on.
+
+use std::rc::Rc;
+
+use bytes::BytesMut;
+
+use super::flow::{self, Pending};
+use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, STREAM_WINDOW};
+use crate::frame::{self, Head};
+use crate::hpack;
+
+/// Where a stream of one connection continues on another.
+pub struct Route {
+    pub peer: Rc<Conn>,
+    pub peer_stream: u32,
+    /// The peer on this connection sent END_STREAM.
+    pub ended: bool,
+    /// The peer on this connection sent its (final) header block: what follows is trailers.
+    pub headers_seen: bool,
+    /// Received on this stream, passed on, and not yet given back with a WINDOW_UPDATE.
+    pub unacked: u32,
+    /// What the peer on this connection may still send us on the stream.
+    pub recv_window: i64,
+    /// What this connection's peer lets us send on the stream.
+    pub send_window: i64,
+    /// What waits for that window.
+    pub pending: Pending,
+}
+
+/// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
+fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool) -> Route {
+    Route {
+        peer: peer.clone(),
+        peer_stream,
+        ended: false,
+        headers_seen,
+        unacked: 0,
+        recv_window: STREAM_WINDOW as i64,
+        send_window: owner.peer_initial_window.get(),
+        pending: Pending::default(),
+    }
+}
+
+/// A stream neither side has opened yet (§5.1 "idle"): frames other than HEADERS on it are a
+/// connection error.
+pub fn is_idle(conn: &Conn, stream: u32) -> bool {
+    match conn.role {
+        Role::Downstream => stream.is_multiple_of(2) || stream > conn.last_peer_stream.get(),
+        Role::Upstream => stream.is_multiple_of(2) || stream >= conn.next_stream.get(),
+    }
+}
+
+/// A stream error (§5.4.2): RST_STREAM with `code` here, and the stream it continues on
+/// cancelled.
+pub fn reset_stream(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32, code: u32) {
+    frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
+    fwd.mark(conn);
+    let route = conn.routes.borrow_mut().remove(&stream);
+    if let Some(route) = route {
+        route.peer.routes.borrow_mut().remove(&route.peer_stream);
+        let peer_code = if code == frame::CANCEL {
+            frame::CANCEL
+        } else {
+            frame::INTERNAL_ERROR
+        };
+        frame::put_rst(
+            &mut route.peer.out.borrow_mut(),
+            route.peer_stream,
+            peer_code,
+        );
+        fwd.mark(&route.peer);
+    }
+}
+
+pub fn on_headers_frame(
+    conn: &Rc<Conn>,
+    fwd: &Forwarder,
+    head: Head,
+    payload: &[u8],
+) -> Result<(), Fatal> {
+    if head.stream == 0 {
+        return Err(Fatal(frame::PROTOCOL_ERROR));
+    }
+    let range = frame::strip(&head, payload).map_err(|_| Fatal(frame::PROTOCOL_ERROR))?;
+    if head.has(frame::END_HEADERS) {
+        on_headers(conn, fwd, head.stream, head.flags, &payload[range])
+    } else {
+        *conn.partial.borrow_mut() =
+            Some((head.stream, head.flags, BytesMut::from(&payload[range])));
+        Ok(())
+    }
+}
+
+pub fn on_continuation(
+    conn: &Rc<Conn>,
+    fwd: &Forwarder,
+    head: Head,
+    payload: &[u8],
+) -> Result<(), Fatal> {
+    let mut partial = conn.partial.borrow_mut();
+    let Some((stream, flags, block)) = partial.as_mut() else {
+        return Err(Fatal(frame::PROTOCOL_ERROR));
+    };
+    block.extend_from_slice(payload);
+    // A block no decoder would accept is refused before it fills the memory.
+    if block.len() > super::MAX_HEADER_BLOCK {
+        return Err(Fatal(frame::ENHANCE_YOUR_CALM));
+    }
+    if head.has(frame::END_HEADERS) {
+        let (stream, flags, block) = (*stream, *flags, std::mem::take(block));
+        *partial = None;
+        drop(partial);
+        return on_headers(conn, fwd, stream, flags, &block);
+    }
+    Ok(())
+}
+
+/// What a header block is, for the checks of §8.3.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Request,
+    Response,
+    Trailers,
+}
+
+/// The checks of RFC 9113 §8.2–8.3 on one block, field by field.
+struct FieldCheck {
+    block: Block,
+    regular_seen: bool,
+    /// :method, :scheme, :path, :authority, :status seen.
+    pseudo: [bool; 5],
+    informational: bool,
+    malformed: bool,
+}
+
+impl FieldCheck {
+    fn new(block: Block) -> Self {
+        Self {
+            block,
+            regular_seen: false,
+            pseudo: [false; 5],
+            informational: false,
+            malformed: false,
+        }
+    }
+
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            let slot = match (self.block, pseudo) {
+                (Block::Request, b"method") => 0,
+                (Block::Request, b"scheme") => 1,
+                (Block::Request, b"path") => 2,
+                (Block::Request, b"authority") => 3,
+                (Block::Response, b"status") => {
+                    self.informational = value.first() == Some(&b'1');
+                    4
+                }
+                _ => {
+                    self.malformed = true;
+                    return;
+                }
+            };
+            if self.regular_seen || self.pseudo[slot] || (slot == 2 && value.is_empty()) {
+                self.malformed = true;
+            }
+            self.pseudo[slot] = true;
+            return;
+        }
+        self.regular_seen = true;
+        let connection_specific = matches!(
+            name,
+            b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade"
+        );
+        if name.is_empty()
+            || name.iter().any(u8::is_ascii_uppercase)
+            || connection_specific
+            || (name == b"te" && value != b"trailers")
+        {
+            self.malformed = true;
+        }
+    }
+
+    fn is_valid(&self) -> bool {
+        let complete = match self.block {
+            Block::Request => self.pseudo[0] && self.pseudo[1] && self.pseudo[2],
+            Block::Response => self.pseudo[4],
+            Block::Trailers => true,
+        };
+        complete && !self.malformed
+    }
+}
+
+fn on_headers(
+    conn: &Rc<Conn>,
+    fwd: &Forwarder,
+    stream: u32,
+    flags: u8,
+    block: &[u8],
+) -> Result<(), Fatal> {
+    let end = flags & frame::END_STREAM != 0;
+    let known = conn
+        .routes
+        .borrow()
+        .get(&stream)
+        .map(|r| (r.peer.clone(), r.peer_stream, r.ended, r.headers_seen));
+    let Some((peer, peer_stream, ended, headers_seen)) = known else {
+        return open(conn, fwd, stream, flags, block);
+    };
+    let kind = if headers_seen {
+        Block::Trailers
+    } else {
+        Block::Response
+    };
+    let mut check = FieldCheck::new(kind);
+    let mut frames = BytesMut::new();
+    let at = frame::begin_frame(
+        &mut frames,
+        frame::HEADERS,
+        frame::END_HEADERS | (flags & frame::END_STREAM),
+        peer_stream,
+    );
+    decode(conn, block, |name, value, indexing| {
+        check.field(name, value);
+        hpack::encode_field(&mut frames, name, value, indexing)
+    })?;
+    if ended {
+        reset_stream(conn, fwd, stream, frame::STREAM_CLOSED);
+        return Ok(());
+    }
+    // Trailers end the stream (§8.1).
+    if !check.is_valid() || (kind == Block::Trailers && !end) {
+        reset_stream(conn, fwd, stream, frame::PROTOCOL_ERROR);
+        return Ok(());
+    }
+    frame::finish_headers(&mut frames, at, peer.peer_max_frame.get());
+    if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
+        route.headers_seen |= !check.informational;
+        route.ended |= end;
+    }
+    flow::send_trailers(fwd, &peer, peer_stream, frames);
+    if end {
+        end_if_done(conn, stream);
+    }
+    Ok(())
+}
+
+/// HEADERS on a stream this connection has no route for: a client's new request, or (on an
+/// endpoint's connection) a stream reset meanwhile.
+fn open(
+    conn: &Rc<Conn>,
+    fwd: &Forwarder,
+    stream: u32,
+    flags: u8,
+    block: &[u8],
+) -> Result<(), Fatal> {
+    if conn.role == Role::Upstream
+        || stream.is_multiple_of(2)
+        || stream <= conn.last_peer_stream.get()
+    {
+        // Only clients open streams, with ever larger odd ids (§5.1.1); a stream we reset
+        // may still get headers, which are decoded (they change the table) and dropped.
+        if is_idle(conn, stream) || (conn.role == Role::Downstream && stream.is_multiple_of(2)) {
+            return Err(Fatal(frame::PROTOCOL_ERROR));
+        }
+        return decode(conn, block, |_, _, _| {});
+    }
+    conn.last_peer_stream.set(stream);
+    let end = flags & frame::END_STREAM != 0;
+    let mut check = FieldCheck::new(Block::Request);
+    let mut frames = BytesMut::new();
+    // The endpoint's stream id is known only once the block is found valid and an endpoint
+    // picked: written then.
+    let at = frame::begin_frame(
+        &mut frames,
+        frame::HEADERS,
+        frame::END_HEADERS | (flags & frame::END_STREAM),
+        0,
+    );
+    decode(conn, block, |name, value, indexing| {
+        check.field(name, value);
+        hpack::encode_field(&mut frames, name, value, indexing)
+    })?;
+    let refuse = |code| {
+        frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
+        Ok(())
+    };
+    if !check.is_valid() {
+        return refuse(frame::PROTOCOL_ERROR);
+    }
+    if conn.routes.borrow().len() >= MAX_STREAMS as usize || conn.leaving.get() {
+        return refuse(frame::REFUSED_STREAM);
+    }
+    let Some(endpoint) = fwd.pick() else {
+        return refuse(frame::REFUSED_STREAM);
+    };
+    let upstream_stream = endpoint.next_stream.get();
+    endpoint.next_stream.set(upstream_stream + 2);
+    frames[at + 5..at + 9].copy_from_slice(&upstream_stream.to_be_bytes());
+    frame::finish_headers(&mut frames, at, endpoint.peer_max_frame.get());
+    let mut downstream = route(&endpoint, upstream_stream, conn, true);
+    downstream.ended = end;
+    conn.routes.borrow_mut().insert(stream, downstream);
+    endpoint
+        .routes
+        .borrow_mut()
+        .insert(upstream_stream, route(conn, stream, &endpoint, false));
+    endpoint.out.borrow_mut().extend_from_slice(&frames);
+    fwd.mark(&endpoint);
+    Ok(())
+}
+
+pub fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
+    if head.stream == 0 {
+        return Err(Fatal(frame::PROTOCOL_ERROR));
+    }
+    let range = frame::strip(&head, payload).map_err(|_| Fatal(frame::PROTOCOL_ERROR))?;
+    // The whole frame, padding included, counts against the windows (§6.9.1).
+    let window = conn.recv_window.get() - head.len as i64;
+    if window < 0 {
+        return Err(Fatal(frame::FLOW_CONTROL_ERROR));
+    }
+    conn.recv_window.set(window);
+    if is_idle(conn, head.stream) {
+        return Err(Fatal(frame::PROTOCOL_ERROR));
+    }
+    let data = &payload[range];
+    let padding = head.len - data.len();
+    let end = head.has(frame::END_STREAM);
+    enum Next {
+        Forward(Rc<Conn>, u32),
+        Gone,
+        Reset(u32),
+    }
+    let next = {
+        let mut routes = conn.routes.borrow_mut();
+        match routes.get_mut(&head.stream) {
+            None => Next::Gone,
+            Some(route) if route.ended => Next::Reset(frame::STREAM_CLOSED),
+            // DATA before the response's headers is a malformed response (§8.1).
+            Some(route) if !route.headers_seen => Next::Reset(frame::PROTOCOL_ERROR),
+            Some(route) => {
+                route.recv_window -= head.len as i64;
+                if route.recv_window < 0 {
+                    Next::Reset(frame::FLOW_CONTROL_ERROR)
+                } else {
+                    route.ended = end;
+                    Next::Forward(route.peer.clone(), route.peer_stream)
+                }
+            }
+        }
+    };
+    match next {
+        // A stream already gone: its bytes still come back to the connection's window.
+        Next::Gone => flow::credit(fwd, conn, head.stream, head.len),
+        Next::Reset(code) => {
+            flow::credit(fwd, conn, head.stream, head.len);
+            reset_stream(conn, fwd, head.stream, code);
+        }
+        Next::Forward(peer, peer_stream) => {
+            // Padding is never passed on: its share of the window comes back at once.
+            flow::credit(fwd, conn, head.stream, padding);
+            flow::send_data(fwd, &peer, peer_stream, data, end);
+            if end {
+                end_if_done(conn, head.stream);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn decode(
+    conn: &Conn,
+    block: &[u8],
+    field: impl FnMut(&[u8], &[u8], hpack::Indexing),
+) -> Result<(), Fatal> {
+    conn.decoder
+        .borrow_mut()
+        .decode(block, field)
+        .map_err(|_| Fatal(frame::COMPRESSION_ERROR))
+}
+
+/// Forgets a stream once both its directions have ended and nothing waits to be sent on
+/// either side.
+pub fn end_if_done(conn: &Conn, stream: u32) {
+    let mut routes = conn.routes.borrow_mut();
+    let Some(route) = routes.get(&stream) else {
+        return;
+    };
+    let peer = route.peer.clone();
+    let peer_stream = route.peer_stream;
+    let mut peer_routes = peer.routes.borrow_mut();
+    let done = |r: &Route| r.ended && r.pending.is_empty();
+    if done(route) && peer_routes.get(&peer_stream).is_some_and(done) {
+        routes.remove(&stream);
+        peer_routes.remove(&peer_stream);
+    }
+}
