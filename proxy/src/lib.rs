@@ -20,9 +20,9 @@
 //! - `eject`: passive ejection of endpoints that keep failing.
 //! - `health`: active `grpc.health.v1` checks.
 //! - `grpc_health`: `GET /grpc-health`, the pod's own `grpc.health.v1` for HTTP health checkers.
-//! - `balance`: P2C over peak-EWMA cost (default), least-request, round robin.
+//! - `balance` (crate `fanout-balance`): P2C over peak-EWMA cost (default), least-request,
+//!   round robin; `latency`: each endpoint's latency estimate.
 //! - `split`: a weighted split of an upstream over Services (a canary).
-//! - `latency`: each endpoint's latency estimate, aged in time and in calls.
 //! - `discover`: an upstream's discovery: static, DNS (A/AAAA, SRV), or the discovery server.
 //! - `subscribe`: the discovery server's stream of snapshots, with DNS as fallback.
 //! - `dns`: the DNS client of discovery.
@@ -31,10 +31,12 @@
 //! - `wait`: the postStart helper.
 #![forbid(unsafe_code)]
 
+pub use fanout_balance as balance;
+pub use fanout_balance::latency;
+
 pub mod accounting;
 pub mod activity;
 pub mod admin;
-pub mod balance;
 pub mod check;
 pub mod cli;
 pub mod conn_io;
@@ -47,7 +49,6 @@ pub mod forward;
 pub mod grpc;
 pub mod grpc_health;
 pub mod health;
-pub mod latency;
 pub mod metrics;
 pub mod pump;
 pub mod retry;

@@ -1,4 +1,13 @@
-//! Choosing an endpoint for each new stream.
+//! Choosing an endpoint for each new stream: pure logic over what the data path reports of
+//! its endpoints (streams outstanding, latency), shared by every data path.
+//!
+//! # Layout
+//! - this file: the picker (P2C over peak-EWMA cost, least-request, round robin).
+//! - `latency`: each endpoint's latency estimate, aged in time and in calls.
+//! - `simulation` (tests): the picker and the estimates over simulated endpoints.
+#![forbid(unsafe_code)]
+
+pub mod latency;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
