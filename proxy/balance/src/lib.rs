@@ -9,7 +9,7 @@
 
 pub mod latency;
 
-use std::sync::Arc;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use fanout_proxy_config::Balancer;
@@ -66,11 +66,19 @@ impl Picker {
     }
 
     /// An endpoint among the ready ones, or `None` when none is ready.
-    pub fn pick<E: Candidate>(&self, endpoints: &[Arc<E>]) -> Option<Arc<E>> {
+    pub fn pick<P, E>(&self, endpoints: &[P]) -> Option<P>
+    where
+        P: Deref<Target = E> + Clone,
+        E: Candidate,
+    {
         self.pick_at(endpoints, Instant::now())
     }
 
-    fn pick_at<E: Candidate>(&self, endpoints: &[Arc<E>], now: Instant) -> Option<Arc<E>> {
+    fn pick_at<P, E>(&self, endpoints: &[P], now: Instant) -> Option<P>
+    where
+        P: Deref<Target = E> + Clone,
+        E: Candidate,
+    {
         let n = endpoints.len();
         if n == 0 {
             return None;
@@ -115,12 +123,13 @@ fn peak_ewma_prefers_second<E: Candidate>(a: &E, b: &E, clock: &Clock) -> bool {
 /// Power of two choices: two distinct ready endpoints at random; the second wins if
 /// preferred. Draws from the whole set first (no allocation on the hot path) and falls back to
 /// the list of ready ones when draws keep hitting endpoints that are not.
-fn p2c<E: Candidate>(
-    endpoints: &[Arc<E>],
-    prefers_second: impl Fn(&E, &E) -> bool,
-) -> Option<Arc<E>> {
+fn p2c<P, E>(endpoints: &[P], prefers_second: impl Fn(&E, &E) -> bool) -> Option<P>
+where
+    P: Deref<Target = E> + Clone,
+    E: Candidate,
+{
     let n = endpoints.len();
-    let choose = |a: &Arc<E>, b: &Arc<E>| {
+    let choose = |a: &P, b: &P| {
         Some(if prefers_second(a, b) {
             b.clone()
         } else {
@@ -137,7 +146,7 @@ fn p2c<E: Candidate>(
             return choose(&endpoints[a], &endpoints[b]);
         }
     }
-    let ready: Vec<&Arc<E>> = endpoints.iter().filter(|e| e.is_ready()).collect();
+    let ready: Vec<&P> = endpoints.iter().filter(|e| e.is_ready()).collect();
     match ready.len() {
         0 => None,
         1 => Some(ready[0].clone()),

@@ -13,14 +13,21 @@
 //! messages reset their stream (`streams.rs`), both flow-control windows are kept both ways
 //! (`flow.rs`).
 //!
-//! Left out on purpose (the real layer needs each): endpoint reconnects and health, any
-//! balancer but round robin, deadlines, retries, metrics, limits on streams per endpoint.
+//! Every call also gets the bookkeeping fanout gives it (`account.rs`): fanout's balancer
+//! picks the endpoint, and the call is counted and timed as fanout's metrics do.
+//!
+//! Left out on purpose (the real layer needs each): endpoint reconnects and health checks,
+//! ejection, deadlines, retries, the Service's policy, the admin endpoint, limits on streams
+//! per endpoint.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+
+use fanout_balance::Picker;
+use fanout_proxy_config::Balancer;
 
 use bytes::{Buf, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,9 +36,12 @@ use tokio::sync::Notify;
 use crate::frame::{self, Head};
 use crate::hpack;
 
+mod account;
 mod control;
 mod flow;
 mod streams;
+
+use account::Endpoint;
 
 use streams::Route;
 
@@ -166,8 +176,8 @@ impl Conn {
 }
 
 pub struct Forwarder {
-    endpoints: Vec<Rc<Conn>>,
-    next: Cell<usize>,
+    endpoints: Vec<Rc<Endpoint>>,
+    picker: Picker,
     dirty: RefCell<Vec<Rc<Conn>>>,
 }
 
@@ -185,14 +195,8 @@ impl Forwarder {
         }
     }
 
-    fn pick(&self) -> Option<Rc<Conn>> {
-        let n = self.endpoints.len();
-        let start = self.next.get();
-        self.next.set(start.wrapping_add(1));
-        (0..n)
-            .map(|i| &self.endpoints[(start + i) % n])
-            .find(|c| !c.closed.get() && !c.leaving.get())
-            .cloned()
+    fn pick(&self) -> Option<Rc<Endpoint>> {
+        self.picker.pick(&self.endpoints)
     }
 }
 
@@ -227,15 +231,21 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
 /// As [`serve`], on a listener already bound.
 pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result<(), SpikeError> {
     let mut conns = Vec::new();
+    let duration = account::duration_histogram();
     for &addr in endpoints {
         let io = TcpStream::connect(addr)
             .await
             .map_err(|source| SpikeError::Connect { addr, source })?;
         conns.push(Conn::new(Role::Upstream, io));
     }
+    let picker = Picker::new(Balancer::PeakEwma);
+    picker.set_endpoint_count(conns.len());
     let forwarder = Rc::new(Forwarder {
-        endpoints: conns.clone(),
-        next: Cell::new(0),
+        endpoints: conns
+            .iter()
+            .map(|conn| Endpoint::new(conn.clone(), duration.clone()))
+            .collect(),
+        picker,
         dirty: RefCell::new(Vec::new()),
     });
     for conn in conns {

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use bytes::BytesMut;
 
+use super::account::{self, CallAccount};
 use super::flow::{self, Pending};
 use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
@@ -29,6 +30,8 @@ pub struct Route {
     pub send_window: i64,
     /// What waits for that window.
     pub pending: Pending,
+    /// The call's bookkeeping, on its endpoint-side stream.
+    pub account: Option<CallAccount>,
 }
 
 /// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
@@ -42,6 +45,7 @@ fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool) ->
         recv_window: STREAM_WINDOW as i64,
         send_window: owner.peer_initial_window.get(),
         pending: Pending::default(),
+        account: None,
     }
 }
 
@@ -216,6 +220,7 @@ fn on_headers(
         Block::Response
     };
     let mut check = FieldCheck::new(kind);
+    let mut status = None;
     let mut frames = BytesMut::new();
     let at = frame::begin_frame(
         &mut frames,
@@ -225,6 +230,9 @@ fn on_headers(
     );
     decode(conn, block, |name, value, indexing| {
         check.field(name, value);
+        if name == b"grpc-status" {
+            status = account::grpc_status(value);
+        }
         hpack::encode_field(&mut frames, name, value, indexing)
     })?;
     if ended {
@@ -238,6 +246,12 @@ fn on_headers(
     }
     frame::finish_headers(&mut frames, at, peer.peer_max_frame.get());
     if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
+        if let Some(account) = &mut route.account {
+            if kind == Block::Response && !check.informational {
+                account.answered(&fwd.picker.clock());
+            }
+            account.set_status(status);
+        }
         route.headers_seen |= !check.informational;
         route.ended |= end;
     }
@@ -294,9 +308,11 @@ fn open(
     if conn.routes.borrow().len() >= MAX_STREAMS as usize || conn.leaving.get() {
         return refuse(frame::REFUSED_STREAM);
     }
-    let Some(endpoint) = fwd.pick() else {
+    let Some(picked) = fwd.pick() else {
         return refuse(frame::REFUSED_STREAM);
     };
+    let clock = fwd.picker.clock();
+    let endpoint = picked.conn.clone();
     let upstream_stream = endpoint.next_stream.get();
     endpoint.next_stream.set(upstream_stream + 2);
     frames[at + 5..at + 9].copy_from_slice(&upstream_stream.to_be_bytes());
@@ -304,10 +320,12 @@ fn open(
     let mut downstream = route(&endpoint, upstream_stream, conn, true);
     downstream.ended = end;
     conn.routes.borrow_mut().insert(stream, downstream);
+    let mut upstream = route(conn, stream, &endpoint, false);
+    upstream.account = Some(CallAccount::start(picked, clock.now, &clock));
     endpoint
         .routes
         .borrow_mut()
-        .insert(upstream_stream, route(conn, stream, &endpoint, false));
+        .insert(upstream_stream, upstream);
     endpoint.out.borrow_mut().extend_from_slice(&frames);
     fwd.mark(&endpoint);
     Ok(())
