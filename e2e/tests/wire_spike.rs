@@ -254,3 +254,73 @@ async fn grpc_c_core_backends_answer_through_the_spike() {
     assert_eq!(counts.len(), 3, "{counts:?}");
     assert!(counts.values().all(|&n| n >= 15), "{counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_back_only_its_own_stream() {
+    use bytes::BytesMut;
+    use fanout_wire::frame;
+    use fanout_wire::hpack::{self, Indexing};
+    use tokio::io::AsyncWriteExt;
+
+    let (listen, _) = setup(1).await;
+    // A bare client that grants the largest windows there are, asks for 400 MiB of server
+    // stream, and never reads: only its socket holds the spike back.
+    let mut stalled = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let mut out = BytesMut::from(frame::PREFACE);
+    frame::put_settings(
+        &mut out,
+        &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0x7fff_ffff)],
+    );
+    frame::put_window_update(&mut out, 0, 0x7fff_ffff - 65_535);
+    let at = frame::begin_frame(&mut out, frame::HEADERS, frame::END_HEADERS, 1);
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/fanout.test.v1.Test/ServerStream"),
+        (":authority", "app"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        hpack::encode_field(
+            &mut out,
+            name.as_bytes(),
+            value.as_bytes(),
+            Indexing::Allowed,
+        );
+    }
+    frame::finish_frame(&mut out, at);
+    let body = fanout_e2e::raw::frame(&StreamRequest {
+        count: 25_600,
+        interval_ms: 0,
+        reply_bytes: 16 << 10,
+    });
+    frame::put_data(&mut out, 1, &body, true);
+    let rss_before = rss_mib();
+    stalled.write_all(&out).await.unwrap();
+
+    // Meanwhile other clients are served as usual, and the spike does not buffer the stream
+    // (the backend could send all of it in well under a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let grown = rss_mib() - rss_before;
+    assert!(grown < 100, "the test process grew by {grown} MiB");
+    let mut client = client(listen).await;
+    for _ in 0..20 {
+        let reply =
+            tokio::time::timeout(Duration::from_secs(5), client.unary(EchoRequest::default()))
+                .await
+                .expect("a call beside a stalled client is answered within 5 s");
+        reply.unwrap();
+    }
+    drop(stalled);
+}
+
+/// This process's resident memory (spike, backends and clients alike), MiB.
+fn rss_mib() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}

@@ -1,15 +1,20 @@
 //! Flow control (RFC 9113 §5.2) across the forwarder: DATA goes to a stream as far as the
-//! receiving peer's stream and connection windows allow, in frames no larger than the peer
-//! accepts; the rest waits on the stream (trailers behind it) until a WINDOW_UPDATE or
-//! SETTINGS makes room. The sender is given credit back only for what was passed on, so a
-//! slow reader holds its writer back instead of filling the proxy's memory: what waits on a
-//! stream is bounded by the window we gave the writer.
+//! receiving peer's stream and connection windows allow, and as far as the connection's
+//! output buffer has room ([`MAX_OUT`]: a peer that grants huge windows but reads slowly is
+//! held back by its socket), in frames no larger than the peer accepts. The rest waits on the
+//! stream (trailers behind it) until a WINDOW_UPDATE, SETTINGS or a flush makes room. The
+//! sender is given credit back only for what was passed on, so a slow reader holds its writer
+//! back instead of filling the proxy's memory: what waits on a stream is bounded by the window
+//! we gave the writer, what waits on a connection by `MAX_OUT`.
 
 use std::rc::Rc;
 
 use bytes::BytesMut;
 
 use super::{CONNECTION_WINDOW, Conn, Forwarder, STREAM_WINDOW};
+
+/// DATA is written into a connection's output buffer only while it holds less than this.
+pub const MAX_OUT: usize = 256 * 1024;
 use crate::frame;
 
 /// What waits to be sent on one stream.
@@ -42,8 +47,8 @@ pub fn send_data(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32, data: &[u8], end
         if sent < data.len() {
             route.pending.data.extend_from_slice(&data[sent..]);
             route.pending.end = end;
-            if dest.send_window.get() <= 0 {
-                dest.window_blocked.borrow_mut().push(stream);
+            if connection_full(dest) {
+                dest.blocked.borrow_mut().push(stream);
             }
         }
     } else {
@@ -79,7 +84,8 @@ fn write_allowed(dest: &Conn, window: &mut i64, stream: u32, data: &[u8], end: b
     let max_frame = dest.peer_max_frame.get();
     let mut sent = 0;
     loop {
-        let room = (*window).min(dest.send_window.get()).max(0) as usize;
+        let room = ((*window).min(dest.send_window.get()).max(0) as usize)
+            .min(MAX_OUT.saturating_sub(out.len()));
         let n = room.min(data.len() - sent).min(max_frame);
         let last = sent + n == data.len();
         if n == 0 && !(last && end) {
@@ -116,25 +122,32 @@ pub fn drain(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32) {
     } else {
         let _ = data.split_to(sent);
         route.pending.data = data;
-        if dest.send_window.get() <= 0 {
-            dest.window_blocked.borrow_mut().push(stream);
+        if connection_full(dest) {
+            dest.blocked.borrow_mut().push(stream);
         }
     }
     let done = route.pending.is_empty();
     drop(routes);
-    fwd.mark(dest);
+    if sent > 0 || done {
+        fwd.mark(dest);
+    }
     credit(fwd, &source.0, source.1, sent);
     if done {
         super::streams::end_if_done(dest, stream);
     }
 }
 
-/// The connection's window grew: the streams that waited on it go on.
+/// No DATA fits on the connection now: its window is spent or its output buffer is full.
+fn connection_full(dest: &Conn) -> bool {
+    dest.send_window.get() <= 0 || dest.out.borrow().len() >= MAX_OUT
+}
+
+/// The connection's window grew or its output drained: the streams that waited on it go on.
 pub fn drain_blocked(fwd: &Forwarder, dest: &Rc<Conn>) {
-    let blocked = std::mem::take(&mut *dest.window_blocked.borrow_mut());
+    let blocked = std::mem::take(&mut *dest.blocked.borrow_mut());
     for stream in blocked {
-        if dest.send_window.get() <= 0 {
-            dest.window_blocked.borrow_mut().push(stream);
+        if connection_full(dest) {
+            dest.blocked.borrow_mut().push(stream);
             continue;
         }
         drain(fwd, dest, stream);

@@ -101,8 +101,8 @@ pub struct Conn {
     send_window: Cell<i64>,
     peer_initial_window: Cell<i64>,
     peer_max_frame: Cell<usize>,
-    /// Streams with data waiting on the connection's send window.
-    window_blocked: RefCell<Vec<u32>>,
+    /// Streams with data waiting on the connection: its send window or its output buffer.
+    blocked: RefCell<Vec<u32>>,
     unacked: Cell<u32>,
     /// An endpoint that said GOAWAY takes no new streams.
     leaving: Cell<bool>,
@@ -146,7 +146,7 @@ impl Conn {
             send_window: Cell::new(frame::DEFAULT_WINDOW),
             peer_initial_window: Cell::new(frame::DEFAULT_WINDOW),
             peer_max_frame: Cell::new(frame::DEFAULT_MAX_FRAME),
-            window_blocked: RefCell::new(Vec::new()),
+            blocked: RefCell::new(Vec::new()),
             unacked: Cell::new(0),
             leaving: Cell::new(false),
             closed: Cell::new(false),
@@ -176,6 +176,8 @@ impl Conn {
 }
 
 pub struct Forwarder {
+    /// The one read buffer of the thread (see `run`).
+    read: RefCell<BytesMut>,
     endpoints: Vec<Rc<Endpoint>>,
     picker: Picker,
     dirty: RefCell<Vec<Rc<Conn>>>,
@@ -188,10 +190,21 @@ impl Forwarder {
         }
     }
 
+    /// Flushes every connection written to; one whose output drained below half its bound
+    /// takes on the streams that waited for room, which may write (and credit) again.
     fn flush_dirty(&self) {
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
-        for conn in dirty {
-            conn.flush();
+        loop {
+            let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+            if dirty.is_empty() {
+                return;
+            }
+            for conn in dirty {
+                conn.flush();
+                let room = conn.out.borrow().len() < flow::MAX_OUT / 2;
+                if room && !conn.blocked.borrow().is_empty() {
+                    flow::drain_blocked(self, &conn);
+                }
+            }
         }
     }
 
@@ -247,6 +260,7 @@ pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result
             .collect(),
         picker,
         dirty: RefCell::new(Vec::new()),
+        read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
     });
     for conn in conns {
         conn.flush();
@@ -263,29 +277,42 @@ pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result
 }
 
 async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
-    let mut read = BytesMut::with_capacity(READ_CHUNK);
+    // What was read and not yet a whole frame, until the next read completes it. The read
+    // itself goes into the thread's one buffer: an idle connection holds no read buffer.
+    let mut stash = BytesMut::new();
     let mut preface_seen = conn.role == Role::Upstream;
     'conn: loop {
+        // With output waiting, the socket's writability is what to wait for. The wake-up that
+        // another task's flush leaves for this one is not: taken then, it would be taken again
+        // after every failed write, and the task would spin without ever yielding to the
+        // runtime's I/O driver, which alone can see the socket become writable again.
         let pending_out = !conn.out.borrow().is_empty();
         tokio::select! {
             biased;
-            _ = conn.write_blocked.notified() => {}
+            _ = conn.write_blocked.notified(), if !pending_out => {}
             ready = conn.io.writable(), if pending_out => if ready.is_err() { break },
             ready = conn.io.readable() => {
                 if ready.is_err() {
                     break;
                 }
+                let mut read = forwarder.read.borrow_mut();
+                read.clear();
+                read.extend_from_slice(&std::mem::take(&mut stash));
                 if read.capacity() - read.len() < READ_CHUNK / 4 {
                     read.reserve(READ_CHUNK);
                 }
-                match conn.io.try_read_buf(&mut read) {
+                match conn.io.try_read_buf(&mut *read) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        stash = BytesMut::from(&read[..]);
+                        continue;
+                    }
                     Err(_) => break,
                 }
                 if !preface_seen {
                     if read.len() < frame::PREFACE.len() {
+                        stash = BytesMut::from(&read[..]);
                         continue;
                     }
                     if &read[..frame::PREFACE.len()] != frame::PREFACE {
@@ -309,6 +336,9 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
                         break 'conn;
                     }
                     read.advance(frame::HEADER_LEN + head.len);
+                }
+                if !read.is_empty() {
+                    stash = BytesMut::from(&read[..]);
                 }
             }
         }
