@@ -52,10 +52,11 @@ demo:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-demo
 
-## Tables and a chart under target/bench/, about 17 minutes: the webhook; the proxy next to a
+## Tables and a chart under target/bench/, about 25 minutes: the webhook; the proxy next to a
 ## direct connection, HAProxy and nginx (3 rounds, medians); and the proxy's cost curve (10 to
 ## 1,000 endpoints, 4 and 256 connections, 10,000 open streams). HAProxy, nginx and h2load join
-## when installed (Debian: apt-get install haproxy nginx-light nghttp2-client).
+## when installed (Debian: apt-get install haproxy nginx-light nghttp2-client). Both also run
+## `wire spike`, issue 13's experiment toward the next data path (`--peers` chooses who runs).
 bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook
