@@ -16,6 +16,7 @@
 //! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
 //! - `raw`: a bare HTTP/2 gRPC client that reports exactly what came back.
 //! - `spread`: calls over a few connections, and how they spread over backends in windows.
+//! - `streams_check`: the stream checks every data path must pass.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]
@@ -35,4 +36,5 @@ pub mod open_load;
 pub mod proxy;
 pub mod raw;
 pub mod spread;
+pub mod streams_check;
 pub mod webhook;

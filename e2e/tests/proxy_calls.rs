@@ -100,60 +100,8 @@ async fn status_codes_and_messages_arrive_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_streaming_client_streaming_and_bidi() {
     let (_proxy, mut client, _) = setup().await;
-    let stream = client
-        .server_stream(StreamRequest {
-            count: 1000,
-            interval_ms: 0,
-            reply_bytes: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let replies: Vec<_> = stream.collect::<Result<Vec<_>, _>>().await.unwrap();
-    assert_eq!(replies.len(), 1000);
-
-    let messages = (0..500).map(|i| EchoRequest {
-        payload: vec![1; i],
-        ..Default::default()
-    });
-    let reply = client
-        .client_stream(tokio_stream::iter(messages))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.count, 500);
-    assert_eq!(reply.bytes, (0..500u64).sum::<u64>());
-
-    // 10,000 messages each way on one stream, interleaved under flow control.
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let sender = tokio::spawn(async move {
-        for i in 0..10_000u32 {
-            let message = EchoRequest {
-                payload: i.to_be_bytes().to_vec(),
-                ..Default::default()
-            };
-            if tx.send(message).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut replies = client
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0u32;
-    while let Some(reply) = replies.next().await {
-        let reply = reply.unwrap();
-        assert_eq!(
-            reply.payload,
-            n.to_be_bytes().to_vec(),
-            "in order, unchanged"
-        );
-        n += 1;
-    }
-    sender.await.unwrap();
-    assert_eq!(n, 10_000);
+    // 10,000 messages each way on the bidirectional stream.
+    fanout_e2e::streams_check::streams_arrive_whole_and_in_order(&mut client, 10_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

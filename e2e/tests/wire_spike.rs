@@ -37,17 +37,7 @@ fn spike(addrs: Vec<SocketAddr>) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let listen = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            fanout_wire::spike::serve_on(listener, &addrs).await
-        })
-    });
+    fanout_wire::spike::spawn_thread(listener, addrs);
     listen
 }
 
@@ -159,56 +149,7 @@ async fn messages_larger_than_every_window_cross_whole() {
 async fn streams_flow_both_ways_and_a_cancel_reaches_the_backend() {
     let (listen, stats) = setup(1).await;
     let mut client = client(listen).await;
-    let replies: Vec<_> = client
-        .server_stream(StreamRequest {
-            count: 1000,
-            interval_ms: 0,
-            reply_bytes: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .collect::<Result<Vec<_>, _>>()
-        .await
-        .unwrap();
-    assert_eq!(replies.len(), 1000);
-
-    let messages = (0..500).map(|i| EchoRequest {
-        payload: vec![1; i],
-        ..Default::default()
-    });
-    let reply = client
-        .client_stream(tokio_stream::iter(messages))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.count, 500);
-    assert_eq!(reply.bytes, (0..500u64).sum::<u64>());
-
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let sender = tokio::spawn(async move {
-        for i in 0..5_000u32 {
-            let message = EchoRequest {
-                payload: i.to_be_bytes().to_vec(),
-                ..Default::default()
-            };
-            if tx.send(message).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut replies = client
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0u32;
-    while let Some(reply) = replies.next().await {
-        assert_eq!(reply.unwrap().payload, n.to_be_bytes().to_vec());
-        n += 1;
-    }
-    sender.await.unwrap();
-    assert_eq!(n, 5_000);
+    fanout_e2e::streams_check::streams_arrive_whole_and_in_order(&mut client, 5_000).await;
 
     let mut stream = client
         .server_stream(StreamRequest {

@@ -18,17 +18,7 @@ fn forwarder() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            fanout_wire::spike::serve_on(listener, &[]).await
-        })
-    });
+    fanout_wire::spike::spawn_thread(listener, Vec::new());
     addr
 }
 

@@ -4,7 +4,7 @@
 
 use std::rc::Rc;
 
-use super::streams::{is_idle, reset_stream};
+use super::streams::{is_idle, reset_other_side, reset_stream};
 use super::{Conn, Fatal, Forwarder, Role, flow};
 use crate::frame::{self, Head};
 
@@ -152,13 +152,7 @@ pub fn on_rst_stream(
     }
     let route = conn.routes.borrow_mut().remove(&head.stream);
     if let Some(route) = route {
-        route.peer.routes.borrow_mut().remove(&route.peer_stream);
-        frame::put_rst(
-            &mut route.peer.out.borrow_mut(),
-            route.peer_stream,
-            u32::from_be_bytes(code),
-        );
-        fwd.mark(&route.peer);
+        reset_other_side(fwd, &route, u32::from_be_bytes(code));
     }
     Ok(())
 }
@@ -203,14 +197,9 @@ pub fn on_goaway(
             .filter(|&id| id > last)
             .collect();
         for id in refused {
-            if let Some(route) = conn.routes.borrow_mut().remove(&id) {
-                route.peer.routes.borrow_mut().remove(&route.peer_stream);
-                frame::put_rst(
-                    &mut route.peer.out.borrow_mut(),
-                    route.peer_stream,
-                    frame::REFUSED_STREAM,
-                );
-                fwd.mark(&route.peer);
+            let route = conn.routes.borrow_mut().remove(&id);
+            if let Some(route) = route {
+                reset_other_side(fwd, &route, frame::REFUSED_STREAM);
             }
         }
     }

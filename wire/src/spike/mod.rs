@@ -276,6 +276,22 @@ pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result
     }
 }
 
+/// Runs the spike on a thread of its own (a one-thread runtime), in front of `endpoints`,
+/// serving `listener` (non-blocking); for tests, which run it beside their own runtime.
+pub fn spawn_thread(listener: std::net::TcpListener, endpoints: Vec<SocketAddr>) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a one-thread runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let listener = TcpListener::from_std(listener).expect("a non-blocking listener");
+            serve_on(listener, &endpoints).await
+        })
+    });
+}
+
 async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     // What was read and not yet a whole frame, until the next read completes it. The read
     // itself goes into the thread's one buffer: an idle connection holds no read buffer.
@@ -352,13 +368,7 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     // Every stream of a lost connection is cancelled on its other side.
     let routes = std::mem::take(&mut *conn.routes.borrow_mut());
     for (_, route) in routes {
-        route.peer.routes.borrow_mut().remove(&route.peer_stream);
-        frame::put_rst(
-            &mut route.peer.out.borrow_mut(),
-            route.peer_stream,
-            frame::CANCEL,
-        );
-        forwarder.mark(&route.peer);
+        streams::reset_other_side(&forwarder, &route, frame::CANCEL);
     }
     forwarder.mark(&conn);
     forwarder.flush_dirty();

@@ -59,25 +59,26 @@ pub fn is_idle(conn: &Conn, stream: u32) -> bool {
 }
 
 /// A stream error (§5.4.2): RST_STREAM with `code` here, and the stream it continues on
-/// cancelled.
+/// reset too.
 pub fn reset_stream(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32, code: u32) {
     frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
     fwd.mark(conn);
     let route = conn.routes.borrow_mut().remove(&stream);
     if let Some(route) = route {
-        route.peer.routes.borrow_mut().remove(&route.peer_stream);
         let peer_code = if code == frame::CANCEL {
             frame::CANCEL
         } else {
             frame::INTERNAL_ERROR
         };
-        frame::put_rst(
-            &mut route.peer.out.borrow_mut(),
-            route.peer_stream,
-            peer_code,
-        );
-        fwd.mark(&route.peer);
+        reset_other_side(fwd, &route, peer_code);
     }
+}
+
+/// The stream `route` leads to, on the other connection, is forgotten and reset with `code`.
+pub fn reset_other_side(fwd: &Forwarder, route: &Route, code: u32) {
+    route.peer.routes.borrow_mut().remove(&route.peer_stream);
+    frame::put_rst(&mut route.peer.out.borrow_mut(), route.peer_stream, code);
+    fwd.mark(&route.peer);
 }
 
 pub fn on_headers_frame(
