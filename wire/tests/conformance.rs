@@ -57,10 +57,23 @@ impl Client {
     }
 
     async fn send_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        self.try_send_frame(kind, flags, stream, payload)
+            .await
+            .unwrap();
+    }
+
+    /// As `send_frame`; the forwarder may have closed the connection already.
+    async fn try_send_frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         frame::put_head(&mut out, payload.len(), kind, flags, stream);
         out.extend_from_slice(payload);
-        self.send(&out).await;
+        self.io.write_all(&out).await
     }
 
     /// The next frame from the forwarder; `None` once it closed the connection.
@@ -381,4 +394,53 @@ async fn unknown_frame_types_and_priorities_are_ignored_and_pings_answered() {
         Answer::PingAck([1, 2, 3, 4, 5, 6, 7, 8])
     );
     client.expect_alive().await;
+}
+
+/// Whatever frames a client sends after a valid start, the forwarder goes on serving: a new
+/// connection's PING is still answered (a panic would have ended its thread).
+#[test]
+fn garbage_frames_never_bring_the_forwarder_down() {
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A panic in a connection's task ends only that task: count them where they happen.
+    static SPIKE_PANICS: AtomicUsize = AtomicUsize::new(0);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some(fanout_wire::spike::THREAD_NAME) {
+            SPIKE_PANICS.fetch_add(1, Ordering::SeqCst);
+        }
+        default_hook(info);
+    }));
+    let addr = forwarder();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let frames = prop::collection::vec(
+        (
+            0u8..12,
+            any::<u8>(),
+            0u32..8,
+            prop::collection::vec(any::<u8>(), 0..40),
+        ),
+        1..12,
+    );
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(128);
+    let config = ProptestConfig::with_cases(cases);
+    proptest!(config, |(frames in frames)| {
+        runtime.block_on(async {
+            let mut client = Client::connect(addr).await;
+            for (kind, flags, stream, payload) in &frames {
+                if client.try_send_frame(*kind, *flags, *stream, payload).await.is_err() {
+                    break;
+                }
+            }
+            let mut fresh = Client::connect(addr).await;
+            fresh.expect_alive().await;
+        });
+        prop_assert_eq!(SPIKE_PANICS.load(Ordering::SeqCst), 0);
+    });
 }

@@ -392,6 +392,43 @@ mod tests {
         assert_eq!(decoder.dynamic.len(), 4);
     }
 
+    proptest::proptest! {
+        /// Whatever a peer sends as a header block, in any sequence on one connection, is
+        /// decoded or refused: never a panic, and the table never exceeds its size.
+        #[test]
+        fn any_blocks_decode_or_are_refused(
+            blocks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 1..8),
+            table in 0usize..300,
+        ) {
+            let mut decoder = Decoder::new(table);
+            for block in &blocks {
+                let _ = decoder.decode(block, |_, _, _| {});
+                proptest::prop_assert!(decoder.size <= decoder.max_size);
+            }
+        }
+
+        /// Valid blocks with arbitrary names and values (literal, indexed and Huffman-free)
+        /// come back as they were encoded.
+        #[test]
+        fn encoded_fields_come_back(
+            fields in proptest::collection::vec(("[a-z-]{1,12}", "[ -~]{0,40}"), 0..12),
+        ) {
+            let mut block = bytes::BytesMut::new();
+            for (name, value) in &fields {
+                super::super::encode_field(&mut block, name.as_bytes(), value.as_bytes(), Indexing::Allowed);
+            }
+            let mut decoded = Vec::new();
+            Decoder::default()
+                .decode(&block, |n, v, _| decoded.push((n.to_vec(), v.to_vec())))
+                .unwrap();
+            let expected: Vec<(Vec<u8>, Vec<u8>)> = fields
+                .iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect();
+            proptest::prop_assert_eq!(decoded, expected);
+        }
+    }
+
     #[test]
     fn never_indexed_fields_are_marked_and_bad_blocks_refused() {
         let mut decoder = Decoder::default();

@@ -349,6 +349,14 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any bytes decode or are refused, never a panic.
+        #[test]
+        fn any_bytes_decode_or_are_refused(input in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = decoded(&input);
+        }
+    }
+
     #[test]
     fn bad_padding_and_eos_are_refused() {
         // 'a' (00011) then padding 000: not all ones.

@@ -279,7 +279,8 @@ pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result
 /// Runs the spike on a thread of its own (a one-thread runtime), in front of `endpoints`,
 /// serving `listener` (non-blocking); for tests, which run it beside their own runtime.
 pub fn spawn_thread(listener: std::net::TcpListener, endpoints: Vec<SocketAddr>) {
-    std::thread::spawn(move || {
+    let thread = std::thread::Builder::new().name(THREAD_NAME.into());
+    let spawned = thread.spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -290,7 +291,11 @@ pub fn spawn_thread(listener: std::net::TcpListener, endpoints: Vec<SocketAddr>)
             serve_on(listener, &endpoints).await
         })
     });
+    spawned.expect("a thread for the spike");
 }
+
+/// The name of the thread [`spawn_thread`] starts, for tests that watch it for panics.
+pub const THREAD_NAME: &str = "fanout-wire-spike";
 
 async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     // What was read and not yet a whole frame, until the next read completes it. The read
