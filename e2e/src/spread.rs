@@ -28,6 +28,20 @@ pub async fn paced_answers(
     in_flight: usize,
     rate: u32,
 ) -> Vec<Result<String, String>> {
+    paced_timed_answers(clients, total, in_flight, rate)
+        .await
+        .into_iter()
+        .map(|(answer, _)| answer)
+        .collect()
+}
+
+/// As [`paced_answers`], with how long each call took (from its start to its answer).
+pub async fn paced_timed_answers(
+    clients: &[TestClient<Channel>],
+    total: usize,
+    in_flight: usize,
+    rate: u32,
+) -> Vec<(Result<String, String>, std::time::Duration)> {
     let per_client = total / clients.len();
     let pace = (rate > 0).then(|| {
         let interval = std::time::Duration::from_secs(1) * clients.len() as u32 / rate;
@@ -46,11 +60,13 @@ pub async fn paced_answers(
                     if let Some(clock) = clock {
                         clock.lock().await.tick().await;
                     }
-                    client
+                    let started = std::time::Instant::now();
+                    let answer = client
                         .unary(EchoRequest::default())
                         .await
                         .map(|reply| reply.into_inner().backend)
-                        .map_err(|status| format!("{:?}", status.code()))
+                        .map_err(|status| format!("{:?}", status.code()));
+                    (answer, started.elapsed())
                 }
             })
             .buffer_unordered(in_flight.max(1))

@@ -82,16 +82,19 @@ async fn main() -> anyhow::Result<()> {
     for _ in 1..args.connections.max(1) {
         clients.push(TestClient::connect(format!("http://{target}")).await?);
     }
-    let answers = spread::paced_answers(&clients, args.calls, args.in_flight, args.rate).await;
+    let answers =
+        spread::paced_timed_answers(&clients, args.calls, args.in_flight, args.rate).await;
 
     let mut backends: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();
     let mut order = Vec::with_capacity(answers.len());
-    for answer in answers {
+    let mut took = Vec::with_capacity(answers.len());
+    for (answer, elapsed) in answers {
         match answer {
             Ok(backend) => {
                 *backends.entry(backend.clone()).or_default() += 1;
                 order.push(backend);
+                took.push(elapsed);
             }
             Err(code) => *failures.entry(code).or_default() += 1,
         }
@@ -101,17 +104,40 @@ async fn main() -> anyhow::Result<()> {
     // Where each worst window starts (answer index): a cold start shows as 0.
     let window_min_at: BTreeMap<&String, usize> =
         worst.iter().map(|(b, (_, at))| (b, *at)).collect();
+    // In each backend's worst window, the median time of its own calls and of all calls, ms:
+    // tells a backend that was slower then (and rightly avoided) from one avoided for nothing.
+    let window_min_p50_ms: BTreeMap<&String, [f64; 2]> = worst
+        .iter()
+        .map(|(b, (_, at))| {
+            let end = (*at + args.window).min(order.len());
+            let all: Vec<_> = took[*at..end].to_vec();
+            let own: Vec<_> = (*at..end)
+                .filter(|&i| &order[i] == b)
+                .map(|i| took[i])
+                .collect();
+            (b, [median_ms(own), median_ms(all)])
+        })
+        .collect();
     println!(
         "{}",
         serde_json::json!({"target": target, "calls": args.calls,
             "connections": args.connections, "in_flight": args.in_flight,
             "backends": backends, "window": args.window, "window_min": window_min,
-            "window_min_at": window_min_at, "failures": failures})
+            "window_min_at": window_min_at, "window_min_p50_ms": window_min_p50_ms,
+            "failures": failures})
     );
     Ok(())
 }
 
 /// `count` GETs of `url`, `every` apart; one JSON line each.
+/// The median of `times` in milliseconds (0 when there are none).
+fn median_ms(mut times: Vec<Duration>) -> f64 {
+    times.sort();
+    times
+        .get(times.len() / 2)
+        .map_or(0.0, |t| (t.as_secs_f64() * 1e5).round() / 100.0)
+}
+
 async fn probe(url: &str, count: u32, every: Duration) -> anyhow::Result<()> {
     let uri: http::Uri = url.parse().context("--probe URL")?;
     let authority = uri.authority().context("--probe URL needs a host")?.clone();
