@@ -172,6 +172,12 @@ pub fn put_settings(out: &mut BytesMut, settings: &[(u16, u32)]) {
     }
 }
 
+/// A PING of ours (opaque data all zero: one is ever outstanding per connection).
+pub fn put_ping(out: &mut BytesMut) {
+    put_head(out, 8, PING, 0, 0);
+    out.extend_from_slice(&[0; 8]);
+}
+
 pub fn put_goaway(out: &mut BytesMut, last_stream: u32, code: u32) {
     put_head(out, 8, GOAWAY, 0, 0);
     out.put_u32(last_stream);

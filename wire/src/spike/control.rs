@@ -75,7 +75,7 @@ pub fn on_settings(
     Ok(())
 }
 
-pub fn on_ping(conn: &Conn, head: Head, payload: &[u8]) -> Result<(), Fatal> {
+pub fn on_ping(conn: &Conn, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
     if head.stream != 0 {
         return Err(Fatal(frame::PROTOCOL_ERROR));
     }
@@ -86,6 +86,12 @@ pub fn on_ping(conn: &Conn, head: Head, payload: &[u8]) -> Result<(), Fatal> {
         let mut out = conn.out.borrow_mut();
         frame::put_head(&mut out, 8, frame::PING, frame::ACK, 0);
         out.extend_from_slice(payload);
+    } else if conn.awaiting_pong.replace(false) {
+        // The answer to our PING (an endpoint's connection; we send none to clients).
+        conn.last_pong.set(tokio::time::Instant::now());
+        if !conn.ready.replace(true) {
+            fwd.endpoint_ready.notify_waiters();
+        }
     }
     Ok(())
 }
@@ -189,6 +195,8 @@ pub fn on_goaway(
     let last = u32::from_be_bytes([last[0], last[1], last[2], last[3]]) & 0x7fff_ffff;
     conn.leaving.set(true);
     if conn.role == Role::Upstream {
+        // Its keeper opens the next connection now, while this one finishes its streams.
+        conn.retired.notify_one();
         let refused: Vec<u32> = conn
             .routes
             .borrow()

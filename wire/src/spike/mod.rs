@@ -16,9 +16,11 @@
 //! Every call also gets the bookkeeping fanout gives it (`account.rs`): fanout's balancer
 //! picks the endpoint, and the call is counted and timed as fanout's metrics do.
 //!
-//! Left out on purpose (the real layer needs each): endpoint reconnects and health checks,
-//! ejection, deadlines, retries, the Service's policy, the admin endpoint, limits on streams
-//! per endpoint.
+//! The endpoints follow a set of addresses, each with one connection kept up (`endpoint.rs`):
+//! the first step of the sprint that would make this the real data path (`DESIGN.md`).
+//!
+//! Left out on purpose (the real layer needs each): health checks, ejection, deadlines,
+//! retries, the Service's policy, the admin endpoint, limits on streams per endpoint.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -31,17 +33,20 @@ use fanout_proxy_config::Balancer;
 
 use bytes::{Buf, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+use tokio::time::{Instant, Sleep};
 
 use crate::frame::{self, Head};
 use crate::hpack;
 
 mod account;
 mod control;
+mod endpoint;
 mod flow;
 mod streams;
 
-use account::Endpoint;
+use endpoint::Endpoint;
+pub use endpoint::Settings;
 
 use streams::Route;
 
@@ -104,8 +109,18 @@ pub struct Conn {
     /// Streams with data waiting on the connection: its send window or its output buffer.
     blocked: RefCell<Vec<u32>>,
     unacked: Cell<u32>,
-    /// An endpoint that said GOAWAY takes no new streams.
+    /// GOAWAY was sent or received: no new streams, and the connection ends once its streams
+    /// are done.
     leaving: Cell<bool>,
+    /// An endpoint's connection: the endpoint answered our first PING.
+    ready: Cell<bool>,
+    /// A PING of ours is unanswered.
+    awaiting_pong: Cell<bool>,
+    /// When our last PING was answered (or the connection made).
+    last_pong: Cell<Instant>,
+    /// Tells an endpoint's keeper that this connection takes no more calls: it ended, or the
+    /// endpoint is leaving it.
+    retired: Notify,
     closed: Cell<bool>,
     /// A header block waiting for its CONTINUATION frames: stream, flags, fragments.
     partial: RefCell<Option<(u32, u8, BytesMut)>>,
@@ -131,6 +146,11 @@ impl Conn {
             0,
             CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
         );
+        // An endpoint takes calls once it has answered this.
+        let awaiting_pong = role == Role::Upstream;
+        if awaiting_pong {
+            frame::put_ping(&mut out);
+        }
         Rc::new(Conn {
             role,
             io,
@@ -149,9 +169,23 @@ impl Conn {
             blocked: RefCell::new(Vec::new()),
             unacked: Cell::new(0),
             leaving: Cell::new(false),
+            ready: Cell::new(false),
+            awaiting_pong: Cell::new(awaiting_pong),
+            last_pong: Cell::new(Instant::now()),
+            retired: Notify::new(),
             closed: Cell::new(false),
             partial: RefCell::new(None),
         })
+    }
+
+    /// An endpoint's connection that may take a new call.
+    fn takes_calls(&self) -> bool {
+        self.ready.get() && !self.leaving.get() && !self.closed.get()
+    }
+
+    /// Left, and no stream is open any more: time to close.
+    fn is_done(&self) -> bool {
+        self.leaving.get() && self.routes.borrow().is_empty()
     }
 
     /// Writes what is queued; when the socket is full, the owning task takes over.
@@ -178,9 +212,14 @@ impl Conn {
 pub struct Forwarder {
     /// The one read buffer of the thread (see `run`).
     read: RefCell<BytesMut>,
-    endpoints: Vec<Rc<Endpoint>>,
+    endpoints: RefCell<Vec<Rc<Endpoint>>>,
     picker: Picker,
     dirty: RefCell<Vec<Rc<Conn>>>,
+    settings: Settings,
+    /// The upstream's call durations, shared by its endpoints.
+    duration: prometheus_client::metrics::histogram::Histogram,
+    /// Woken when an endpoint's connection becomes ready.
+    endpoint_ready: Notify,
 }
 
 impl Forwarder {
@@ -200,6 +239,10 @@ impl Forwarder {
             }
             for conn in dirty {
                 conn.flush();
+                // Its last stream may have ended from the other side: its task closes it.
+                if conn.is_done() {
+                    conn.write_blocked.notify_one();
+                }
                 let room = conn.out.borrow().len() < flow::MAX_OUT / 2;
                 if room && !conn.blocked.borrow().is_empty() {
                     flow::drain_blocked(self, &conn);
@@ -209,18 +252,28 @@ impl Forwarder {
     }
 
     fn pick(&self) -> Option<Rc<Endpoint>> {
-        self.picker.pick(&self.endpoints)
+        self.picker.pick(&self.endpoints.borrow())
+    }
+
+    /// Until an endpoint is ready.
+    async fn first_ready(&self) {
+        loop {
+            let woken = self.endpoint_ready.notified();
+            if self
+                .endpoints
+                .borrow()
+                .iter()
+                .any(|e| e.ready_conn().is_some())
+            {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpikeError {
-    #[error("cannot connect to endpoint {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -229,8 +282,8 @@ pub enum SpikeError {
     },
 }
 
-/// Connects to every endpoint, then serves clients on `listen` until the task ends. Must run
-/// inside a `LocalSet`.
+/// Serves clients on `listen` in front of `endpoints` until the task ends. Must run inside a
+/// `LocalSet`.
 pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), SpikeError> {
     let listener = TcpListener::bind(listen)
         .await
@@ -238,33 +291,32 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
             addr: listen,
             source,
         })?;
-    serve_on(listener, endpoints).await
+    let (_keep, set) = watch::channel(endpoints.to_vec());
+    serve_on(listener, set, Settings::default()).await;
+    Ok(())
 }
 
-/// As [`serve`], on a listener already bound.
-pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result<(), SpikeError> {
-    let mut conns = Vec::new();
-    let duration = account::duration_histogram();
-    for &addr in endpoints {
-        let io = TcpStream::connect(addr)
-            .await
-            .map_err(|source| SpikeError::Connect { addr, source })?;
-        conns.push(Conn::new(Role::Upstream, io));
-    }
-    let picker = Picker::new(Balancer::PeakEwma);
-    picker.set_endpoint_count(conns.len());
+/// Serves clients on a listener already bound, in front of the endpoints of `set` as it
+/// changes. Clients are taken once an endpoint is ready (or after the connect timeout), so the
+/// first calls are not refused while the endpoints are still connecting.
+pub async fn serve_on(
+    listener: TcpListener,
+    set: watch::Receiver<Vec<SocketAddr>>,
+    settings: Settings,
+) {
     let forwarder = Rc::new(Forwarder {
-        endpoints: conns
-            .iter()
-            .map(|conn| Endpoint::new(conn.clone(), duration.clone()))
-            .collect(),
-        picker,
+        endpoints: RefCell::new(Vec::new()),
+        picker: Picker::new(Balancer::PeakEwma),
         dirty: RefCell::new(Vec::new()),
         read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
+        settings,
+        duration: account::duration_histogram(),
+        endpoint_ready: Notify::new(),
     });
-    for conn in conns {
-        conn.flush();
-        tokio::task::spawn_local(run(conn, forwarder.clone()));
+    let any_wanted = !set.borrow().is_empty();
+    tokio::task::spawn_local(endpoint::follow(set, forwarder.clone()));
+    if any_wanted {
+        let _ = tokio::time::timeout(settings.connect_timeout, forwarder.first_ready()).await;
     }
     loop {
         let Ok((io, _)) = listener.accept().await else {
@@ -279,6 +331,15 @@ pub async fn serve_on(listener: TcpListener, endpoints: &[SocketAddr]) -> Result
 /// Runs the spike on a thread of its own (a one-thread runtime), in front of `endpoints`,
 /// serving `listener` (non-blocking); for tests, which run it beside their own runtime.
 pub fn spawn_thread(listener: std::net::TcpListener, endpoints: Vec<SocketAddr>) {
+    spawn_thread_following(listener, watch::channel(endpoints).1, Settings::default());
+}
+
+/// As [`spawn_thread`], in front of the endpoints of `set` as it changes.
+pub fn spawn_thread_following(
+    listener: std::net::TcpListener,
+    set: watch::Receiver<Vec<SocketAddr>>,
+    settings: Settings,
+) {
     let thread = std::thread::Builder::new().name(THREAD_NAME.into());
     let spawned = thread.spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -288,7 +349,7 @@ pub fn spawn_thread(listener: std::net::TcpListener, endpoints: Vec<SocketAddr>)
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             let listener = TcpListener::from_std(listener).expect("a non-blocking listener");
-            serve_on(listener, &endpoints).await
+            serve_on(listener, set, settings).await
         })
     });
     spawned.expect("a thread for the spike");
@@ -302,6 +363,11 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     // itself goes into the thread's one buffer: an idle connection holds no read buffer.
     let mut stash = BytesMut::new();
     let mut preface_seen = conn.role == Role::Upstream;
+    let upstream = conn.role == Role::Upstream;
+    // An endpoint's connection: the first PING's answer is due within the connect timeout,
+    // then keepalives (`keepalive`).
+    let keepalive = tokio::time::sleep(forwarder.settings.connect_timeout);
+    tokio::pin!(keepalive);
     'conn: loop {
         // With output waiting, the socket's writability is what to wait for. The wake-up that
         // another task's flush leaves for this one is not: taken then, it would be taken again
@@ -312,6 +378,11 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
             biased;
             _ = conn.write_blocked.notified(), if !pending_out => {}
             ready = conn.io.writable(), if pending_out => if ready.is_err() { break },
+            () = &mut keepalive, if upstream => {
+                if !keepalive_due(&conn, &forwarder.settings, keepalive.as_mut()) {
+                    break;
+                }
+            }
             ready = conn.io.readable() => {
                 if ready.is_err() {
                     break;
@@ -365,11 +436,12 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
         }
         forwarder.mark(&conn);
         forwarder.flush_dirty();
-        if conn.closed.get() {
+        if conn.closed.get() || conn.is_done() {
             break;
         }
     }
     conn.closed.set(true);
+    conn.retired.notify_one();
     // Every stream of a lost connection is cancelled on its other side.
     let routes = std::mem::take(&mut *conn.routes.borrow_mut());
     for (_, route) in routes {
@@ -377,6 +449,25 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     }
     forwarder.mark(&conn);
     forwarder.flush_dirty();
+}
+
+/// The keepalive timer of an endpoint's connection fired: a PING is sent when the last was
+/// answered an interval ago; `false` when the last is still unanswered (the endpoint is gone
+/// without a FIN or RST, or never spoke HTTP/2), and the connection is dropped.
+fn keepalive_due(conn: &Conn, settings: &Settings, timer: std::pin::Pin<&mut Sleep>) -> bool {
+    if conn.awaiting_pong.get() {
+        return false;
+    }
+    let now = Instant::now();
+    let due = conn.last_pong.get() + settings.keepalive_interval;
+    if now < due {
+        timer.reset(due);
+        return true;
+    }
+    frame::put_ping(&mut conn.out.borrow_mut());
+    conn.awaiting_pong.set(true);
+    timer.reset(now + settings.keepalive_timeout);
+    true
 }
 
 /// Ends the connection with `code` (RFC 9113 §5.4.1).
@@ -405,7 +496,7 @@ fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Res
         frame::PRIORITY => control::on_priority(head, payload),
         frame::RST_STREAM => control::on_rst_stream(conn, fwd, head, payload),
         frame::SETTINGS => control::on_settings(conn, fwd, head, payload),
-        frame::PING => control::on_ping(conn, head, payload),
+        frame::PING => control::on_ping(conn, fwd, head, payload),
         frame::WINDOW_UPDATE => control::on_window_update(conn, fwd, head, payload),
         frame::GOAWAY => control::on_goaway(conn, fwd, head, payload),
         // Push was turned off in our SETTINGS, and clients never push.

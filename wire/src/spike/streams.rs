@@ -313,7 +313,9 @@ fn open(
         return refuse(frame::REFUSED_STREAM);
     };
     let clock = fwd.picker.clock();
-    let endpoint = picked.conn.clone();
+    let Some(endpoint) = picked.ready_conn() else {
+        return refuse(frame::REFUSED_STREAM);
+    };
     let upstream_stream = endpoint.next_stream.get();
     endpoint.next_stream.set(upstream_stream + 2);
     frames[at + 5..at + 9].copy_from_slice(&upstream_stream.to_be_bytes());

@@ -1,0 +1,214 @@
+//! The upstream's endpoints, each with one connection kept up: the set follows discovery (a
+//! `watch` of addresses), an endpoint new in it gets a keeper task, one gone from it takes no
+//! new calls and its connection closes once its streams are done.
+//!
+//! The keeper connects with a timeout, and the connection takes calls once the endpoint has
+//! answered a first PING: it has then accepted the connection and read our preface, so the
+//! first call's answer measures the call and not the connection's setup (a latency sample that
+//! included it would make a new endpoint look slow). A connection that ends, or that the
+//! endpoint leaves with GOAWAY, is replaced at once if it had served, or after a backoff
+//! (50 ms doubling to 5 s, with jitter) if it never became ready, as fanout-proxy's endpoint
+//! task does. A keepalive PING every interval finds a pod that vanished without a FIN or RST;
+//! that task lives in the connection's own loop (`super::run`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use fanout_balance::Candidate;
+use fanout_balance::latency::{Clock, Latency};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::{Conn, Forwarder, Role};
+use crate::frame;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Timeouts of the endpoint connections; tests shorten them.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// A TCP connect, and the endpoint's answer to the first PING, each get this long.
+    pub connect_timeout: Duration,
+    /// A keepalive PING after this long since the last one was answered…
+    pub keepalive_interval: Duration,
+    /// …and the connection is dropped if its answer takes longer than this.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Settings {
+    /// fanout-proxy's values.
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One endpoint as the balancer sees it.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Its connection, from the connect until it ends or leaves; takes calls once ready.
+    conn: RefCell<Option<Rc<Conn>>>,
+    /// Gone from the endpoint set: its keeper stops.
+    removed: Cell<bool>,
+    /// Wakes the keeper when the endpoint is removed.
+    wake: Notify,
+    pub(super) outstanding: Cell<usize>,
+    pub(super) latency: RefCell<Latency>,
+    last_pick: Cell<u64>,
+    /// Calls ended here, by grpc-status (`None`: no status, the stream was reset).
+    counters: RefCell<Vec<(Option<u16>, Counter)>>,
+    pub(super) duration: Histogram,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, duration: Histogram) -> Rc<Endpoint> {
+        Rc::new(Endpoint {
+            addr,
+            conn: RefCell::new(None),
+            removed: Cell::new(false),
+            wake: Notify::new(),
+            outstanding: Cell::new(0),
+            latency: RefCell::new(Latency::new(Instant::now())),
+            last_pick: Cell::new(0),
+            counters: RefCell::new(Vec::new()),
+            duration,
+        })
+    }
+
+    /// The connection to open a call on, when one is ready.
+    pub fn ready_conn(&self) -> Option<Rc<Conn>> {
+        self.conn
+            .borrow()
+            .as_ref()
+            .filter(|c| c.takes_calls())
+            .cloned()
+    }
+
+    pub(super) fn count(&self, status: Option<u16>) {
+        let mut counters = self.counters.borrow_mut();
+        match counters.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let counter = Counter::default();
+                counter.inc();
+                counters.push((status, counter));
+            }
+        }
+    }
+}
+
+impl Candidate for Endpoint {
+    fn is_ready(&self) -> bool {
+        self.conn.borrow().as_ref().is_some_and(|c| c.takes_calls())
+    }
+    fn outstanding(&self) -> usize {
+        self.outstanding.get()
+    }
+    fn latency(&self, clock: &Clock) -> Option<f64> {
+        self.latency.borrow().balancing(clock)
+    }
+    fn last_pick(&self) -> u64 {
+        self.last_pick.get()
+    }
+    fn set_last_pick(&self, pick: u64) {
+        self.last_pick.set(pick);
+    }
+}
+
+/// Keeps the forwarder's endpoints equal to the latest set, until its sender is gone (the
+/// last set then stays).
+pub async fn follow(mut set: watch::Receiver<Vec<SocketAddr>>, fwd: Rc<Forwarder>) {
+    loop {
+        let addrs: HashSet<SocketAddr> = set.borrow_and_update().iter().copied().collect();
+        update(&fwd, &addrs);
+        if set.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn update(fwd: &Rc<Forwarder>, addrs: &HashSet<SocketAddr>) {
+    let mut endpoints = fwd.endpoints.borrow_mut();
+    let mut known = HashSet::with_capacity(endpoints.len());
+    endpoints.retain(|endpoint| {
+        let kept = addrs.contains(&endpoint.addr);
+        if kept {
+            known.insert(endpoint.addr);
+        } else {
+            endpoint.removed.set(true);
+            endpoint.wake.notify_one();
+        }
+        kept
+    });
+    for &addr in addrs.difference(&known) {
+        let endpoint = Endpoint::new(addr, fwd.duration.clone());
+        endpoints.push(endpoint.clone());
+        tokio::task::spawn_local(keep_connected(endpoint, fwd.clone()));
+    }
+    fwd.picker.set_endpoint_count(endpoints.len());
+}
+
+/// Keeps one connection to `endpoint` up until the endpoint is removed.
+async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
+    let settings = fwd.settings;
+    let mut backoff = BACKOFF_MIN;
+    while !endpoint.removed.get() {
+        let connect =
+            tokio::time::timeout(settings.connect_timeout, TcpStream::connect(endpoint.addr));
+        let connected = tokio::select! {
+            connected = connect => connected,
+            () = endpoint.wake.notified() => continue,
+        };
+        if let Ok(Ok(io)) = connected {
+            let conn = Conn::new(Role::Upstream, io);
+            conn.flush();
+            *endpoint.conn.borrow_mut() = Some(conn.clone());
+            tokio::task::spawn_local(super::run(conn.clone(), fwd.clone()));
+            tokio::select! {
+                () = conn.retired.notified() => {}
+                () = endpoint.wake.notified() => {}
+            }
+            endpoint.conn.borrow_mut().take();
+            if endpoint.removed.get() {
+                leave(&conn, &fwd);
+                return;
+            }
+            if conn.ready.get() {
+                // It served: a pod restarting, or a connection its server ended. Its
+                // replacement is wanted at once.
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+        tokio::select! {
+            () = tokio::time::sleep(backoff + jitter) => {}
+            () = endpoint.wake.notified() => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// We leave `conn` (its endpoint was removed): GOAWAY, no new streams, and it closes once its
+/// streams are done.
+fn leave(conn: &Rc<Conn>, fwd: &Forwarder) {
+    if !conn.leaving.replace(true) {
+        frame::put_goaway(&mut conn.out.borrow_mut(), 0, frame::NO_ERROR);
+    }
+    fwd.mark(conn);
+    fwd.flush_dirty();
+    // Its task checks whether it is done.
+    conn.write_blocked.notify_one();
+}
