@@ -255,6 +255,69 @@ async fn a_client_that_stops_reading_holds_back_only_its_own_stream() {
     drop(stalled);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reset_while_their_data_waits_leave_the_endpoint_its_window() {
+    use bytes::BytesMut;
+    use fanout_wire::frame;
+    use fanout_wire::hpack::{self, Indexing};
+    use tokio::io::AsyncWriteExt;
+
+    let (listen, _) = setup(1).await;
+    // A bare client with HTTP/2's default windows (64 KiB) that asks for 1 MiB of server
+    // stream, never reads it, and resets the stream: each time the spike holds most of a
+    // stream window (1 MiB) of the endpoint's data for it, and drops it at the reset. Six of
+    // them add up to more than the endpoint connection's whole window (4 MiB).
+    let mut bare = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let mut out = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut out, &[]);
+    bare.write_all(&out).await.unwrap();
+    let body = fanout_e2e::raw::frame(&StreamRequest {
+        count: 64,
+        interval_ms: 0,
+        reply_bytes: 16 << 10,
+    });
+    for stream in (1..=11).step_by(2) {
+        let mut out = BytesMut::new();
+        let at = frame::begin_frame(&mut out, frame::HEADERS, frame::END_HEADERS, stream);
+        for (name, value) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/fanout.test.v1.Test/ServerStream"),
+            (":authority", "app"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            hpack::encode_field(
+                &mut out,
+                name.as_bytes(),
+                value.as_bytes(),
+                Indexing::Allowed,
+            );
+        }
+        frame::finish_frame(&mut out, at);
+        frame::put_data(&mut out, stream, &body, true);
+        bare.write_all(&out).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut reset = BytesMut::new();
+        frame::put_rst(&mut reset, stream, frame::CANCEL);
+        bare.write_all(&reset).await.unwrap();
+    }
+
+    // The endpoint's connection still carries answers.
+    let mut client = client(listen).await;
+    for _ in 0..5 {
+        let request = EchoRequest {
+            reply_bytes: 256 << 10,
+            ..Default::default()
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(5), client.unary(request))
+            .await
+            .expect("an answer within 5 s after the resets");
+        assert_eq!(reply.unwrap().into_inner().payload.len(), 256 << 10);
+    }
+    drop(bare);
+}
+
 /// This process's resident memory (spike, backends and clients alike), MiB.
 fn rss_mib() -> i64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

@@ -40,15 +40,18 @@ pub struct Settings {
     pub keepalive_interval: Duration,
     /// …and the connection is dropped if its answer takes longer than this.
     pub keepalive_timeout: Duration,
+    /// The upstream's timeout for a call, when the client's deadline is later or absent.
+    pub call_timeout: Option<Duration>,
 }
 
 impl Default for Settings {
-    /// fanout-proxy's values.
+    /// fanout-proxy's values (and no timeout of the upstream's own).
     fn default() -> Self {
         Settings {
             connect_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
+            call_timeout: None,
         }
     }
 }

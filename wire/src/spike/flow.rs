@@ -31,6 +31,11 @@ impl Pending {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty() && !self.end && self.trailers.is_none()
     }
+
+    /// DATA bytes waiting.
+    pub fn waiting_bytes(&self) -> usize {
+        self.data.len()
+    }
 }
 
 /// Sends `data` on `dest`'s `stream`, or as much of it as the windows allow and the rest

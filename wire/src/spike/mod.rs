@@ -2,16 +2,16 @@
 //! what a benchmark exercises plus the protocol a real peer needs, to learn what such a data
 //! path costs per call before building the real one.
 //!
-//! One thread; every connection is an `Rc` owned by one task that reads its socket and
-//! forwards each frame at once into the other connection's output buffer (header blocks
-//! re-encoded field by field, DATA copied under flow control, `flow.rs`); when a batch of reads
-//! is done, every connection written to is flushed with one write, from the task that read,
-//! without waking the other task.
+//! One thread; every connection (`conn.rs`) is an `Rc` owned by one task that reads its socket
+//! and forwards each frame at once into the other connection's output buffer (header blocks
+//! re-encoded field by field, DATA copied under flow control, `flow.rs`); when a batch of
+//! reads is done, every connection written to is flushed with one write, from the task that
+//! read, without waking the other task.
 //!
 //! Protocol checks follow RFC 9113: frames of the wrong size or on the wrong stream end the
 //! connection with GOAWAY and the RFC's code (`control.rs`), stream state errors and malformed
-//! messages reset their stream (`streams.rs`), both flow-control windows are kept both ways
-//! (`flow.rs`).
+//! messages (`fields.rs`) reset their stream (`streams.rs`), both flow-control windows are
+//! kept both ways (`flow.rs`).
 //!
 //! Every call also gets the bookkeeping fanout gives it (`account.rs`): fanout's balancer
 //! picks the endpoint, and the call is counted and timed as fanout's metrics do.
@@ -19,11 +19,12 @@
 //! The endpoints follow a set of addresses, each with one connection kept up (`endpoint.rs`):
 //! the first step of the sprint that would make this the real data path (`DESIGN.md`).
 //!
-//! Left out on purpose (the real layer needs each): health checks, ejection, deadlines,
-//! retries, the Service's policy, the admin endpoint, limits on streams per endpoint.
+//! Calls end at their deadline (`deadline.rs`), the first part of that sprint's call layer.
+//!
+//! Left out on purpose (the real layer needs each): health checks, ejection, retries, the
+//! Service's policy, the admin endpoint, limits on streams per endpoint.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -32,44 +33,26 @@ use fanout_balance::Picker;
 use fanout_proxy_config::Balancer;
 
 use bytes::{Buf, BytesMut};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::{self, Head};
-use crate::hpack;
 
 mod account;
+mod conn;
 mod control;
+mod deadline;
 mod endpoint;
+mod fields;
 mod flow;
 mod streams;
 
 use endpoint::Endpoint;
 pub use endpoint::Settings;
 
-use streams::Route;
-
-/// Stream ids are small, dense integers: one multiply spreads them over the table (SipHash,
-/// the default, was a fifth of the spike's time).
-#[derive(Default)]
-struct StreamIdHasher(u64);
-
-impl std::hash::Hasher for StreamIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u32(&mut self, id: u32) {
-        self.0 = (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type Routes = HashMap<u32, Route, std::hash::BuildHasherDefault<StreamIdHasher>>;
+pub use conn::Conn;
+use conn::Role;
 
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
@@ -78,136 +61,6 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_STREAMS: u32 = 10_000;
 /// The largest header block taken in (HEADERS and CONTINUATIONs together).
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// A client's connection to the proxy: streams are opened by the peer.
-    Downstream,
-    /// The proxy's connection to an endpoint: streams are opened by us.
-    Upstream,
-}
-
-pub struct Conn {
-    role: Role,
-    io: TcpStream,
-    out: RefCell<BytesMut>,
-    dirty: Cell<bool>,
-    /// Asks the owning task to wait until its socket is writable and flush.
-    write_blocked: Notify,
-    decoder: RefCell<hpack::Decoder>,
-    routes: RefCell<Routes>,
-    next_stream: Cell<u32>,
-    /// The highest stream id the peer has opened (a client's connection).
-    last_peer_stream: Cell<u32>,
-    /// What the peer may still send us on the connection.
-    recv_window: Cell<i64>,
-    /// The peer's first frame was its SETTINGS, as it must be (§3.4).
-    settings_seen: Cell<bool>,
-    send_window: Cell<i64>,
-    peer_initial_window: Cell<i64>,
-    peer_max_frame: Cell<usize>,
-    /// Streams with data waiting on the connection: its send window or its output buffer.
-    blocked: RefCell<Vec<u32>>,
-    unacked: Cell<u32>,
-    /// GOAWAY was sent or received: no new streams, and the connection ends once its streams
-    /// are done.
-    leaving: Cell<bool>,
-    /// An endpoint's connection: the endpoint answered our first PING.
-    ready: Cell<bool>,
-    /// A PING of ours is unanswered.
-    awaiting_pong: Cell<bool>,
-    /// When our last PING was answered (or the connection made).
-    last_pong: Cell<Instant>,
-    /// Tells an endpoint's keeper that this connection takes no more calls: it ended, or the
-    /// endpoint is leaving it.
-    retired: Notify,
-    closed: Cell<bool>,
-    /// A header block waiting for its CONTINUATION frames: stream, flags, fragments.
-    partial: RefCell<Option<(u32, u8, BytesMut)>>,
-}
-
-impl Conn {
-    fn new(role: Role, io: TcpStream) -> Rc<Conn> {
-        let _ = io.set_nodelay(true);
-        let mut out = BytesMut::with_capacity(16 * 1024);
-        if role == Role::Upstream {
-            out.extend_from_slice(frame::PREFACE);
-        }
-        frame::put_settings(
-            &mut out,
-            &[
-                (0x2, 0), // ENABLE_PUSH
-                (frame::SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-                (frame::SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-            ],
-        );
-        frame::put_window_update(
-            &mut out,
-            0,
-            CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
-        );
-        // An endpoint takes calls once it has answered this.
-        let awaiting_pong = role == Role::Upstream;
-        if awaiting_pong {
-            frame::put_ping(&mut out);
-        }
-        Rc::new(Conn {
-            role,
-            io,
-            out: RefCell::new(out),
-            dirty: Cell::new(false),
-            write_blocked: Notify::new(),
-            decoder: RefCell::new(hpack::Decoder::default()),
-            routes: RefCell::new(Routes::default()),
-            next_stream: Cell::new(1),
-            last_peer_stream: Cell::new(0),
-            recv_window: Cell::new(CONNECTION_WINDOW as i64),
-            settings_seen: Cell::new(false),
-            send_window: Cell::new(frame::DEFAULT_WINDOW),
-            peer_initial_window: Cell::new(frame::DEFAULT_WINDOW),
-            peer_max_frame: Cell::new(frame::DEFAULT_MAX_FRAME),
-            blocked: RefCell::new(Vec::new()),
-            unacked: Cell::new(0),
-            leaving: Cell::new(false),
-            ready: Cell::new(false),
-            awaiting_pong: Cell::new(awaiting_pong),
-            last_pong: Cell::new(Instant::now()),
-            retired: Notify::new(),
-            closed: Cell::new(false),
-            partial: RefCell::new(None),
-        })
-    }
-
-    /// An endpoint's connection that may take a new call.
-    fn takes_calls(&self) -> bool {
-        self.ready.get() && !self.leaving.get() && !self.closed.get()
-    }
-
-    /// Left, and no stream is open any more: time to close.
-    fn is_done(&self) -> bool {
-        self.leaving.get() && self.routes.borrow().is_empty()
-    }
-
-    /// Writes what is queued; when the socket is full, the owning task takes over.
-    fn flush(&self) {
-        self.dirty.set(false);
-        let mut out = self.out.borrow_mut();
-        while !out.is_empty() {
-            match self.io.try_write(&out) {
-                Ok(n) => out.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.write_blocked.notify_one();
-                    return;
-                }
-                Err(_) => {
-                    out.clear();
-                    self.closed.set(true);
-                    return;
-                }
-            }
-        }
-    }
-}
 
 pub struct Forwarder {
     /// The one read buffer of the thread (see `run`).
@@ -220,6 +73,7 @@ pub struct Forwarder {
     duration: prometheus_client::metrics::histogram::Histogram,
     /// Woken when an endpoint's connection becomes ready.
     endpoint_ready: Notify,
+    deadlines: Rc<deadline::Deadlines>,
 }
 
 impl Forwarder {
@@ -312,7 +166,9 @@ pub async fn serve_on(
         settings,
         duration: account::duration_histogram(),
         endpoint_ready: Notify::new(),
+        deadlines: Rc::default(),
     });
+    tokio::task::spawn_local(deadline::run(forwarder.clone()));
     let any_wanted = !set.borrow().is_empty();
     tokio::task::spawn_local(endpoint::follow(set, forwarder.clone()));
     if any_wanted {

@@ -9,6 +9,8 @@ use std::rc::Rc;
 use bytes::BytesMut;
 
 use super::account::{self, CallAccount};
+use super::deadline::{self, Deadline};
+use super::fields::{Block, FieldCheck};
 use super::flow::{self, Pending};
 use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
@@ -32,6 +34,8 @@ pub struct Route {
     pub pending: Pending,
     /// The call's bookkeeping, on its endpoint-side stream.
     pub account: Option<CallAccount>,
+    /// The call's deadline, on its client-side stream.
+    pub deadline: Option<Deadline>,
 }
 
 /// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
@@ -46,6 +50,7 @@ fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool) ->
         send_window: owner.peer_initial_window.get(),
         pending: Pending::default(),
         account: None,
+        deadline: None,
     }
 }
 
@@ -74,11 +79,26 @@ pub fn reset_stream(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32, code: u32) {
     }
 }
 
-/// The stream `route` leads to, on the other connection, is forgotten and reset with `code`.
+/// The stream `route` leads to, on the other connection, is forgotten and reset with `code`;
+/// `route` itself was forgotten by the caller.
 pub fn reset_other_side(fwd: &Forwarder, route: &Route, code: u32) {
-    route.peer.routes.borrow_mut().remove(&route.peer_stream);
+    let other = route.peer.routes.borrow_mut().remove(&route.peer_stream);
     frame::put_rst(&mut route.peer.out.borrow_mut(), route.peer_stream, code);
     fwd.mark(&route.peer);
+    give_back(fwd, route);
+    if let Some(other) = &other {
+        give_back(fwd, other);
+    }
+}
+
+/// A forgotten route's data that never went: its sender's connection gets that window back.
+/// Without it, every stream reset while its data waited for a slow reader would shrink the
+/// sending connection's window for good, until the connection stalled for all its streams.
+pub fn give_back(fwd: &Forwarder, forgotten: &Route) {
+    let bytes = forgotten.pending.waiting_bytes();
+    if bytes > 0 {
+        flow::credit(fwd, &forgotten.peer, forgotten.peer_stream, bytes);
+    }
 }
 
 pub fn on_headers_frame(
@@ -122,81 +142,6 @@ pub fn on_continuation(
         return on_headers(conn, fwd, stream, flags, &block);
     }
     Ok(())
-}
-
-/// What a header block is, for the checks of §8.3.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Block {
-    Request,
-    Response,
-    Trailers,
-}
-
-/// The checks of RFC 9113 §8.2–8.3 on one block, field by field.
-struct FieldCheck {
-    block: Block,
-    regular_seen: bool,
-    /// :method, :scheme, :path, :authority, :status seen.
-    pseudo: [bool; 5],
-    informational: bool,
-    malformed: bool,
-}
-
-impl FieldCheck {
-    fn new(block: Block) -> Self {
-        Self {
-            block,
-            regular_seen: false,
-            pseudo: [false; 5],
-            informational: false,
-            malformed: false,
-        }
-    }
-
-    fn field(&mut self, name: &[u8], value: &[u8]) {
-        if let Some(pseudo) = name.strip_prefix(b":") {
-            let slot = match (self.block, pseudo) {
-                (Block::Request, b"method") => 0,
-                (Block::Request, b"scheme") => 1,
-                (Block::Request, b"path") => 2,
-                (Block::Request, b"authority") => 3,
-                (Block::Response, b"status") => {
-                    self.informational = value.first() == Some(&b'1');
-                    4
-                }
-                _ => {
-                    self.malformed = true;
-                    return;
-                }
-            };
-            if self.regular_seen || self.pseudo[slot] || (slot == 2 && value.is_empty()) {
-                self.malformed = true;
-            }
-            self.pseudo[slot] = true;
-            return;
-        }
-        self.regular_seen = true;
-        let connection_specific = matches!(
-            name,
-            b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade"
-        );
-        if name.is_empty()
-            || name.iter().any(u8::is_ascii_uppercase)
-            || connection_specific
-            || (name == b"te" && value != b"trailers")
-        {
-            self.malformed = true;
-        }
-    }
-
-    fn is_valid(&self) -> bool {
-        let complete = match self.block {
-            Block::Request => self.pseudo[0] && self.pseudo[1] && self.pseudo[2],
-            Block::Response => self.pseudo[4],
-            Block::Trailers => true,
-        };
-        complete && !self.malformed
-    }
 }
 
 fn on_headers(
@@ -295,10 +240,31 @@ fn open(
         frame::END_HEADERS | (flags & frame::END_STREAM),
         0,
     );
+    let mut client_timeout = None;
     decode(conn, block, |name, value, indexing| {
         check.field(name, value);
+        if name == b"grpc-timeout"
+            && let Some(timeout) = deadline::parse_timeout(value)
+        {
+            // Passed on below, once the deadline is known.
+            client_timeout = Some(timeout);
+            return;
+        }
         hpack::encode_field(&mut frames, name, value, indexing)
     })?;
+    let timeout = match (client_timeout, fwd.settings.call_timeout) {
+        (Some(client), Some(upstream)) => Some(client.min(upstream)),
+        (client, upstream) => client.or(upstream),
+    };
+    if let Some(timeout) = timeout {
+        let passed_on = deadline::format_timeout(timeout + deadline::SLACK);
+        hpack::encode_field(
+            &mut frames,
+            b"grpc-timeout",
+            passed_on.as_bytes(),
+            hpack::Indexing::Allowed,
+        );
+    }
     let refuse = |code| {
         frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
         Ok(())
@@ -322,6 +288,8 @@ fn open(
     frame::finish_headers(&mut frames, at, endpoint.peer_max_frame.get());
     let mut downstream = route(&endpoint, upstream_stream, conn, true);
     downstream.ended = end;
+    downstream.deadline =
+        timeout.map(|timeout| fwd.deadlines.insert(clock.now + timeout, conn, stream));
     conn.routes.borrow_mut().insert(stream, downstream);
     let mut upstream = route(conn, stream, &endpoint, false);
     upstream.account = Some(CallAccount::start(picked, clock.now, &clock));
