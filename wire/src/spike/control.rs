@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use super::streams::{is_idle, reset_other_side, reset_stream};
-use super::{Conn, Fatal, Forwarder, Role, flow};
+use super::{Conn, Fatal, Forwarder, Role, flow, replay};
 use crate::frame::{self, Head};
 
 /// The largest window RFC 9113 §6.9.1 allows.
@@ -157,8 +157,13 @@ pub fn on_rst_stream(
         return Err(Fatal(frame::PROTOCOL_ERROR));
     }
     let route = conn.routes.borrow_mut().remove(&head.stream);
-    if let Some(route) = route {
-        reset_other_side(fwd, &route, u32::from_be_bytes(code));
+    let code = u32::from_be_bytes(code);
+    match route {
+        Some(route) if conn.role == Role::Upstream && code == frame::REFUSED_STREAM => {
+            replay::refused(fwd, route);
+        }
+        Some(route) => reset_other_side(fwd, &route, code),
+        None => {}
     }
     Ok(())
 }
@@ -207,7 +212,7 @@ pub fn on_goaway(
         for id in refused {
             let route = conn.routes.borrow_mut().remove(&id);
             if let Some(route) = route {
-                reset_other_side(fwd, &route, frame::REFUSED_STREAM);
+                replay::refused(fwd, route);
             }
         }
     }

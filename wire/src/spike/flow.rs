@@ -25,6 +25,9 @@ pub struct Pending {
     end: bool,
     /// Trailers (whole encoded frames) to send once the data is out.
     trailers: Option<BytesMut>,
+    /// How many of the first bytes of `data` were credited to their sender already (a request
+    /// opened again elsewhere, `replay.rs`): not credited again when they go.
+    credited: usize,
 }
 
 impl Pending {
@@ -32,15 +35,32 @@ impl Pending {
         self.data.is_empty() && !self.end && self.trailers.is_none()
     }
 
-    /// DATA bytes waiting.
+    /// DATA bytes waiting that their sender was not yet credited for.
     pub fn waiting_bytes(&self) -> usize {
-        self.data.len()
+        self.data.len() - self.credited
+    }
+
+    /// `sent` bytes went from the front of what waits: those to credit their sender for.
+    fn went(&mut self, sent: usize) -> usize {
+        let credited = self.credited.min(sent);
+        self.credited -= credited;
+        sent - credited
     }
 }
 
 /// Sends `data` on `dest`'s `stream`, or as much of it as the windows allow and the rest
 /// later; gives the source of the data its credit for what went.
 pub fn send_data(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32, data: &[u8], end: bool) {
+    send(fwd, dest, stream, data, end, false);
+}
+
+/// As [`send_data`], for a new stream, with data its source was credited for already (a
+/// request opened again on another endpoint): it is not credited again.
+pub fn send_replayed(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32, data: &[u8], end: bool) {
+    send(fwd, dest, stream, data, end, true);
+}
+
+fn send(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32, data: &[u8], end: bool, credited: bool) {
     let mut routes = dest.routes.borrow_mut();
     let Some(route) = routes.get_mut(&stream) else {
         return;
@@ -52,18 +72,23 @@ pub fn send_data(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32, data: &[u8], end
         if sent < data.len() {
             route.pending.data.extend_from_slice(&data[sent..]);
             route.pending.end = end;
+            if credited {
+                route.pending.credited = data.len() - sent;
+            }
             if connection_full(dest) {
                 dest.blocked.borrow_mut().push(stream);
             }
         }
     } else {
-        // Behind what already waits, in order.
+        // Behind what already waits, in order (only a new stream's first data is replayed).
         route.pending.data.extend_from_slice(data);
         route.pending.end |= end;
     }
     drop(routes);
     fwd.mark(dest);
-    credit(fwd, &source.0, source.1, sent);
+    if !credited {
+        credit(fwd, &source.0, source.1, sent);
+    }
 }
 
 /// Trailers (an encoded HEADERS frame and its CONTINUATIONs) for `stream`: sent now, or
@@ -118,6 +143,7 @@ pub fn drain(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32) {
     let mut data = std::mem::take(&mut route.pending.data);
     let end = route.pending.end;
     let sent = write_allowed(dest, &mut route.send_window, stream, &data, end);
+    let to_credit = route.pending.went(sent);
     let source = (route.peer.clone(), route.peer_stream);
     if sent == data.len() {
         route.pending.end = false;
@@ -136,7 +162,7 @@ pub fn drain(fwd: &Forwarder, dest: &Rc<Conn>, stream: u32) {
     if sent > 0 || done {
         fwd.mark(dest);
     }
-    credit(fwd, &source.0, source.1, sent);
+    credit(fwd, &source.0, source.1, to_credit);
     if done {
         super::streams::end_if_done(dest, stream);
     }

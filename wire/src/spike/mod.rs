@@ -46,6 +46,7 @@ mod deadline;
 mod endpoint;
 mod fields;
 mod flow;
+mod replay;
 mod streams;
 
 use endpoint::Endpoint;
@@ -224,7 +225,7 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     // then keepalives (`keepalive`).
     let keepalive = tokio::time::sleep(forwarder.settings.connect_timeout);
     tokio::pin!(keepalive);
-    'conn: loop {
+    loop {
         // With output waiting, the socket's writability is what to wait for. The wake-up that
         // another task's flush leaves for this one is not: taken then, it would be taken again
         // after every failed write, and the task would spin without ever yielding to the
@@ -243,50 +244,10 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
                 if ready.is_err() {
                     break;
                 }
-                let mut read = forwarder.read.borrow_mut();
-                read.clear();
-                read.extend_from_slice(&std::mem::take(&mut stash));
-                if read.capacity() - read.len() < READ_CHUNK / 4 {
-                    read.reserve(READ_CHUNK);
-                }
-                match conn.io.try_read_buf(&mut *read) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        stash = BytesMut::from(&read[..]);
-                        continue;
-                    }
-                    Err(_) => break,
-                }
-                if !preface_seen {
-                    if read.len() < frame::PREFACE.len() {
-                        stash = BytesMut::from(&read[..]);
-                        continue;
-                    }
-                    if &read[..frame::PREFACE.len()] != frame::PREFACE {
-                        go_away(&conn, frame::PROTOCOL_ERROR);
-                        break;
-                    }
-                    read.advance(frame::PREFACE.len());
-                    preface_seen = true;
-                }
-                while let Some(head) = Head::parse(&read) {
-                    if head.len > frame::DEFAULT_MAX_FRAME {
-                        go_away(&conn, frame::FRAME_SIZE_ERROR);
-                        break 'conn;
-                    }
-                    if read.len() < frame::HEADER_LEN + head.len {
-                        break;
-                    }
-                    let payload = &read[frame::HEADER_LEN..frame::HEADER_LEN + head.len];
-                    if let Err(Fatal(code)) = on_frame(&conn, &forwarder, head, payload) {
-                        go_away(&conn, code);
-                        break 'conn;
-                    }
-                    read.advance(frame::HEADER_LEN + head.len);
-                }
-                if !read.is_empty() {
-                    stash = BytesMut::from(&read[..]);
+                match read_frames(&conn, &forwarder, &mut stash, &mut preface_seen) {
+                    Read::Frames => {}
+                    Read::Nothing => continue,
+                    Read::End => break,
                 }
             }
         }
@@ -298,6 +259,11 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     }
     conn.closed.set(true);
     conn.retired.notify_one();
+    // A write of ours may have met an endpoint's reset before we read what it sent first: a
+    // GOAWAY that names the streams it never processed, which can then go elsewhere.
+    if upstream {
+        while let Read::Frames = read_frames(&conn, &forwarder, &mut stash, &mut preface_seen) {}
+    }
     // Every stream of a lost connection is cancelled on its other side.
     let routes = std::mem::take(&mut *conn.routes.borrow_mut());
     for (_, route) in routes {
@@ -305,6 +271,72 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     }
     forwarder.mark(&conn);
     forwarder.flush_dirty();
+}
+
+/// What a read of a connection's socket came to.
+enum Read {
+    /// Frames were read and handled.
+    Frames,
+    /// Nothing to read now.
+    Nothing,
+    /// The connection ends: closed by the peer, failed, or a connection error of the peer's.
+    End,
+}
+
+/// Reads what the socket holds and handles every whole frame; a frame's unread rest stays in
+/// `stash` until the next read completes it.
+fn read_frames(
+    conn: &Rc<Conn>,
+    forwarder: &Forwarder,
+    stash: &mut BytesMut,
+    preface_seen: &mut bool,
+) -> Read {
+    let mut read = forwarder.read.borrow_mut();
+    read.clear();
+    read.extend_from_slice(&std::mem::take(stash));
+    if read.capacity() - read.len() < READ_CHUNK / 4 {
+        read.reserve(READ_CHUNK);
+    }
+    match conn.io.try_read_buf(&mut *read) {
+        Ok(0) => return Read::End,
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            *stash = BytesMut::from(&read[..]);
+            return Read::Nothing;
+        }
+        Err(_) => return Read::End,
+    }
+    if !*preface_seen {
+        if read.len() < frame::PREFACE.len() {
+            *stash = BytesMut::from(&read[..]);
+            return Read::Frames;
+        }
+        if &read[..frame::PREFACE.len()] != frame::PREFACE {
+            go_away(conn, frame::PROTOCOL_ERROR);
+            return Read::End;
+        }
+        read.advance(frame::PREFACE.len());
+        *preface_seen = true;
+    }
+    while let Some(head) = Head::parse(&read) {
+        if head.len > frame::DEFAULT_MAX_FRAME {
+            go_away(conn, frame::FRAME_SIZE_ERROR);
+            return Read::End;
+        }
+        if read.len() < frame::HEADER_LEN + head.len {
+            break;
+        }
+        let payload = &read[frame::HEADER_LEN..frame::HEADER_LEN + head.len];
+        if let Err(Fatal(code)) = on_frame(conn, forwarder, head, payload) {
+            go_away(conn, code);
+            return Read::End;
+        }
+        read.advance(frame::HEADER_LEN + head.len);
+    }
+    if !read.is_empty() {
+        *stash = BytesMut::from(&read[..]);
+    }
+    Read::Frames
 }
 
 /// The keepalive timer of an endpoint's connection fired: a PING is sent when the last was

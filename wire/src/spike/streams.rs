@@ -12,6 +12,7 @@ use super::account::{self, CallAccount};
 use super::deadline::{self, Deadline};
 use super::fields::{Block, FieldCheck};
 use super::flow::{self, Pending};
+use super::replay::Replay;
 use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
 use crate::hpack;
@@ -36,10 +37,12 @@ pub struct Route {
     pub account: Option<CallAccount>,
     /// The call's deadline, on its client-side stream.
     pub deadline: Option<Deadline>,
+    /// The request kept whole until an endpoint answers it, on its client-side stream.
+    pub replay: Option<Box<Replay>>,
 }
 
 /// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
-fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool) -> Route {
+pub fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool) -> Route {
     Route {
         peer: peer.clone(),
         peer_stream,
@@ -51,6 +54,7 @@ fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool) ->
         pending: Pending::default(),
         account: None,
         deadline: None,
+        replay: None,
     }
 }
 
@@ -201,6 +205,12 @@ fn on_headers(
         route.headers_seen |= !check.informational;
         route.ended |= end;
     }
+    // The endpoint answers: the request is its now, and is no longer kept.
+    if conn.role == Role::Upstream
+        && let Some(client_route) = peer.routes.borrow_mut().get_mut(&peer_stream)
+    {
+        client_route.replay = None;
+    }
     flow::send_trailers(fwd, &peer, peer_stream, frames);
     if end {
         end_if_done(conn, stream);
@@ -299,6 +309,9 @@ fn open(
         .insert(upstream_stream, upstream);
     endpoint.out.borrow_mut().extend_from_slice(&frames);
     fwd.mark(&endpoint);
+    if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
+        route.replay = Some(Replay::new(frames, clock.now));
+    }
     Ok(())
 }
 
@@ -337,6 +350,12 @@ pub fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> 
                     Next::Reset(frame::FLOW_CONTROL_ERROR)
                 } else {
                     route.ended = end;
+                    // A request's body is kept while it may still have to go elsewhere.
+                    if let Some(replay) = &mut route.replay
+                        && !replay.keep(data, end)
+                    {
+                        route.replay = None;
+                    }
                     Next::Forward(route.peer.clone(), route.peer_stream)
                 }
             }

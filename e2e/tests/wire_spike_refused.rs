@@ -1,0 +1,174 @@
+//! Refused streams through the spike (issue 13's sprint, step 2's first retries), as a client
+//! sees them: an endpoint that refuses a call unprocessed, with REFUSED_STREAM or with a GOAWAY
+//! that names it, does not fail the call: it opens again on another endpoint. A request too
+//! large to keep, or refused again and again, is refused to its client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Buf, BytesMut};
+use fanout_e2e::backend::proto::EchoRequest;
+use fanout_e2e::backend::proto::test_client::TestClient;
+use fanout_e2e::backend::{Backend, Behaviour};
+use fanout_e2e::proxy::pod_ip;
+use fanout_e2e::raw;
+use fanout_wire::frame;
+use fanout_wire::spike::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listen = listener.local_addr().unwrap();
+    fanout_wire::spike::spawn_thread_following(listener, set, Settings::default());
+    listen
+}
+
+async fn client(listen: SocketAddr) -> TestClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TestClient::new(channel)
+}
+
+/// A bare HTTP/2 server on `addr` that answers SETTINGS and PINGs as any server must, takes
+/// every request whole (it grants 1 MiB windows) and refuses it with RST_STREAM
+/// (REFUSED_STREAM); counts the requests it refused.
+async fn spawn_refusing(addr: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicU64::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((mut io, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut out = BytesMut::new();
+                frame::put_settings(&mut out, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
+                frame::put_window_update(&mut out, 0, 1 << 20);
+                if io.write_all(&out).await.is_err() {
+                    return;
+                }
+                let mut buf = BytesMut::new();
+                let mut preface = false;
+                loop {
+                    match io.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    if !preface {
+                        if buf.len() < frame::PREFACE.len() {
+                            continue;
+                        }
+                        buf.advance(frame::PREFACE.len());
+                        preface = true;
+                    }
+                    let mut out = BytesMut::new();
+                    while let Some(head) = frame::Head::parse(&buf) {
+                        if buf.len() < frame::HEADER_LEN + head.len {
+                            break;
+                        }
+                        let payload = buf[frame::HEADER_LEN..frame::HEADER_LEN + head.len].to_vec();
+                        buf.advance(frame::HEADER_LEN + head.len);
+                        let ack = head.flags & frame::ACK != 0;
+                        match head.kind {
+                            frame::SETTINGS if !ack => {
+                                frame::put_head(&mut out, 0, frame::SETTINGS, frame::ACK, 0)
+                            }
+                            frame::PING if !ack => {
+                                frame::put_head(&mut out, 8, frame::PING, frame::ACK, 0);
+                                out.extend_from_slice(&payload);
+                            }
+                            frame::HEADERS | frame::DATA if head.flags & frame::END_STREAM != 0 => {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                frame::put_rst(&mut out, head.stream, frame::REFUSED_STREAM);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if io.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+async fn healthy(n: usize) -> SocketAddr {
+    Backend::new(format!("backend-{n}"), Behaviour::default())
+        .spawn(SocketAddr::new(pod_ip(n), 0))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_refused_with_refused_stream_is_answered_by_another_endpoint() {
+    let (refusing, refused) = spawn_refusing(SocketAddr::new(pod_ip(0), 0)).await;
+    let (_set, watch) = watch::channel(vec![refusing, healthy(1).await]);
+    let mut client = client(spike(watch)).await;
+    let mut calls = 0;
+    while refused.load(Ordering::SeqCst) < 5 {
+        calls += 1;
+        assert!(calls <= 300, "the refusing endpoint got no call in {calls}");
+        let reply = client.unary(EchoRequest::default()).await;
+        match reply {
+            Ok(reply) => assert_eq!(reply.into_inner().backend, "backend-1"),
+            Err(status) => panic!("call {calls} failed: {status:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_named_unprocessed_in_a_goaway_is_answered_by_another_endpoint() {
+    // GOAWAY with last stream 0, then at once a reset: the spike may meet the reset on a write
+    // before it reads the GOAWAY, and must still read it.
+    let (leaving, turned_away) = raw::spawn_goaway_and_reset(SocketAddr::new(pod_ip(0), 0))
+        .await
+        .unwrap();
+    let (_set, watch) = watch::channel(vec![leaving, healthy(1).await]);
+    let mut client = client(spike(watch)).await;
+    let mut calls = 0;
+    while turned_away.load(Ordering::SeqCst) < 3 {
+        calls += 1;
+        assert!(calls <= 300, "the leaving endpoint got no call in {calls}");
+        let body = EchoRequest {
+            payload: vec![7; 1000],
+            ..Default::default()
+        };
+        match client.unary(body).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                assert_eq!(reply.backend, "backend-1");
+                assert_eq!(reply.payload, vec![7; 1000], "the body arrives whole");
+            }
+            Err(status) => panic!("call {calls} failed: {status:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_to_keep_or_refused_again_and_again_is_refused_to_its_client() {
+    let (refusing, refused) = spawn_refusing(SocketAddr::new(pod_ip(0), 0)).await;
+    let (_set, watch) = watch::channel(vec![refusing]);
+    let mut client = client(spike(watch)).await;
+
+    // Kept, but the only endpoint refuses it each time: opened twice more, then refused.
+    let status = client.unary(EchoRequest::default()).await.unwrap_err();
+    assert_eq!(refused.load(Ordering::SeqCst), 3, "{status:?}");
+
+    // Past the 64 KiB kept for this (the endpoint refuses it once it has it all): refused at
+    // the first refusal.
+    let large = EchoRequest {
+        payload: vec![1; 100 << 10],
+        ..Default::default()
+    };
+    let status = client.unary(large).await.unwrap_err();
+    assert_eq!(refused.load(Ordering::SeqCst), 4, "{status:?}");
+}

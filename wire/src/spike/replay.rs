@@ -1,0 +1,124 @@
+//! Refused streams go elsewhere (issue 13's sprint, the first of step 2's retries): an
+//! endpoint that refuses a stream with REFUSED_STREAM, or names it unprocessed in a GOAWAY,
+//! has provably not acted on it (RFC 9113 §8.7), so the request opens again on another
+//! endpoint instead of failing, as fanout-proxy does. For that, a request is kept whole (its
+//! header frames as sent, and its body while it fits in [`LIMIT`]) until its endpoint answers
+//! or refuses it; a request past the limit, or refused [`MAX_REOPENS`] times, is refused to its
+//! client, who may retry it itself.
+
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+
+use super::account::CallAccount;
+use super::flow;
+use super::streams::{self, Route};
+use super::{Conn, Forwarder};
+use crate::frame;
+
+/// The largest request body kept for opening the request again.
+pub const LIMIT: usize = 64 * 1024;
+/// How often one request may be opened again.
+const MAX_REOPENS: u8 = 2;
+
+/// A request kept whole while no endpoint has answered it.
+pub struct Replay {
+    /// Its HEADERS and CONTINUATION frames as sent (the stream id is rewritten for the next).
+    headers: BytesMut,
+    /// The body passed on so far.
+    body: BytesMut,
+    /// The body's last DATA ended the request.
+    end: bool,
+    reopens: u8,
+    /// When the call arrived, for its duration.
+    arrived: Instant,
+}
+
+impl Replay {
+    pub fn new(headers: BytesMut, arrived: Instant) -> Box<Replay> {
+        Box::new(Replay {
+            headers,
+            body: BytesMut::new(),
+            end: false,
+            reopens: 0,
+            arrived,
+        })
+    }
+
+    /// Keeps a piece of the body; `false` once the body is past the limit (the request can no
+    /// longer be opened again).
+    pub fn keep(&mut self, data: &[u8], end: bool) -> bool {
+        if self.body.len() + data.len() > LIMIT {
+            return false;
+        }
+        self.body.extend_from_slice(data);
+        self.end |= end;
+        true
+    }
+}
+
+/// An endpoint refused the stream of `forgotten` (its endpoint-side route, forgotten on the
+/// endpoint's connection) without processing it: the request opens again elsewhere when it
+/// can, else the client's stream is reset with REFUSED_STREAM.
+pub fn refused(fwd: &Forwarder, forgotten: Route) {
+    if reopen(fwd, &forgotten.peer, forgotten.peer_stream) {
+        // Its client's data that waited for the refusing endpoint's window was kept in the
+        // replay: credited now, it is not credited again when it goes (`send_replayed`).
+        streams::give_back(fwd, &forgotten);
+    } else {
+        streams::reset_other_side(fwd, &forgotten, frame::REFUSED_STREAM);
+    }
+}
+
+/// Opens `client`'s `stream` again on an endpoint picked anew; `false` when the request was
+/// not kept whole, was opened again too often, or no endpoint is ready.
+fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32) -> bool {
+    let mut routes = client.routes.borrow_mut();
+    let Some(route) = routes.get_mut(&stream) else {
+        return false;
+    };
+    let Some(mut replay) = route.replay.take() else {
+        return false;
+    };
+    if replay.reopens >= MAX_REOPENS {
+        return false;
+    }
+    let Some(picked) = fwd.pick() else {
+        return false;
+    };
+    let Some(endpoint) = picked.ready_conn() else {
+        return false;
+    };
+    let endpoint_stream = endpoint.next_stream.get();
+    endpoint.next_stream.set(endpoint_stream + 2);
+    set_stream(&mut replay.headers, endpoint_stream);
+    route.peer = endpoint.clone();
+    route.peer_stream = endpoint_stream;
+    let mut upstream = streams::route(client, stream, &endpoint, false);
+    let clock = fwd.picker.clock();
+    upstream.account = Some(CallAccount::start(picked, replay.arrived, &clock));
+    endpoint
+        .routes
+        .borrow_mut()
+        .insert(endpoint_stream, upstream);
+    endpoint.out.borrow_mut().extend_from_slice(&replay.headers);
+    fwd.mark(&endpoint);
+    replay.reopens += 1;
+    // A request without a body ended in its HEADERS, which went as they came.
+    if !replay.body.is_empty() || replay.end {
+        flow::send_replayed(fwd, &endpoint, endpoint_stream, &replay.body, replay.end);
+    }
+    route.replay = Some(replay);
+    true
+}
+
+/// Writes `stream` into every frame of `frames`.
+fn set_stream(frames: &mut BytesMut, stream: u32) {
+    let mut at = 0;
+    while at + frame::HEADER_LEN <= frames.len() {
+        let len = u32::from_be_bytes([0, frames[at], frames[at + 1], frames[at + 2]]) as usize;
+        frames[at + 5..at + 9].copy_from_slice(&stream.to_be_bytes());
+        at += frame::HEADER_LEN + len;
+    }
+}
