@@ -144,7 +144,11 @@ pub fn paced_gateway(
 }
 
 /// Every backend pod answered at least half of its fair share in every window, and no call
-/// failed.
+/// failed. A pod under that in a window passes only if it was slower there than the balancer
+/// counts as noise (its own median call time more than `NOISE_RATIO` times that of all the
+/// window's calls) and still got calls: on this one-node cluster pods share two cores, and a
+/// pod starved of CPU for a while is one a latency-aware balancer is right to send less. The
+/// loopback suites (`proxy_balance.rs`) hold the share without that exception, on equal pods.
 pub fn assert_spread(name: &str, report: &Value, backend_pods: &[String]) {
     assert_eq!(
         report["failures"],
@@ -153,13 +157,28 @@ pub fn assert_spread(name: &str, report: &Value, backend_pods: &[String]) {
     );
     let least: BTreeMap<String, u64> =
         serde_json::from_value(report["window_min"].clone()).unwrap();
+    // Per pod, in its worst window: [its own median ms, the median ms of all calls].
+    let medians: BTreeMap<String, [f64; 2]> =
+        serde_json::from_value(report["window_min_p50_ms"].clone()).unwrap_or_default();
     let half_fair = WINDOW / BACKENDS as u64 / 2;
     for pod in backend_pods {
         let fewest = least.get(pod).copied().unwrap_or(0);
+        if fewest >= half_fair {
+            continue;
+        }
+        let slower = medians
+            .get(pod)
+            .is_some_and(|[own, all]| *own > all * fanout_balance::latency::NOISE_RATIO);
         assert!(
-            fewest >= half_fair,
+            slower && fewest > 0,
             "{name}: {pod} answered {fewest} of a window of {WINDOW} calls, less than half of its \
-             fair share: {report}"
+             fair share, and was not slower there than the balancer's noise band: {report}"
+        );
+        eprintln!(
+            "{name}: {pod} answered {fewest} of a window of {WINDOW} calls, but was more than \
+             {}x slower than the others there: {:?}",
+            fanout_balance::latency::NOISE_RATIO,
+            medians.get(pod)
         );
     }
 }
