@@ -185,7 +185,7 @@ async fn the_endpoint_set_follows_discovery() {
         ["backend-1", "backend-2"]
     );
 
-    // An empty set: no endpoint, and the call is refused rather than held.
+    // An empty set: no endpoint, and the call fails at once rather than waiting.
     set.send(Vec::new()).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (by_backend, failed) = answers(&client, 3).await;

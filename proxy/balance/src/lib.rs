@@ -4,9 +4,11 @@
 //! # Layout
 //! - this file: the picker (P2C over peak-EWMA cost, least-request, round robin).
 //! - `latency`: each endpoint's latency estimate, aged in time and in calls.
+//! - `budget`: the retry budget, a token bucket counted in calls.
 //! - `simulation` (tests): the picker and the estimates over simulated endpoints.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod latency;
 
 use std::ops::Deref;

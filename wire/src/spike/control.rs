@@ -90,7 +90,7 @@ pub fn on_ping(conn: &Conn, fwd: &Forwarder, head: Head, payload: &[u8]) -> Resu
         // The answer to our PING (an endpoint's connection; we send none to clients).
         conn.last_pong.set(tokio::time::Instant::now());
         if !conn.ready.replace(true) {
-            fwd.endpoint_ready.notify_waiters();
+            fwd.endpoint_settled.notify_waiters();
         }
     }
     Ok(())
@@ -160,7 +160,7 @@ pub fn on_rst_stream(
     let code = u32::from_be_bytes(code);
     match route {
         Some(route) if conn.role == Role::Upstream && code == frame::REFUSED_STREAM => {
-            replay::refused(fwd, route);
+            replay::refused(fwd, conn, route);
         }
         Some(route) => reset_other_side(fwd, &route, code),
         None => {}
@@ -212,7 +212,7 @@ pub fn on_goaway(
         for id in refused {
             let route = conn.routes.borrow_mut().remove(&id);
             if let Some(route) = route {
-                replay::refused(fwd, route);
+                replay::refused(fwd, conn, route);
             }
         }
     }

@@ -17,19 +17,15 @@ use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Conn, Forwarder, streams};
+use super::{Conn, Forwarder, answer, streams};
 use crate::frame;
-use crate::hpack::{self, Indexing};
 
 /// Added to the deadline passed to the endpoint; see the module's doc.
 pub const SLACK: Duration = Duration::from_millis(20);
 
-/// gRPC's DEADLINE_EXCEEDED.
-const DEADLINE_EXCEEDED: &[u8] = b"4";
 const MESSAGE: &[u8] = b"fanout: deadline exceeded";
 
 type Key = (Instant, u64);
@@ -153,10 +149,12 @@ fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
             if let Some(account) = &mut upstream.account {
                 account.set_status(Some(4));
             }
-            put_status(
+            answer::put_status(
                 &mut out,
                 stream,
                 !upstream.headers_seen,
+                answer::DEADLINE_EXCEEDED,
+                MESSAGE,
                 conn.peer_max_frame.get(),
             );
             if !route.ended {
@@ -167,24 +165,6 @@ fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
     }
     drop(out);
     fwd.mark(conn);
-}
-
-/// DEADLINE_EXCEEDED on `stream`: a whole Trailers-Only answer when `headers_first`, else
-/// the trailers that end an answer whose headers went.
-fn put_status(out: &mut BytesMut, stream: u32, headers_first: bool, max_frame: usize) {
-    let at = frame::begin_frame(
-        out,
-        frame::HEADERS,
-        frame::END_HEADERS | frame::END_STREAM,
-        stream,
-    );
-    if headers_first {
-        hpack::encode_field(out, b":status", b"200", Indexing::Allowed);
-        hpack::encode_field(out, b"content-type", b"application/grpc", Indexing::Allowed);
-    }
-    hpack::encode_field(out, b"grpc-status", DEADLINE_EXCEEDED, Indexing::Allowed);
-    hpack::encode_field(out, b"grpc-message", MESSAGE, Indexing::Allowed);
-    frame::finish_headers(out, at, max_frame);
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).

@@ -63,6 +63,8 @@ pub struct Endpoint {
     conn: RefCell<Option<Rc<Conn>>>,
     /// Gone from the endpoint set: its keeper stops.
     removed: Cell<bool>,
+    /// A connection of its failed, or never became ready: it is not worth waiting for.
+    failed_once: Cell<bool>,
     /// Wakes the keeper when the endpoint is removed.
     wake: Notify,
     pub(super) outstanding: Cell<usize>,
@@ -79,6 +81,7 @@ impl Endpoint {
             addr,
             conn: RefCell::new(None),
             removed: Cell::new(false),
+            failed_once: Cell::new(false),
             wake: Notify::new(),
             outstanding: Cell::new(0),
             latency: RefCell::new(Latency::new(Instant::now())),
@@ -86,6 +89,11 @@ impl Endpoint {
             counters: RefCell::new(Vec::new()),
             duration,
         })
+    }
+
+    /// Its first connection became ready, or one failed.
+    pub fn is_settled(&self) -> bool {
+        self.failed_once.get() || self.ready_conn().is_some()
     }
 
     /// The connection to open a call on, when one is ready.
@@ -194,6 +202,9 @@ async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
                 backoff = BACKOFF_MIN;
                 continue;
             }
+        }
+        if !endpoint.failed_once.replace(true) {
+            fwd.endpoint_settled.notify_waiters();
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
         tokio::select! {

@@ -40,6 +40,7 @@ use tokio::time::{Instant, Sleep};
 use crate::frame::{self, Head};
 
 mod account;
+mod answer;
 mod conn;
 mod control;
 mod deadline;
@@ -62,6 +63,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_STREAMS: u32 = 10_000;
 /// The largest header block taken in (HEADERS and CONTINUATIONs together).
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Retries may add this share of the calls (fanout's default `retry.budget_percent`).
+const RETRY_BUDGET_PERCENT: u32 = 20;
 
 pub struct Forwarder {
     /// The one read buffer of the thread (see `run`).
@@ -72,9 +75,11 @@ pub struct Forwarder {
     settings: Settings,
     /// The upstream's call durations, shared by its endpoints.
     duration: prometheus_client::metrics::histogram::Histogram,
-    /// Woken when an endpoint's connection becomes ready.
-    endpoint_ready: Notify,
+    /// Woken when an endpoint's first connection became ready or failed.
+    endpoint_settled: Notify,
     deadlines: Rc<deadline::Deadlines>,
+    /// Retries may add at most a fifth of the calls.
+    budget: fanout_balance::budget::Budget,
 }
 
 impl Forwarder {
@@ -110,16 +115,15 @@ impl Forwarder {
         self.picker.pick(&self.endpoints.borrow())
     }
 
-    /// Until an endpoint is ready.
-    async fn first_ready(&self) {
+    /// Until every endpoint's first connection became ready or failed.
+    async fn endpoints_settled(&self) {
         loop {
-            let woken = self.endpoint_ready.notified();
-            if self
-                .endpoints
-                .borrow()
-                .iter()
-                .any(|e| e.ready_conn().is_some())
-            {
+            let woken = self.endpoint_settled.notified();
+            let settled = {
+                let endpoints = self.endpoints.borrow();
+                !endpoints.is_empty() && endpoints.iter().all(|e| e.is_settled())
+            };
+            if settled {
                 return;
             }
             woken.await;
@@ -152,8 +156,9 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
 }
 
 /// Serves clients on a listener already bound, in front of the endpoints of `set` as it
-/// changes. Clients are taken once an endpoint is ready (or after the connect timeout), so the
-/// first calls are not refused while the endpoints are still connecting.
+/// changes. Clients are taken once every endpoint's first connection is ready or has failed
+/// (or after the connect timeout), so the first calls neither fail nor all go to the endpoint
+/// that happened to connect first while the others are still connecting.
 pub async fn serve_on(
     listener: TcpListener,
     set: watch::Receiver<Vec<SocketAddr>>,
@@ -166,14 +171,16 @@ pub async fn serve_on(
         read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
         settings,
         duration: account::duration_histogram(),
-        endpoint_ready: Notify::new(),
+        endpoint_settled: Notify::new(),
         deadlines: Rc::default(),
+        budget: fanout_balance::budget::Budget::new(RETRY_BUDGET_PERCENT),
     });
     tokio::task::spawn_local(deadline::run(forwarder.clone()));
     let any_wanted = !set.borrow().is_empty();
     tokio::task::spawn_local(endpoint::follow(set, forwarder.clone()));
     if any_wanted {
-        let _ = tokio::time::timeout(settings.connect_timeout, forwarder.first_ready()).await;
+        let settled = forwarder.endpoints_settled();
+        let _ = tokio::time::timeout(settings.connect_timeout, settled).await;
     }
     loop {
         let Ok((io, _)) = listener.accept().await else {

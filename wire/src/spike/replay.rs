@@ -1,10 +1,12 @@
-//! Refused streams go elsewhere (issue 13's sprint, the first of step 2's retries): an
-//! endpoint that refuses a stream with REFUSED_STREAM, or names it unprocessed in a GOAWAY,
-//! has provably not acted on it (RFC 9113 §8.7), so the request opens again on another
-//! endpoint instead of failing, as fanout-proxy does. For that, a request is kept whole (its
-//! header frames as sent, and its body while it fits in [`LIMIT`]) until its endpoint answers
-//! or refuses it; a request past the limit, or refused [`MAX_REOPENS`] times, is refused to its
-//! client, who may retry it itself.
+//! Retries where the request provably was not processed (issue 13's sprint, step 2), as
+//! fanout-proxy makes them: an endpoint that refuses a stream with REFUSED_STREAM, or names it
+//! unprocessed in a GOAWAY, has not acted on it (RFC 9113 §8.7), and a Trailers-Only
+//! UNAVAILABLE answer sent no response message (gRPC's retry design allows its retry). The
+//! request then opens again on another endpoint instead of failing. For that, a request is
+//! kept whole (its header frames as sent, and its body while it fits in [`LIMIT`]) until its
+//! endpoint answers; a request past the limit, opened again [`MAX_REOPENS`] times, with no
+//! other endpoint ready, or past the retry budget (a fifth of the calls) goes to its client as
+//! the endpoint answered it.
 
 use std::rc::Rc;
 
@@ -61,8 +63,8 @@ impl Replay {
 /// An endpoint refused the stream of `forgotten` (its endpoint-side route, forgotten on the
 /// endpoint's connection) without processing it: the request opens again elsewhere when it
 /// can, else the client's stream is reset with REFUSED_STREAM.
-pub fn refused(fwd: &Forwarder, forgotten: Route) {
-    if reopen(fwd, &forgotten.peer, forgotten.peer_stream) {
+pub fn refused(fwd: &Forwarder, refused_by: &Rc<Conn>, forgotten: Route) {
+    if reopen(fwd, &forgotten.peer, forgotten.peer_stream, refused_by) {
         // Its client's data that waited for the refusing endpoint's window was kept in the
         // replay: credited now, it is not credited again when it goes (`send_replayed`).
         streams::give_back(fwd, &forgotten);
@@ -71,9 +73,42 @@ pub fn refused(fwd: &Forwarder, forgotten: Route) {
     }
 }
 
-/// Opens `client`'s `stream` again on an endpoint picked anew; `false` when the request was
-/// not kept whole, was opened again too often, or no endpoint is ready.
-fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32) -> bool {
+/// The endpoint `conn` answered `stream` with a Trailers-Only UNAVAILABLE: the request opens
+/// again elsewhere if it can (`replay.rs`), and this attempt is forgotten; `false` when it
+/// cannot, and the answer goes to the client.
+pub fn retry_unavailable(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) -> bool {
+    let Some((client, client_stream)) = conn
+        .routes
+        .borrow()
+        .get(&stream)
+        .map(|r| (r.peer.clone(), r.peer_stream))
+    else {
+        return false;
+    };
+    let request_ended = client
+        .routes
+        .borrow()
+        .get(&client_stream)
+        .is_some_and(|r| r.ended);
+    if !reopen(fwd, &client, client_stream, conn) {
+        return false;
+    }
+    if let Some(attempt) = conn.routes.borrow_mut().remove(&stream) {
+        // Its request data still waiting for this endpoint goes with the replay instead.
+        streams::give_back(fwd, &attempt);
+        if !request_ended || !attempt.pending.is_empty() {
+            // Our side of the stream is still open: closed now.
+            frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::CANCEL);
+            fwd.mark(conn);
+        }
+    }
+    true
+}
+
+/// Opens `client`'s `stream` again on an endpoint other than `avoid`'s; `false` when the
+/// request was not kept whole, was opened again too often, the budget is spent, or no other
+/// endpoint is ready.
+pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>) -> bool {
     let mut routes = client.routes.borrow_mut();
     let Some(route) = routes.get_mut(&stream) else {
         return false;
@@ -84,12 +119,22 @@ fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32) -> bool {
     if replay.reopens >= MAX_REOPENS {
         return false;
     }
-    let Some(picked) = fwd.pick() else {
+    let others: Vec<_> = fwd
+        .endpoints
+        .borrow()
+        .iter()
+        .filter(|e| e.ready_conn().is_some_and(|c| !Rc::ptr_eq(&c, avoid)))
+        .cloned()
+        .collect();
+    let Some(picked) = fwd.picker.pick(&others) else {
         return false;
     };
     let Some(endpoint) = picked.ready_conn() else {
         return false;
     };
+    if !fwd.budget.try_withdraw() {
+        return false;
+    }
     let endpoint_stream = endpoint.next_stream.get();
     endpoint.next_stream.set(endpoint_stream + 2);
     set_stream(&mut replay.headers, endpoint_stream);

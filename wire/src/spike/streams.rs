@@ -9,10 +9,11 @@ use std::rc::Rc;
 use bytes::BytesMut;
 
 use super::account::{self, CallAccount};
+use super::answer;
 use super::deadline::{self, Deadline};
 use super::fields::{Block, FieldCheck};
 use super::flow::{self, Pending};
-use super::replay::Replay;
+use super::replay::{self, Replay};
 use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
 use crate::hpack;
@@ -205,6 +206,11 @@ fn on_headers(
         route.headers_seen |= !check.informational;
         route.ended |= end;
     }
+    // A Trailers-Only UNAVAILABLE sent no message: the request may go elsewhere.
+    let unavailable = kind == Block::Response && end && status == Some(14);
+    if conn.role == Role::Upstream && unavailable && replay::retry_unavailable(conn, fwd, stream) {
+        return Ok(());
+    }
     // The endpoint answers: the request is its now, and is no longer kept.
     if conn.role == Role::Upstream
         && let Some(client_route) = peer.routes.borrow_mut().get_mut(&peer_stream)
@@ -285,8 +291,23 @@ fn open(
     if conn.routes.borrow().len() >= MAX_STREAMS as usize || conn.leaving.get() {
         return refuse(frame::REFUSED_STREAM);
     }
+    fwd.budget.deposit();
     let Some(picked) = fwd.pick() else {
-        return refuse(frame::REFUSED_STREAM);
+        // No endpoint at all: fail fast, as fanout-proxy does.
+        let mut out = conn.out.borrow_mut();
+        answer::put_status(
+            &mut out,
+            stream,
+            true,
+            answer::UNAVAILABLE,
+            b"fanout: no endpoint is ready",
+            conn.peer_max_frame.get(),
+        );
+        if !end {
+            // The client may stop sending (RFC 9113 §8.1).
+            frame::put_rst(&mut out, stream, frame::NO_ERROR);
+        }
+        return Ok(());
     };
     let clock = fwd.picker.clock();
     let Some(endpoint) = picked.ready_conn() else {
