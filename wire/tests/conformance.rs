@@ -2,7 +2,7 @@
 //! wire by a bare frame-level client: connection errors end with GOAWAY and the code the RFC
 //! names, stream errors reset only their stream and the connection goes on, and unknown
 //! frame types are ignored. No endpoint is needed for any of this, so the forwarder has none
-//! (a valid request is then refused with REFUSED_STREAM, which a client may retry).
+//! (a valid request is then answered UNAVAILABLE at once, as a Trailers-Only response).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,8 +31,16 @@ struct Client {
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
     GoAway(u32),
-    Reset { stream: u32, code: u32 },
+    Reset {
+        stream: u32,
+        code: u32,
+    },
     PingAck([u8; 8]),
+    /// A response header block that ends its stream, and the grpc-status in it.
+    Status {
+        stream: u32,
+        grpc_status: Option<String>,
+    },
 }
 
 impl Client {
@@ -96,8 +104,8 @@ impl Client {
         }
     }
 
-    /// The forwarder's next GOAWAY, RST_STREAM or PING ack (its SETTINGS, their ack and
-    /// WINDOW_UPDATEs are skipped).
+    /// The forwarder's next GOAWAY, RST_STREAM, PING ack or stream-ending response (its
+    /// SETTINGS, their ack and WINDOW_UPDATEs are skipped).
     async fn answer(&mut self) -> Answer {
         loop {
             let (head, payload) = self.frame().await.expect("an answer before the close");
@@ -112,6 +120,21 @@ impl Client {
                 }
                 frame::PING if head.has(frame::ACK) => {
                     return Answer::PingAck(payload.try_into().unwrap());
+                }
+                // The forwarder's own answers index nothing: a fresh decoder reads them.
+                frame::HEADERS if head.has(frame::END_STREAM) => {
+                    let mut grpc_status = None;
+                    hpack::Decoder::default()
+                        .decode(&payload, |name, value, _| {
+                            if name == b"grpc-status" {
+                                grpc_status = Some(String::from_utf8_lossy(value).into_owned());
+                            }
+                        })
+                        .unwrap();
+                    return Answer::Status {
+                        stream: head.stream,
+                        grpc_status,
+                    };
                 }
                 _ => {}
             }
@@ -369,9 +392,9 @@ async fn a_malformed_request_resets_its_stream_only() {
         .await;
     assert_eq!(
         client.answer().await,
-        Answer::Reset {
+        Answer::Status {
             stream,
-            code: frame::REFUSED_STREAM
+            grpc_status: Some("14".into())
         }
     );
     client.expect_alive().await;
