@@ -40,6 +40,21 @@ pub struct Stats {
     pub deadline_exceeded: AtomicU64,
 }
 
+impl Stats {
+    /// Until `count` calls of this backend were cancelled (the client or the proxy reset
+    /// them); panics after 5 s.
+    pub async fn wait_for_cancellations(&self, count: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.cancelled.load(Ordering::SeqCst) < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backend's call was not cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Backend {
     id: String,

@@ -148,17 +148,6 @@ async fn start_with(
     (ProxyProcess::start(&config).await.unwrap(), local, stats)
 }
 
-async fn wait_for_cancellations(stats: &Stats, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stats.cancelled.load(Ordering::SeqCst) < count {
-        assert!(
-            Instant::now() < deadline,
-            "the backend's call was not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_deadline_is_deadline_exceeded() {
     let (_proxy, local, stats) = setup_raw().await;
@@ -185,7 +174,7 @@ async fn an_expired_deadline_is_deadline_exceeded() {
         "{:?}",
         started.elapsed()
     );
-    wait_for_cancellations(&stats, 1).await;
+    stats.wait_for_cancellations(1).await;
 
     // Within its deadline, a call is untouched.
     let response = raw::unary(
@@ -227,7 +216,7 @@ async fn a_deadline_passing_mid_stream_ends_the_stream_and_the_backend_call() {
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    wait_for_cancellations(&stats, 1).await;
+    stats.wait_for_cancellations(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fanout_e2e::backend::proto::test_client::TestClient;
@@ -32,17 +31,6 @@ async fn setup(settings: Settings) -> (SocketAddr, Arc<Stats>) {
     let (_, set) = tokio::sync::watch::channel(vec![addr]);
     fanout_wire::spike::spawn_thread_following(listener, set, settings);
     (listen, stats)
-}
-
-async fn wait_for_cancellations(stats: &Stats, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stats.cancelled.load(Ordering::SeqCst) < count {
-        assert!(
-            Instant::now() < deadline,
-            "the backend's call was not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A unary call the backend answers after `delay_ms`, with `headers`: its status, message,
@@ -73,7 +61,7 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_and_the_backend_cancelled
     assert_eq!(message, "fanout: deadline exceeded");
     assert!(took >= Duration::from_millis(200), "{took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
-    wait_for_cancellations(&stats, 1).await;
+    stats.wait_for_cancellations(1).await;
 
     // Within its deadline, a call is untouched.
     let (status, message, _) = slow_call(listen, 50, &[("grpc-timeout", "5S")]).await;
@@ -120,7 +108,7 @@ async fn a_stream_past_its_deadline_gets_the_status_after_the_messages_that_went
         "{:?}",
         started.elapsed()
     );
-    wait_for_cancellations(&stats, 1).await;
+    stats.wait_for_cancellations(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +136,7 @@ async fn the_upstreams_timeout_applies_and_the_sooner_deadline_wins() {
     let (status, _, took) = slow_call(listen, 2_000, &[("grpc-timeout", "10S")]).await;
     assert_eq!(status, Some(4));
     assert!(took < Duration::from_secs(1), "{took:?}");
-    wait_for_cancellations(&stats, 3).await;
+    stats.wait_for_cancellations(3).await;
 
     // A call within both is untouched.
     let (status, message, _) = slow_call(listen, 20, &[]).await;

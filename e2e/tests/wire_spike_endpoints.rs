@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use fanout_e2e::backend::proto::EchoRequest;
 use fanout_e2e::backend::proto::test_client::TestClient;
 use fanout_e2e::backend_process::{self, BackendProcess};
+use fanout_e2e::fleet::client;
 use fanout_e2e::open_load::Load;
 use fanout_e2e::proxy::pod_ip;
 use fanout_wire::spike::Settings;
@@ -25,15 +26,6 @@ fn spike(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> SocketAdd
     let listen = listener.local_addr().unwrap();
     fanout_wire::spike::spawn_thread_following(listener, set, settings);
     listen
-}
-
-async fn client(listen: SocketAddr) -> TestClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    TestClient::new(channel)
 }
 
 /// `calls` calls one after another: how many each backend answered, and the failures.

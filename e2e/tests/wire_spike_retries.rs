@@ -11,15 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, BytesMut};
 use fanout_e2e::backend::proto::EchoRequest;
-use fanout_e2e::backend::proto::test_client::TestClient;
 use fanout_e2e::backend::{Backend, Behaviour};
+use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::raw;
 use fanout_wire::frame;
 use fanout_wire::spike::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -27,15 +26,6 @@ fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
     let listen = listener.local_addr().unwrap();
     fanout_wire::spike::spawn_thread_following(listener, set, Settings::default());
     listen
-}
-
-async fn client(listen: SocketAddr) -> TestClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    TestClient::new(channel)
 }
 
 /// A bare HTTP/2 server on `addr` that answers SETTINGS and PINGs as any server must, takes
