@@ -31,3 +31,20 @@ pub fn put_status(
     hpack::encode_field(out, b"grpc-message", message, Indexing::Allowed);
     frame::finish_headers(out, at, max_frame);
 }
+
+/// Ends the client's `stream` with a Trailers-Only `code` and `message`; a client still
+/// sending is told it may stop (RFC 9113 §8.1).
+pub fn end_call(conn: &super::Conn, stream: u32, request_ended: bool, code: &[u8], message: &[u8]) {
+    let mut out = conn.out.borrow_mut();
+    put_status(
+        &mut out,
+        stream,
+        true,
+        code,
+        message,
+        conn.peer_max_frame.get(),
+    );
+    if !request_ended {
+        frame::put_rst(&mut out, stream, frame::NO_ERROR);
+    }
+}

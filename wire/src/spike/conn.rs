@@ -81,6 +81,8 @@ pub struct Conn {
     /// endpoint is leaving it.
     pub(super) retired: Notify,
     pub(super) closed: Cell<bool>,
+    /// Calls of this client held for an endpoint (`held.rs`).
+    pub(super) held: Cell<u32>,
     /// A header block waiting for its CONTINUATION frames: stream, flags, fragments.
     pub(super) partial: RefCell<Option<(u32, u8, BytesMut)>>,
 }
@@ -133,6 +135,7 @@ impl Conn {
             last_pong: Cell::new(Instant::now()),
             retired: Notify::new(),
             closed: Cell::new(false),
+            held: Cell::new(0),
             partial: RefCell::new(None),
         })
     }
@@ -144,7 +147,7 @@ impl Conn {
 
     /// Left, and no stream is open any more: time to close.
     pub(super) fn is_done(&self) -> bool {
-        self.leaving.get() && self.routes.borrow().is_empty()
+        self.leaving.get() && self.routes.borrow().is_empty() && self.held.get() == 0
     }
 
     /// Writes what is queued; when the socket is full, the owning task takes over.

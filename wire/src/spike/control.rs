@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use super::streams::{is_idle, reset_other_side, reset_stream};
-use super::{Conn, Fatal, Forwarder, Role, flow, replay};
+use super::{Conn, Fatal, Forwarder, Role, flow, held, replay};
 use crate::frame::{self, Head};
 
 /// The largest window RFC 9113 §6.9.1 allows.
@@ -91,6 +91,7 @@ pub fn on_ping(conn: &Conn, fwd: &Forwarder, head: Head, payload: &[u8]) -> Resu
         conn.last_pong.set(tokio::time::Instant::now());
         if !conn.ready.replace(true) {
             fwd.endpoint_settled.notify_waiters();
+            held::open_waiting(fwd);
         }
     }
     Ok(())
@@ -163,7 +164,7 @@ pub fn on_rst_stream(
             replay::refused(fwd, conn, route);
         }
         Some(route) => reset_other_side(fwd, &route, code),
-        None => {}
+        None => held::cancel(fwd, conn, head.stream),
     }
     Ok(())
 }

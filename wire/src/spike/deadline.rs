@@ -1,16 +1,20 @@
-//! Call deadlines (issue 13's sprint, step 2's first part): a call ends with
-//! DEADLINE_EXCEEDED when its deadline passes, the client's `grpc-timeout` or the upstream's
-//! own timeout, whichever is sooner, as fanout-proxy ends it. The endpoint's stream is
-//! cancelled, and the client gets the status from the proxy itself: as a Trailers-Only answer
-//! when no response headers went yet, else as trailers after what went.
+//! Call timers (issue 13's sprint, step 2): a call ends with DEADLINE_EXCEEDED when its
+//! deadline passes — the client's `grpc-timeout`, the upstream's own timeout or the Service's
+//! timeout for the method, whichever is sooner — or when nothing moved either way for the
+//! idle timeout, as fanout-proxy ends it. The endpoint's stream is cancelled, and the client
+//! gets the status from the proxy itself: as a Trailers-Only answer when no response headers
+//! went yet, else as trailers after what went. A call held for an endpoint (`held.rs`) ends
+//! when it waited its limit.
 //!
 //! The endpoint is told the deadline too (`grpc-timeout`), a little later than ours, so that
 //! the client reliably sees the proxy's DEADLINE_EXCEEDED rather than whatever a backend
 //! answers when its own timer fires at the same moment.
 //!
-//! One ordered map per thread holds the calls' deadlines; a call's entry leaves it when the
-//! call ends however it ends (a guard in its route), so the map holds the calls in flight with
-//! a deadline and no more, and one task sleeps until the earliest.
+//! One ordered map per thread holds the calls' timers; a call's entry leaves it when the call
+//! ends however it ends (a guard in its route), so the map holds the calls in flight with a
+//! timer and no more, and one task sleeps until the earliest. The idle timer is not moved for
+//! every frame: a frame counts itself on the call (one add), and the timer, when it fires,
+//! only looks whether the count changed since it was set, and if so is set again.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -20,21 +24,48 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Conn, Forwarder, answer, streams};
+use super::{Conn, Forwarder, answer, held, streams};
 use crate::frame;
 
 /// Added to the deadline passed to the endpoint; see the module's doc.
 pub const SLACK: Duration = Duration::from_millis(20);
 
-const MESSAGE: &[u8] = b"fanout: deadline exceeded";
+pub const MESSAGE: &[u8] = b"fanout: deadline exceeded";
 
 type Key = (Instant, u64);
 
-/// The thread's call deadlines.
+/// What a timer ends when it fires.
+pub enum Kind {
+    /// The call's deadline.
+    Deadline,
+    /// The idle timeout, set when the call's frame count (`moved`) was `seen`.
+    Idle {
+        moved: Rc<Cell<u64>>,
+        seen: u64,
+        after: Duration,
+    },
+    /// A call held for an endpoint waited as long as it may.
+    Held,
+}
+
+/// A timer's call (the client's connection and stream), and what ends when it fires.
+type Timer = (Weak<Conn>, u32, Kind);
+
+/// Frames moved on a call, either way, for its idle timer: shared by both of its routes.
+pub type Moved = Rc<Cell<u64>>;
+
+/// Counts a frame moved on a call that has an idle timeout.
+pub fn moved(counter: &Option<Moved>) {
+    if let Some(counter) = counter {
+        counter.set(counter.get() + 1);
+    }
+}
+
+/// The thread's call timers.
 #[derive(Default)]
 pub struct Deadlines {
-    /// Deadline → the client's connection and stream.
-    calls: RefCell<BTreeMap<Key, (Weak<Conn>, u32)>>,
+    /// When → the client's connection and stream, and what ends then.
+    calls: RefCell<BTreeMap<Key, Timer>>,
     next: Cell<u64>,
     /// Wakes the timer task when a deadline comes before all others.
     sooner: Notify,
@@ -56,14 +87,20 @@ impl Drop for Deadline {
 }
 
 impl Deadlines {
-    /// Ends `stream` of the client's `conn` at `at`, unless it ended before.
-    pub fn insert(self: &Rc<Self>, at: Instant, conn: &Rc<Conn>, stream: u32) -> Deadline {
+    /// Ends `stream` of the client's `conn` at `at` as `kind` says, unless it ended before.
+    pub fn insert(
+        self: &Rc<Self>,
+        at: Instant,
+        conn: &Rc<Conn>,
+        stream: u32,
+        kind: Kind,
+    ) -> Deadline {
         let key = (at, self.next.replace(self.next.get() + 1));
         let mut calls = self.calls.borrow_mut();
         let soonest = calls
             .first_key_value()
             .is_none_or(|(first, _)| key < *first);
-        calls.insert(key, (Rc::downgrade(conn), stream));
+        calls.insert(key, (Rc::downgrade(conn), stream, kind));
         if soonest {
             self.sooner.notify_one();
         }
@@ -74,7 +111,7 @@ impl Deadlines {
     }
 
     /// The calls whose deadline passed, taken out of the map.
-    fn expired(&self, now: Instant) -> Vec<(Weak<Conn>, u32)> {
+    fn expired(&self, now: Instant) -> Vec<Timer> {
         let mut calls = self.calls.borrow_mut();
         let mut expired = Vec::new();
         while let Some(entry) = calls.first_entry() {
@@ -108,18 +145,39 @@ pub async fn run(fwd: Rc<Forwarder>) {
                 continue;
             }
         }
-        for (conn, stream) in deadlines.expired(Instant::now()) {
-            if let Some(conn) = conn.upgrade() {
-                expire(&fwd, &conn, stream);
+        let now = Instant::now();
+        for (conn, stream, kind) in deadlines.expired(now) {
+            let Some(conn) = conn.upgrade() else {
+                continue;
+            };
+            match kind {
+                Kind::Deadline => expire(&fwd, &conn, stream, MESSAGE),
+                Kind::Idle { moved, seen, after } if moved.get() != seen => {
+                    // Something moved since: the timer starts again from now.
+                    let seen = moved.get();
+                    let kind = Kind::Idle { moved, seen, after };
+                    let timer = deadlines.insert(now + after, &conn, stream, kind);
+                    if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
+                        route.idle = Some(timer);
+                    }
+                }
+                Kind::Idle { after, .. } => {
+                    let message = format!(
+                        "fanout: nothing moved either way for {after:?} (the idle timeout)"
+                    );
+                    expire(&fwd, &conn, stream, message.as_bytes());
+                }
+                Kind::Held => held::expire(&fwd, &conn, stream),
             }
         }
         fwd.flush_dirty();
     }
 }
 
-/// The deadline of the client's `stream` passed: its endpoint stream is cancelled and the
-/// client answered DEADLINE_EXCEEDED, unless the answer was complete already.
-fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
+/// The deadline of the client's `stream` passed, or its idle timeout: its endpoint stream is
+/// cancelled and the client answered DEADLINE_EXCEEDED with `message`, unless the answer was
+/// complete already.
+fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, message: &[u8]) {
     let Some(route) = conn.routes.borrow_mut().remove(&stream) else {
         return;
     };
@@ -154,7 +212,7 @@ fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
                 stream,
                 !upstream.headers_seen,
                 answer::DEADLINE_EXCEEDED,
-                MESSAGE,
+                message,
                 conn.peer_max_frame.get(),
             );
             if !route.ended {

@@ -42,6 +42,8 @@ pub struct Settings {
     pub keepalive_timeout: Duration,
     /// The upstream's timeout for a call, when the client's deadline is later or absent.
     pub call_timeout: Option<Duration>,
+    /// A call with nothing moving either way for this long ends (DEADLINE_EXCEEDED).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -52,6 +54,7 @@ impl Default for Settings {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             call_timeout: None,
+            idle_timeout: None,
         }
     }
 }

@@ -19,18 +19,24 @@
 //! The endpoints follow a set of addresses, each with one connection kept up (`endpoint.rs`):
 //! the first step of the sprint that would make this the real data path (`DESIGN.md`).
 //!
-//! Calls end at their deadline (`deadline.rs`), the first part of that sprint's call layer.
+//! The call layer of that sprint, so far: a new request takes the rules that apply to it
+//! (`open.rs`: the Service's method timeout and `waitForReady`, the upstream's timeouts);
+//! calls end at their deadline or idle timeout (`deadline.rs`); a call with no endpoint ready
+//! waits for one (`held.rs`); a request an endpoint did not process opens again elsewhere
+//! (`replay.rs`).
 //!
-//! Left out on purpose (the real layer needs each): health checks, ejection, retries, the
-//! Service's policy, the admin endpoint, limits on streams per endpoint.
+//! Left out on purpose (the real layer needs each): health checks, ejection, the Service's
+//! retry policy, the split, the admin endpoint, limits on streams per endpoint.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use fanout_balance::Picker;
 use fanout_proxy_config::Balancer;
+use fanout_proxy_config::service_config::ServiceConfig;
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpListener;
@@ -47,6 +53,8 @@ mod deadline;
 mod endpoint;
 mod fields;
 mod flow;
+mod held;
+mod open;
 mod replay;
 mod streams;
 
@@ -80,6 +88,10 @@ pub struct Forwarder {
     deadlines: Rc<deadline::Deadlines>,
     /// Retries may add at most a fifth of the calls.
     budget: fanout_balance::budget::Budget,
+    /// The Service's service config, this thread's copy (`open::follow`).
+    service_config: RefCell<Option<Arc<ServiceConfig>>>,
+    /// Calls waiting for an endpoint to become ready.
+    held: RefCell<Vec<held::Held>>,
 }
 
 impl Forwarder {
@@ -151,19 +163,39 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
             source,
         })?;
     let (_keep, set) = watch::channel(endpoints.to_vec());
-    serve_on(listener, set, Settings::default()).await;
+    serve_on(listener, Upstream::following(set, Settings::default())).await;
     Ok(())
 }
 
-/// Serves clients on a listener already bound, in front of the endpoints of `set` as it
-/// changes. Clients are taken once every endpoint's first connection is ready or has failed
-/// (or after the connect timeout), so the first calls neither fail nor all go to the endpoint
-/// that happened to connect first while the others are still connecting.
-pub async fn serve_on(
-    listener: TcpListener,
-    set: watch::Receiver<Vec<SocketAddr>>,
-    settings: Settings,
-) {
+/// What the spike serves: an upstream's live endpoint set and its Service's live service
+/// config, and its settings.
+pub struct Upstream {
+    pub endpoints: watch::Receiver<Vec<SocketAddr>>,
+    pub service_config: watch::Receiver<Option<Arc<ServiceConfig>>>,
+    pub settings: Settings,
+}
+
+impl Upstream {
+    /// The endpoints of `set`, with no service config.
+    pub fn following(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> Self {
+        Upstream {
+            endpoints: set,
+            service_config: watch::channel(None).1,
+            settings,
+        }
+    }
+}
+
+/// Serves clients on a listener already bound, in front of `upstream` as it changes.
+/// Clients are taken once every endpoint's first connection is ready or has failed (or after
+/// the connect timeout), so the first calls neither fail nor all go to the endpoint that
+/// happened to connect first while the others are still connecting.
+pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
+    let Upstream {
+        endpoints: set,
+        service_config,
+        settings,
+    } = upstream;
     let forwarder = Rc::new(Forwarder {
         endpoints: RefCell::new(Vec::new()),
         picker: Picker::new(Balancer::PeakEwma),
@@ -174,7 +206,10 @@ pub async fn serve_on(
         endpoint_settled: Notify::new(),
         deadlines: Rc::default(),
         budget: fanout_balance::budget::Budget::new(RETRY_BUDGET_PERCENT),
+        service_config: RefCell::new(None),
+        held: RefCell::new(Vec::new()),
     });
+    tokio::task::spawn_local(open::follow(service_config, forwarder.clone()));
     tokio::task::spawn_local(deadline::run(forwarder.clone()));
     let any_wanted = !set.borrow().is_empty();
     tokio::task::spawn_local(endpoint::follow(set, forwarder.clone()));
@@ -204,6 +239,11 @@ pub fn spawn_thread_following(
     set: watch::Receiver<Vec<SocketAddr>>,
     settings: Settings,
 ) {
+    spawn_thread_serving(listener, Upstream::following(set, settings));
+}
+
+/// As [`spawn_thread`], in front of `upstream`.
+pub fn spawn_thread_serving(listener: std::net::TcpListener, upstream: Upstream) {
     let thread = std::thread::Builder::new().name(THREAD_NAME.into());
     let spawned = thread.spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -213,7 +253,7 @@ pub fn spawn_thread_following(
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             let listener = TcpListener::from_std(listener).expect("a non-blocking listener");
-            serve_on(listener, set, settings).await
+            serve_on(listener, upstream).await
         })
     });
     spawned.expect("a thread for the spike");
@@ -271,6 +311,7 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     if upstream {
         while let Read::Frames = read_frames(&conn, &forwarder, &mut stash, &mut preface_seen) {}
     }
+    held::forget(&forwarder, &conn);
     // Every stream of a lost connection is cancelled on its other side.
     let routes = std::mem::take(&mut *conn.routes.borrow_mut());
     for (_, route) in routes {

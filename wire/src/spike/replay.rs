@@ -141,6 +141,7 @@ pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>)
     route.peer = endpoint.clone();
     route.peer_stream = endpoint_stream;
     let mut upstream = streams::route(client, stream, &endpoint, false);
+    upstream.moved = route.moved.clone();
     let clock = fwd.picker.clock();
     upstream.account = Some(CallAccount::start(picked, replay.arrived, &clock));
     endpoint
@@ -159,7 +160,7 @@ pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>)
 }
 
 /// Writes `stream` into every frame of `frames`.
-fn set_stream(frames: &mut BytesMut, stream: u32) {
+pub fn set_stream(frames: &mut BytesMut, stream: u32) {
     let mut at = 0;
     while at + frame::HEADER_LEN <= frames.len() {
         let len = u32::from_be_bytes([0, frames[at], frames[at + 1], frames[at + 2]]) as usize;

@@ -9,12 +9,12 @@ use std::rc::Rc;
 use bytes::BytesMut;
 
 use super::account::{self, CallAccount};
-use super::answer;
-use super::deadline::{self, Deadline};
+use super::deadline::{self, Deadline, Moved};
 use super::fields::{Block, FieldCheck};
 use super::flow::{self, Pending};
+use super::open;
 use super::replay::{self, Replay};
-use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, STREAM_WINDOW};
+use super::{Conn, Fatal, Forwarder, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
 use crate::hpack;
 
@@ -38,6 +38,10 @@ pub struct Route {
     pub account: Option<CallAccount>,
     /// The call's deadline, on its client-side stream.
     pub deadline: Option<Deadline>,
+    /// The call's idle timer, on its client-side stream.
+    pub idle: Option<Deadline>,
+    /// Frames moved on the call, on both its streams, when it has an idle timeout.
+    pub moved: Option<Moved>,
     /// The request kept whole until an endpoint answers it, on its client-side stream.
     pub replay: Option<Box<Replay>>,
 }
@@ -55,6 +59,8 @@ pub fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool
         pending: Pending::default(),
         account: None,
         deadline: None,
+        idle: None,
+        moved: None,
         replay: None,
     }
 }
@@ -163,7 +169,7 @@ fn on_headers(
         .get(&stream)
         .map(|r| (r.peer.clone(), r.peer_stream, r.ended, r.headers_seen));
     let Some((peer, peer_stream, ended, headers_seen)) = known else {
-        return open(conn, fwd, stream, flags, block);
+        return open::open(conn, fwd, stream, flags, block);
     };
     let kind = if headers_seen {
         Block::Trailers
@@ -204,6 +210,7 @@ fn on_headers(
             account.set_status(status);
         }
         route.headers_seen |= !check.informational;
+        deadline::moved(&route.moved);
         route.ended |= end;
     }
     // A Trailers-Only UNAVAILABLE sent no message: the request may go elsewhere.
@@ -220,118 +227,6 @@ fn on_headers(
     flow::send_trailers(fwd, &peer, peer_stream, frames);
     if end {
         end_if_done(conn, stream);
-    }
-    Ok(())
-}
-
-/// HEADERS on a stream this connection has no route for: a client's new request, or (on an
-/// endpoint's connection) a stream reset meanwhile.
-fn open(
-    conn: &Rc<Conn>,
-    fwd: &Forwarder,
-    stream: u32,
-    flags: u8,
-    block: &[u8],
-) -> Result<(), Fatal> {
-    if conn.role == Role::Upstream
-        || stream.is_multiple_of(2)
-        || stream <= conn.last_peer_stream.get()
-    {
-        // Only clients open streams, with ever larger odd ids (§5.1.1); a stream we reset
-        // may still get headers, which are decoded (they change the table) and dropped.
-        if is_idle(conn, stream) || (conn.role == Role::Downstream && stream.is_multiple_of(2)) {
-            return Err(Fatal(frame::PROTOCOL_ERROR));
-        }
-        return decode(conn, block, |_, _, _| {});
-    }
-    conn.last_peer_stream.set(stream);
-    let end = flags & frame::END_STREAM != 0;
-    let mut check = FieldCheck::new(Block::Request);
-    let mut frames = BytesMut::new();
-    // The endpoint's stream id is known only once the block is found valid and an endpoint
-    // picked: written then.
-    let at = frame::begin_frame(
-        &mut frames,
-        frame::HEADERS,
-        frame::END_HEADERS | (flags & frame::END_STREAM),
-        0,
-    );
-    let mut client_timeout = None;
-    decode(conn, block, |name, value, indexing| {
-        check.field(name, value);
-        if name == b"grpc-timeout"
-            && let Some(timeout) = deadline::parse_timeout(value)
-        {
-            // Passed on below, once the deadline is known.
-            client_timeout = Some(timeout);
-            return;
-        }
-        hpack::encode_field(&mut frames, name, value, indexing)
-    })?;
-    let timeout = match (client_timeout, fwd.settings.call_timeout) {
-        (Some(client), Some(upstream)) => Some(client.min(upstream)),
-        (client, upstream) => client.or(upstream),
-    };
-    if let Some(timeout) = timeout {
-        let passed_on = deadline::format_timeout(timeout + deadline::SLACK);
-        hpack::encode_field(
-            &mut frames,
-            b"grpc-timeout",
-            passed_on.as_bytes(),
-            hpack::Indexing::Allowed,
-        );
-    }
-    let refuse = |code| {
-        frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
-        Ok(())
-    };
-    if !check.is_valid() {
-        return refuse(frame::PROTOCOL_ERROR);
-    }
-    if conn.routes.borrow().len() >= MAX_STREAMS as usize || conn.leaving.get() {
-        return refuse(frame::REFUSED_STREAM);
-    }
-    fwd.budget.deposit();
-    let Some(picked) = fwd.pick() else {
-        // No endpoint at all: fail fast, as fanout-proxy does.
-        let mut out = conn.out.borrow_mut();
-        answer::put_status(
-            &mut out,
-            stream,
-            true,
-            answer::UNAVAILABLE,
-            b"fanout: no endpoint is ready",
-            conn.peer_max_frame.get(),
-        );
-        if !end {
-            // The client may stop sending (RFC 9113 §8.1).
-            frame::put_rst(&mut out, stream, frame::NO_ERROR);
-        }
-        return Ok(());
-    };
-    let clock = fwd.picker.clock();
-    let Some(endpoint) = picked.ready_conn() else {
-        return refuse(frame::REFUSED_STREAM);
-    };
-    let upstream_stream = endpoint.next_stream.get();
-    endpoint.next_stream.set(upstream_stream + 2);
-    frames[at + 5..at + 9].copy_from_slice(&upstream_stream.to_be_bytes());
-    frame::finish_headers(&mut frames, at, endpoint.peer_max_frame.get());
-    let mut downstream = route(&endpoint, upstream_stream, conn, true);
-    downstream.ended = end;
-    downstream.deadline =
-        timeout.map(|timeout| fwd.deadlines.insert(clock.now + timeout, conn, stream));
-    conn.routes.borrow_mut().insert(stream, downstream);
-    let mut upstream = route(conn, stream, &endpoint, false);
-    upstream.account = Some(CallAccount::start(picked, clock.now, &clock));
-    endpoint
-        .routes
-        .borrow_mut()
-        .insert(upstream_stream, upstream);
-    endpoint.out.borrow_mut().extend_from_slice(&frames);
-    fwd.mark(&endpoint);
-    if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
-        route.replay = Some(Replay::new(frames, clock.now));
     }
     Ok(())
 }
@@ -371,6 +266,7 @@ pub fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> 
                     Next::Reset(frame::FLOW_CONTROL_ERROR)
                 } else {
                     route.ended = end;
+                    deadline::moved(&route.moved);
                     // A request's body is kept while it may still have to go elsewhere.
                     if let Some(replay) = &mut route.replay
                         && !replay.keep(data, end)
@@ -383,6 +279,10 @@ pub fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> 
         }
     };
     match next {
+        // A call held for an endpoint keeps its body (uncredited) until it opens.
+        Next::Gone if super::held::on_data(fwd, conn, head.stream, data, end) => {
+            flow::credit(fwd, conn, head.stream, padding);
+        }
         // A stream already gone: its bytes still come back to the connection's window.
         Next::Gone => flow::credit(fwd, conn, head.stream, head.len),
         Next::Reset(code) => {
@@ -401,7 +301,7 @@ pub fn on_data(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> 
     Ok(())
 }
 
-fn decode(
+pub fn decode(
     conn: &Conn,
     block: &[u8],
     field: impl FnMut(&[u8], &[u8], hpack::Indexing),

@@ -1,0 +1,191 @@
+//! Calls held for an endpoint, as fanout-proxy holds them. A call that finds no endpoint
+//! ready waits: a `waitForReady` method until its deadline (then DEADLINE_EXCEEDED, as gRPC
+//! clients end such a call), any other while an endpoint is still making its first
+//! connection, up to the connect timeout (then UNAVAILABLE). With no endpoint on the way it is
+//! answered UNAVAILABLE at once. The call opens on the first endpoint that becomes ready.
+//!
+//! Meanwhile the request's body is held without crediting the client, so the stream's window
+//! bounds what one held call keeps. The client may cancel a held call; its connection ending
+//! forgets its held calls.
+
+use std::rc::{Rc, Weak};
+
+use bytes::BytesMut;
+
+use super::deadline::{self, Deadline, Kind};
+use super::open::{self, Opening};
+use super::{Conn, Forwarder, STREAM_WINDOW, answer};
+use crate::frame;
+
+const NOT_READY: &[u8] = b"fanout: no endpoint is ready";
+
+/// A call waiting for an endpoint.
+pub struct Held {
+    conn: Weak<Conn>,
+    stream: u32,
+    opening: Opening,
+    /// The request's body as it came meanwhile, and whether it ended.
+    body: BytesMut,
+    body_end: bool,
+    wait_for_ready: bool,
+    /// Ends the wait; none for a `waitForReady` call without a deadline.
+    _timer: Option<Deadline>,
+}
+
+/// No endpoint is ready for the client's new `stream`: it waits if it may, else is answered
+/// UNAVAILABLE at once.
+pub fn hold(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, opening: Opening, wait_for_ready: bool) {
+    let connecting = fwd.endpoints.borrow().iter().any(|e| !e.is_settled());
+    let until = if wait_for_ready {
+        opening.deadline
+    } else if connecting {
+        let limit = opening.arrived + fwd.settings.connect_timeout;
+        Some(
+            opening
+                .deadline
+                .map_or(limit, |deadline| deadline.min(limit)),
+        )
+    } else {
+        answer::end_call(conn, stream, opening.end, answer::UNAVAILABLE, NOT_READY);
+        return;
+    };
+    let timer = until.map(|at| fwd.deadlines.insert(at, conn, stream, Kind::Held));
+    conn.held.set(conn.held.get() + 1);
+    fwd.held.borrow_mut().push(Held {
+        conn: Rc::downgrade(conn),
+        stream,
+        body_end: opening.end,
+        opening,
+        body: BytesMut::new(),
+        wait_for_ready,
+        _timer: timer,
+    });
+}
+
+/// Takes the held call of `conn`'s `stream` out of the waiting calls.
+fn take(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) -> Option<Held> {
+    let mut held = fwd.held.borrow_mut();
+    let at = held
+        .iter()
+        .position(|h| h.stream == stream && std::ptr::eq(h.conn.as_ptr(), Rc::as_ptr(conn)))?;
+    conn.held.set(conn.held.get() - 1);
+    Some(held.swap_remove(at))
+}
+
+/// DATA on a stream with no route: kept if it is a held call's (`true`), with the stream
+/// error the RFC asks for when it breaks the stream's state or window.
+pub fn on_data(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, data: &[u8], end: bool) -> bool {
+    if conn.held.get() == 0 {
+        return false;
+    }
+    let fault = {
+        let mut held = fwd.held.borrow_mut();
+        let Some(call) = held
+            .iter_mut()
+            .find(|h| h.stream == stream && std::ptr::eq(h.conn.as_ptr(), Rc::as_ptr(conn)))
+        else {
+            return false;
+        };
+        if call.body_end {
+            Some(frame::STREAM_CLOSED)
+        } else if call.body.len() + data.len() > STREAM_WINDOW as usize {
+            Some(frame::FLOW_CONTROL_ERROR)
+        } else {
+            call.body.extend_from_slice(data);
+            call.body_end = end;
+            None
+        }
+    };
+    if let Some(code) = fault {
+        reset(fwd, conn, stream, code);
+    }
+    true
+}
+
+/// Forgets the held call of `conn`'s `stream`, if there is one, and resets it with `code`.
+pub fn reset(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, code: u32) {
+    if let Some(call) = take(fwd, conn, stream) {
+        // What it held was never credited: the connection gets that window back.
+        super::flow::credit(fwd, conn, stream, call.body.len());
+        frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
+        fwd.mark(conn);
+    }
+}
+
+/// The client reset `stream`: if it was held, it waits no more.
+pub fn cancel(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
+    if let Some(call) = take(fwd, conn, stream) {
+        super::flow::credit(fwd, conn, stream, call.body.len());
+    }
+}
+
+/// The held call of `conn`'s `stream` waited as long as it may.
+pub fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
+    let Some(call) = take(fwd, conn, stream) else {
+        return;
+    };
+    super::flow::credit(fwd, conn, stream, call.body.len());
+    if call.wait_for_ready {
+        // As gRPC clients end a waitForReady call that found no endpoint within its deadline.
+        answer::end_call(
+            conn,
+            stream,
+            call.body_end,
+            answer::DEADLINE_EXCEEDED,
+            deadline::MESSAGE,
+        );
+    } else {
+        answer::end_call(conn, stream, call.body_end, answer::UNAVAILABLE, NOT_READY);
+    }
+    fwd.mark(conn);
+}
+
+/// `conn` ended: its held calls go with it.
+pub fn forget(fwd: &Forwarder, conn: &Rc<Conn>) {
+    if conn.held.get() > 0 {
+        fwd.held
+            .borrow_mut()
+            .retain(|h| !std::ptr::eq(h.conn.as_ptr(), Rc::as_ptr(conn)));
+        conn.held.set(0);
+    }
+}
+
+/// An endpoint became ready: the held calls open, while one is ready.
+pub fn open_waiting(fwd: &Forwarder) {
+    if fwd.held.borrow().is_empty() {
+        return;
+    }
+    let waiting = std::mem::take(&mut *fwd.held.borrow_mut());
+    let mut still = Vec::new();
+    for call in waiting {
+        let Some(conn) = call.conn.upgrade() else {
+            continue;
+        };
+        let picked = fwd.pick();
+        let Some((picked, endpoint)) = picked.and_then(|p| Some((p.clone(), p.ready_conn()?)))
+        else {
+            still.push(call);
+            continue;
+        };
+        conn.held.set(conn.held.get() - 1);
+        let clock = fwd.picker.clock();
+        let Held {
+            stream,
+            opening,
+            body,
+            body_end,
+            ..
+        } = call;
+        open::open_on(
+            fwd,
+            &conn,
+            stream,
+            (picked, &endpoint),
+            opening,
+            (&body, body_end),
+            &clock,
+        );
+        fwd.mark(&conn);
+    }
+    fwd.held.borrow_mut().extend(still);
+}
