@@ -31,8 +31,9 @@ mod head;
 mod retry;
 
 use both_ways::{Expiry, Idle, Streamed, Waited, poll_deadline};
+use fanout_balance::retry::Pushback;
 use head::{Head, upstream_uri};
-use retry::{Fallback, PolicyVerdict, Pushback, RetryAfter};
+use retry::{Fallback, PolicyVerdict, RetryAfter, pushback_of};
 
 /// What every stream of one upstream needs.
 pub struct Forwarder {
@@ -398,7 +399,7 @@ impl Call<'_> {
             // Trailers-Only: the status is in the headers, and no message was sent.
             let status = grpc::status_of(&parts.headers);
             guard.set_status(status);
-            match self.policy_verdict(status, Pushback::of(&parts.headers)) {
+            match self.policy_verdict(status, pushback_of(&parts.headers)) {
                 PolicyVerdict::After(delay) => {
                     return Next::RetryAfter(RetryAfter {
                         delay,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use fanout_balance::retry::{Attempt, Pushback, Verdict, verdict};
 use fanout_proxy_config::service_config::STATUS_CODES;
 use h2::Reason;
 use http::{HeaderMap, Response};
@@ -60,25 +61,9 @@ pub(super) enum Fallback {
     Reset(Reason),
 }
 
-/// `grpc-retry-pushback-ms`: the server's say on when (or whether) to retry.
-pub(super) enum Pushback {
-    Absent,
-    /// Not a non-negative integer: the server asks not to retry.
-    Stop,
-    Wait(Duration),
-}
-
-impl Pushback {
-    pub fn of(headers: &HeaderMap) -> Self {
-        match headers.get("grpc-retry-pushback-ms") {
-            None => Self::Absent,
-            Some(value) => value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .map_or(Self::Stop, |ms| Self::Wait(Duration::from_millis(ms))),
-        }
-    }
+/// `grpc-retry-pushback-ms` of an answer.
+pub(super) fn pushback_of(headers: &HeaderMap) -> Pushback {
+    Pushback::parse(headers.get("grpc-retry-pushback-ms").map(|v| v.as_bytes()))
 }
 
 /// The status a gRPC client reports for a stream that failed before its answer (gRPC's
@@ -150,33 +135,21 @@ impl Call<'_> {
         let Some(retry) = policy.retry() else {
             return PolicyVerdict::NoPolicy;
         };
-        if status.is_some_and(|code| retry.retryable_status_codes.binary_search(&code).is_err()) {
-            return PolicyVerdict::No;
-        }
-        // Every retryable failure counts against the throttle, retried or not.
-        let throttled = policy.throttle().is_some_and(|t| !t.failed());
-        if self.attempts >= retry.max_attempts || !self.source.is_complete() {
-            return PolicyVerdict::No;
-        }
-        if throttled {
-            self.metrics.record_retry_throttled(&self.upstream.name);
-            return PolicyVerdict::No;
-        }
-        let delay = match pushback {
-            Pushback::Stop => return PolicyVerdict::No,
-            Pushback::Wait(delay) => delay,
-            Pushback::Absent => crate::retry::backoff(retry, self.attempts + 1),
+        let attempt = Attempt {
+            status,
+            attempts: self.attempts,
+            whole_body: self.source.is_complete(),
+            pushback,
+            deadline: self.head.deadline,
         };
-        // A retry that could not start before the deadline would only turn the endpoint's
-        // answer into DEADLINE_EXCEEDED: the client learns more from the answer itself.
-        if self
-            .head
-            .deadline
-            .is_some_and(|deadline| Instant::now() + delay >= deadline)
-        {
-            return PolicyVerdict::No;
+        match verdict(retry, policy.throttle(), attempt) {
+            Verdict::No => PolicyVerdict::No,
+            Verdict::Throttled => {
+                self.metrics.record_retry_throttled(&self.upstream.name);
+                PolicyVerdict::No
+            }
+            Verdict::After(delay) => PolicyVerdict::After(delay),
         }
-        PolicyVerdict::After(delay)
     }
 
     /// Waits out a policy retry's backoff, then picks an endpoint for it (another one when
@@ -256,28 +229,6 @@ impl Call<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pushback(value: Option<&str>) -> Pushback {
-        let mut headers = HeaderMap::new();
-        if let Some(value) = value {
-            headers.insert("grpc-retry-pushback-ms", value.parse().unwrap());
-        }
-        Pushback::of(&headers)
-    }
-
-    /// gRFC A6: a non-negative integer is the wait before the next attempt; anything else
-    /// present means "do not retry".
-    #[test]
-    fn pushback_is_a_wait_or_a_stop() {
-        assert!(matches!(pushback(None), Pushback::Absent));
-        assert!(
-            matches!(pushback(Some("250")), Pushback::Wait(d) if d == Duration::from_millis(250))
-        );
-        assert!(matches!(pushback(Some("0")), Pushback::Wait(d) if d.is_zero()));
-        for stop in ["-1", "soon", "1.5", ""] {
-            assert!(matches!(pushback(Some(stop)), Pushback::Stop), "{stop:?}");
-        }
-    }
 
     #[test]
     fn a_refused_stream_is_unavailable_and_retry_reasons_name_the_code() {
