@@ -15,6 +15,7 @@
 //! - `open_load`: calls at a fixed rate for failure tests, and every call's outcome.
 //! - `proxy`: a `fanout-proxy run` process, and backends on 127.0.0.2… for it to balance.
 //! - `raw`: a bare HTTP/2 gRPC client that reports exactly what came back.
+//! - `resetting`: a bare HTTP/2 endpoint that resets every request.
 //! - `spread`: calls over a few connections, and how they spread over backends in windows.
 //! - `streams_check`: the stream checks every data path must pass.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
@@ -35,6 +36,7 @@ pub mod load;
 pub mod open_load;
 pub mod proxy;
 pub mod raw;
+pub mod resetting;
 pub mod spread;
 pub mod streams_check;
 pub mod webhook;

@@ -6,18 +6,16 @@
 //! once with UNAVAILABLE.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use bytes::{Buf, BytesMut};
 use fanout_e2e::backend::proto::EchoRequest;
 use fanout_e2e::backend::{Backend, Behaviour};
 use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::raw;
+use fanout_e2e::resetting::spawn_resetting;
 use fanout_wire::frame;
 use fanout_wire::spike::Settings;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
@@ -26,71 +24,6 @@ fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
     let listen = listener.local_addr().unwrap();
     fanout_wire::spike::spawn_thread_following(listener, set, Settings::default());
     listen
-}
-
-/// A bare HTTP/2 server on `addr` that answers SETTINGS and PINGs as any server must, takes
-/// every request whole (it grants 1 MiB windows) and refuses it with RST_STREAM
-/// (REFUSED_STREAM); counts the requests it refused.
-async fn spawn_refusing(addr: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let refused = Arc::new(AtomicU64::new(0));
-    let count = refused.clone();
-    tokio::spawn(async move {
-        while let Ok((mut io, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut out = BytesMut::new();
-                frame::put_settings(&mut out, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
-                frame::put_window_update(&mut out, 0, 1 << 20);
-                if io.write_all(&out).await.is_err() {
-                    return;
-                }
-                let mut buf = BytesMut::new();
-                let mut preface = false;
-                loop {
-                    match io.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                    if !preface {
-                        if buf.len() < frame::PREFACE.len() {
-                            continue;
-                        }
-                        buf.advance(frame::PREFACE.len());
-                        preface = true;
-                    }
-                    let mut out = BytesMut::new();
-                    while let Some(head) = frame::Head::parse(&buf) {
-                        if buf.len() < frame::HEADER_LEN + head.len {
-                            break;
-                        }
-                        let payload = buf[frame::HEADER_LEN..frame::HEADER_LEN + head.len].to_vec();
-                        buf.advance(frame::HEADER_LEN + head.len);
-                        let ack = head.flags & frame::ACK != 0;
-                        match head.kind {
-                            frame::SETTINGS if !ack => {
-                                frame::put_head(&mut out, 0, frame::SETTINGS, frame::ACK, 0)
-                            }
-                            frame::PING if !ack => {
-                                frame::put_head(&mut out, 8, frame::PING, frame::ACK, 0);
-                                out.extend_from_slice(&payload);
-                            }
-                            frame::HEADERS | frame::DATA if head.flags & frame::END_STREAM != 0 => {
-                                count.fetch_add(1, Ordering::SeqCst);
-                                frame::put_rst(&mut out, head.stream, frame::REFUSED_STREAM);
-                            }
-                            _ => {}
-                        }
-                    }
-                    if io.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, refused)
 }
 
 async fn healthy(n: usize) -> SocketAddr {
@@ -102,7 +35,8 @@ async fn healthy(n: usize) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_refused_with_refused_stream_is_answered_by_another_endpoint() {
-    let (refusing, refused) = spawn_refusing(SocketAddr::new(pod_ip(0), 0)).await;
+    let (refusing, refused) =
+        spawn_resetting(SocketAddr::new(pod_ip(0), 0), frame::REFUSED_STREAM).await;
     let (_set, watch) = watch::channel(vec![refusing, healthy(1).await]);
     let mut client = client(spike(watch)).await;
     let mut calls = 0;
@@ -147,8 +81,10 @@ async fn a_call_named_unprocessed_in_a_goaway_is_answered_by_another_endpoint() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_too_large_to_keep_or_refused_again_and_again_is_refused_to_its_client() {
-    let (a, refused_a) = spawn_refusing(SocketAddr::new(pod_ip(0), 0)).await;
-    let (b, refused_b) = spawn_refusing(SocketAddr::new(pod_ip(1), 0)).await;
+    let (a, refused_a) =
+        spawn_resetting(SocketAddr::new(pod_ip(0), 0), frame::REFUSED_STREAM).await;
+    let (b, refused_b) =
+        spawn_resetting(SocketAddr::new(pod_ip(1), 0), frame::REFUSED_STREAM).await;
     let refused = || refused_a.load(Ordering::SeqCst) + refused_b.load(Ordering::SeqCst);
     let (_set, watch) = watch::channel(vec![a, b]);
     let mut client = client(spike(watch)).await;

@@ -45,6 +45,7 @@ pub const REFUSED_STREAM: u32 = 0x7;
 pub const CANCEL: u32 = 0x8;
 pub const COMPRESSION_ERROR: u32 = 0x9;
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+pub const INADEQUATE_SECURITY: u32 = 0xc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {

@@ -4,7 +4,10 @@
 
 use std::rc::Rc;
 
-use super::streams::{is_idle, reset_other_side, reset_stream};
+use fanout_balance::retry::Pushback;
+
+use super::policy::{self, Fallback, Outcome};
+use super::streams::{give_back, is_idle, reset_other_side, reset_stream};
 use super::{Conn, Fatal, Forwarder, Role, flow, held, replay};
 use crate::frame::{self, Head};
 
@@ -162,6 +165,21 @@ pub fn on_rst_stream(
     match route {
         Some(route) if conn.role == Role::Upstream && code == frame::REFUSED_STREAM => {
             replay::refused(fwd, conn, route);
+        }
+        // A reset before any answer: the call's retry policy may send it again.
+        Some(route)
+            if conn.role == Role::Upstream
+                && !route.headers_seen
+                && policy::after_failure(
+                    fwd,
+                    (&route.peer, route.peer_stream),
+                    route.retry.as_deref(),
+                    (policy::status_of_reset(code), Pushback::Absent),
+                    conn,
+                    || Fallback::Reset(code),
+                ) == Outcome::Retried =>
+        {
+            give_back(fwd, &route);
         }
         Some(route) => reset_other_side(fwd, &route, code),
         None => held::cancel(fwd, conn, head.stream),

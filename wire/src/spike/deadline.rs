@@ -77,6 +77,13 @@ pub struct Deadline {
     deadlines: Rc<Deadlines>,
 }
 
+impl Deadline {
+    /// When it fires.
+    pub fn at(&self) -> Instant {
+        self.key.0
+    }
+}
+
 impl Drop for Deadline {
     fn drop(&mut self) {
         // Absent when it fired: it was taken out then.

@@ -7,14 +7,21 @@
 //! Meanwhile the request's body is held without crediting the client, so the stream's window
 //! bounds what one held call keeps. The client may cancel a held call; its connection ending
 //! forgets its held calls.
+//!
+//! A call that waits out a retry policy's backoff (`policy.rs`) is held the same way: when
+//! the backoff ends it opens on another endpoint, or on the same one if no other is ready, or
+//! its client gets the failed attempt's answer when none is.
 
 use std::rc::{Rc, Weak};
 
 use bytes::BytesMut;
 
+use std::time::Duration;
+
 use super::deadline::{self, Deadline, Kind};
 use super::open::{self, Opening};
-use super::{Conn, Forwarder, STREAM_WINDOW, answer};
+use super::policy::Fallback;
+use super::{Conn, Forwarder, STREAM_WINDOW, answer, streams};
 use crate::frame;
 
 const NOT_READY: &[u8] = b"fanout: no endpoint is ready";
@@ -30,6 +37,20 @@ pub struct Held {
     wait_for_ready: bool,
     /// Ends the wait; none for a `waitForReady` call without a deadline.
     _timer: Option<Deadline>,
+    /// A retry's backoff: the attempt's endpoint, and what the client gets if no endpoint is
+    /// ready when it ends.
+    retry: Option<(Weak<Conn>, Fallback)>,
+}
+
+impl Held {
+    /// Bytes of its body the client was not credited for yet.
+    fn uncredited(&self) -> usize {
+        if self.opening.replayed {
+            0
+        } else {
+            self.body.len()
+        }
+    }
 }
 
 /// No endpoint is ready for the client's new `stream`: it waits if it may, else is answered
@@ -54,11 +75,60 @@ pub fn hold(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, opening: Opening, wai
     fwd.held.borrow_mut().push(Held {
         conn: Rc::downgrade(conn),
         stream,
-        body_end: opening.end,
+        body_end: false,
         opening,
         body: BytesMut::new(),
         wait_for_ready,
         _timer: timer,
+        retry: None,
+    });
+}
+
+/// The call of `client`'s `stream` goes again after `delay` (a retry policy's backoff), to an
+/// endpoint other than `avoid`'s when one is ready; its route is forgotten meanwhile. It must
+/// be kept whole (`replay.rs`) and its request ended.
+pub fn retry_later(
+    fwd: &Forwarder,
+    client: &Rc<Conn>,
+    stream: u32,
+    delay: Duration,
+    avoid: &Rc<Conn>,
+    fallback: Fallback,
+) {
+    let Some(mut route) = client.routes.borrow_mut().remove(&stream) else {
+        return;
+    };
+    let Some(replay) = route.replay.take() else {
+        return;
+    };
+    // Whatever of the answer waited for the client (nothing, before a Trailers-Only answer)
+    // is dropped with the attempt.
+    streams::give_back(fwd, &route);
+    let (frames, body, body_end, reopens, arrived) = replay.into_parts();
+    let opening = Opening {
+        frames,
+        // The request ended in its headers when no DATA ended it.
+        end: !body_end,
+        arrived,
+        deadline: route.deadline.as_ref().map(|d| d.at()),
+        idle: fwd.settings.idle_timeout,
+        retry: route.retry.take(),
+        reopens: reopens + 1,
+        replayed: true,
+    };
+    let at = tokio::time::Instant::now() + delay;
+    let timer = fwd.deadlines.insert(at, client, stream, Kind::Held);
+    client.held.set(client.held.get() + 1);
+    fwd.held.borrow_mut().push(Held {
+        conn: Rc::downgrade(client),
+        stream,
+        opening,
+        // Credited when it first went: sent again as credited (`flow::send_replayed`).
+        body,
+        body_end,
+        wait_for_ready: false,
+        _timer: Some(timer),
+        retry: Some((Rc::downgrade(avoid), fallback)),
     });
 }
 
@@ -86,7 +156,7 @@ pub fn on_data(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, data: &[u8], end: 
         else {
             return false;
         };
-        if call.body_end {
+        if call.body_end || call.opening.end {
             Some(frame::STREAM_CLOSED)
         } else if call.body.len() + data.len() > STREAM_WINDOW as usize {
             Some(frame::FLOW_CONTROL_ERROR)
@@ -106,7 +176,7 @@ pub fn on_data(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, data: &[u8], end: 
 pub fn reset(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, code: u32) {
     if let Some(call) = take(fwd, conn, stream) {
         // What it held was never credited: the connection gets that window back.
-        super::flow::credit(fwd, conn, stream, call.body.len());
+        super::flow::credit(fwd, conn, stream, call.uncredited());
         frame::put_rst(&mut conn.out.borrow_mut(), stream, code);
         fwd.mark(conn);
     }
@@ -115,16 +185,20 @@ pub fn reset(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, code: u32) {
 /// The client reset `stream`: if it was held, it waits no more.
 pub fn cancel(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
     if let Some(call) = take(fwd, conn, stream) {
-        super::flow::credit(fwd, conn, stream, call.body.len());
+        super::flow::credit(fwd, conn, stream, call.uncredited());
     }
 }
 
 /// The held call of `conn`'s `stream` waited as long as it may.
 pub fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
-    let Some(call) = take(fwd, conn, stream) else {
+    let Some(mut call) = take(fwd, conn, stream) else {
         return;
     };
-    super::flow::credit(fwd, conn, stream, call.body.len());
+    if let Some((avoid, fallback)) = call.retry.take() {
+        retry_now(fwd, conn, call, &avoid, fallback);
+        return;
+    }
+    super::flow::credit(fwd, conn, stream, call.uncredited());
     if call.wait_for_ready {
         // As gRPC clients end a waitForReady call that found no endpoint within its deadline.
         answer::end_call(
@@ -188,4 +262,39 @@ pub fn open_waiting(fwd: &Forwarder) {
         fwd.mark(&conn);
     }
     fwd.held.borrow_mut().extend(still);
+}
+
+/// A retry's backoff ended: the call opens on an endpoint other than `avoid` if one is ready,
+/// else on any ready one, else its client gets `fallback`.
+fn retry_now(fwd: &Forwarder, conn: &Rc<Conn>, call: Held, avoid: &Weak<Conn>, fallback: Fallback) {
+    let others: Vec<_> = fwd
+        .endpoints
+        .borrow()
+        .iter()
+        .filter(|e| {
+            e.ready_conn()
+                .is_some_and(|c| !std::ptr::eq(Rc::as_ptr(&c), avoid.as_ptr()))
+        })
+        .cloned()
+        .collect();
+    let picked = fwd.picker.pick(&others).or_else(|| fwd.pick());
+    let Some((picked, endpoint)) = picked.and_then(|p| Some((p.clone(), p.ready_conn()?))) else {
+        match fallback {
+            Fallback::Answer(frames) => conn.out.borrow_mut().extend_from_slice(&frames),
+            Fallback::Reset(code) => frame::put_rst(&mut conn.out.borrow_mut(), call.stream, code),
+        }
+        fwd.mark(conn);
+        return;
+    };
+    let clock = fwd.picker.clock();
+    open::open_on(
+        fwd,
+        conn,
+        call.stream,
+        (picked, &endpoint),
+        call.opening,
+        (&call.body, call.body_end),
+        &clock,
+    );
+    fwd.mark(conn);
 }

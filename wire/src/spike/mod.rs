@@ -55,6 +55,7 @@ mod fields;
 mod flow;
 mod held;
 mod open;
+mod policy;
 mod replay;
 mod streams;
 
@@ -89,7 +90,7 @@ pub struct Forwarder {
     /// Retries may add at most a fifth of the calls.
     budget: fanout_balance::budget::Budget,
     /// The Service's service config, this thread's copy (`open::follow`).
-    service_config: RefCell<Option<Arc<ServiceConfig>>>,
+    service_config: RefCell<Option<Rc<open::ServiceRules>>>,
     /// Calls waiting for an endpoint to become ready.
     held: RefCell<Vec<held::Held>>,
 }
@@ -312,10 +313,25 @@ async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
         while let Read::Frames = read_frames(&conn, &forwarder, &mut stash, &mut preface_seen) {}
     }
     held::forget(&forwarder, &conn);
-    // Every stream of a lost connection is cancelled on its other side.
+    // Every stream of a lost connection is cancelled on its other side, unless its call's
+    // retry policy sends it again (an endpoint lost before it answered: UNAVAILABLE).
     let routes = std::mem::take(&mut *conn.routes.borrow_mut());
     for (_, route) in routes {
-        streams::reset_other_side(&forwarder, &route, frame::CANCEL);
+        let retried = upstream
+            && !route.headers_seen
+            && policy::after_failure(
+                &forwarder,
+                (&route.peer, route.peer_stream),
+                route.retry.as_deref(),
+                (14, fanout_balance::retry::Pushback::Absent),
+                &conn,
+                || policy::Fallback::Reset(frame::CANCEL),
+            ) == policy::Outcome::Retried;
+        if retried {
+            streams::give_back(&forwarder, &route);
+        } else {
+            streams::reset_other_side(&forwarder, &route, frame::CANCEL);
+        }
     }
     forwarder.mark(&conn);
     forwarder.flush_dirty();

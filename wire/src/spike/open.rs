@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fanout_balance::latency::Clock;
-use fanout_proxy_config::service_config::ServiceConfig;
+use fanout_balance::retry::Throttle;
+use fanout_proxy_config::service_config::{RetryPolicy, ServiceConfig};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -34,24 +35,74 @@ pub struct Opening {
     pub arrived: Instant,
     pub deadline: Option<Instant>,
     pub idle: Option<Duration>,
+    /// The retry rules of its method.
+    pub retry: Option<Rc<MethodRetry>>,
+    /// Times it was opened before (on other endpoints).
+    pub reopens: u8,
+    /// Its body went to an endpoint before, and was credited to the client then.
+    pub replayed: bool,
+}
+
+/// The Service's service config as this thread applies it: each method's retry rules built
+/// once, and the retry throttle's tokens, which start afresh with every new config.
+pub struct ServiceRules {
+    config: Arc<ServiceConfig>,
+    /// By the index of the method's config.
+    retries: Vec<Option<Rc<MethodRetry>>>,
+}
+
+/// A method's retry policy and the Service's retry throttle, held by each of its calls: a
+/// config change mid-call does not change the rules under it.
+pub struct MethodRetry {
+    pub policy: Option<RetryPolicy>,
+    pub throttle: Option<Rc<Throttle>>,
+}
+
+impl ServiceRules {
+    fn new(config: Arc<ServiceConfig>) -> Self {
+        let throttle = config
+            .retry_throttling
+            .as_ref()
+            .map(|t| Rc::new(Throttle::new(t)));
+        let retries = config
+            .methods
+            .iter()
+            .map(|method| {
+                let policy = method.retry.clone();
+                (policy.is_some() || throttle.is_some()).then(|| {
+                    Rc::new(MethodRetry {
+                        policy,
+                        throttle: throttle.clone(),
+                    })
+                })
+            })
+            .collect();
+        ServiceRules { config, retries }
+    }
 }
 
 /// What the Service's service config says of one method.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Default)]
 struct MethodRules {
     timeout: Option<Duration>,
     wait_for_ready: bool,
+    retry: Option<Rc<MethodRetry>>,
 }
 
 impl MethodRules {
-    fn of(config: &ServiceConfig, path: &[u8]) -> Self {
-        let method = std::str::from_utf8(path)
+    fn of(rules: &ServiceRules, path: &[u8]) -> Self {
+        let index = std::str::from_utf8(path)
             .ok()
-            .and_then(|path| config.method(path));
-        method.map_or_else(Self::default, |method| MethodRules {
+            .and_then(|path| rules.config.method_index(path));
+        let Some(index) = index else {
+            return Self::default();
+        };
+        let method = &rules.config.methods[index];
+        MethodRules {
             timeout: method.timeout,
             wait_for_ready: method.wait_for_ready == Some(true),
-        })
+            retry: rules.retries[index].clone(),
+        }
     }
 }
 
@@ -63,7 +114,7 @@ pub async fn follow(
 ) {
     loop {
         let current = service_config.borrow_and_update().clone();
-        *fwd.service_config.borrow_mut() = current;
+        *fwd.service_config.borrow_mut() = current.map(|c| Rc::new(ServiceRules::new(c)));
         if service_config.changed().await.is_err() {
             return;
         }
@@ -159,6 +210,9 @@ pub fn open(
         arrived: clock.now,
         deadline: timeout.map(|timeout| clock.now + timeout),
         idle: fwd.settings.idle_timeout,
+        retry: method.retry,
+        reopens: 0,
+        replayed: false,
     };
     let Some(picked) = fwd.pick() else {
         held::hold(fwd, conn, stream, opening, method.wait_for_ready);
@@ -180,8 +234,8 @@ pub fn open(
 }
 
 /// Opens the client's `stream` on `endpoint` (the connection of the endpoint picked):
-/// `body`, a body held while the call waited (not yet credited to the client), goes after the
-/// headers, and `true` in it ends the request.
+/// `body`, a body held while the call waited (credited to the client only if it went before,
+/// [`Opening::replayed`]), goes after the headers, and `true` in it ends the request.
 pub fn open_on(
     fwd: &Forwarder,
     conn: &Rc<Conn>,
@@ -197,13 +251,19 @@ pub fn open_on(
         arrived,
         deadline,
         idle,
+        retry,
+        reopens,
+        replayed,
     } = opening;
     let upstream_stream = endpoint.next_stream.get();
     endpoint.next_stream.set(upstream_stream + 2);
     replay::set_stream(&mut frames, upstream_stream);
     let mut downstream = route(endpoint, upstream_stream, conn, true);
     downstream.ended = end || body_end;
-    downstream.recv_window -= body.len() as i64;
+    if !replayed {
+        // Held and not credited yet: the client's window for the stream is that much less.
+        downstream.recv_window -= body.len() as i64;
+    }
     downstream.deadline = deadline.map(|at| fwd.deadlines.insert(at, conn, stream, Kind::Deadline));
     let mut upstream = route(conn, stream, endpoint, false);
     if let Some(after) = idle {
@@ -218,8 +278,10 @@ pub fn open_on(
         downstream.moved = Some(moved);
     }
     upstream.account = Some(CallAccount::start(picked, arrived, clock));
+    upstream.retry = retry.clone();
+    downstream.retry = retry;
     endpoint.out.borrow_mut().extend_from_slice(&frames);
-    let mut replay = Replay::new(frames, arrived);
+    let mut replay = Replay::new(frames, arrived, reopens);
     if replay.keep(body, body_end) {
         downstream.replay = Some(replay);
     }
@@ -229,7 +291,9 @@ pub fn open_on(
         .borrow_mut()
         .insert(upstream_stream, upstream);
     fwd.mark(endpoint);
-    if !body.is_empty() || body_end {
+    if (!body.is_empty() || body_end) && replayed {
+        flow::send_replayed(fwd, endpoint, upstream_stream, body, body_end);
+    } else if !body.is_empty() || body_end {
         flow::send_data(fwd, endpoint, upstream_stream, body, body_end);
     }
 }

@@ -38,14 +38,31 @@ pub struct Replay {
 }
 
 impl Replay {
-    pub fn new(headers: BytesMut, arrived: Instant) -> Box<Replay> {
+    pub fn new(headers: BytesMut, arrived: Instant, reopens: u8) -> Box<Replay> {
         Box::new(Replay {
             headers,
             body: BytesMut::new(),
             end: false,
-            reopens: 0,
+            reopens,
             arrived,
         })
+    }
+
+    /// The request as kept: header frames, body, whether the body ended it, its reopens and
+    /// arrival.
+    pub fn into_parts(self) -> (BytesMut, BytesMut, bool, u8, Instant) {
+        (
+            self.headers,
+            self.body,
+            self.end,
+            self.reopens,
+            self.arrived,
+        )
+    }
+
+    /// Attempts of the request so far, the one in flight included.
+    pub fn attempts(&self) -> u32 {
+        u32::from(self.reopens) + 1
     }
 
     /// Keeps a piece of the body; `false` once the body is past the limit (the request can no
@@ -142,6 +159,7 @@ pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>)
     route.peer_stream = endpoint_stream;
     let mut upstream = streams::route(client, stream, &endpoint, false);
     upstream.moved = route.moved.clone();
+    upstream.retry = route.retry.clone();
     let clock = fwd.picker.clock();
     upstream.account = Some(CallAccount::start(picked, replay.arrived, &clock));
     endpoint

@@ -12,11 +12,13 @@ use super::account::{self, CallAccount};
 use super::deadline::{self, Deadline, Moved};
 use super::fields::{Block, FieldCheck};
 use super::flow::{self, Pending};
-use super::open;
+use super::open::{self, MethodRetry};
+use super::policy::{self, Fallback, Outcome};
 use super::replay::{self, Replay};
 use super::{Conn, Fatal, Forwarder, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
 use crate::hpack;
+use fanout_balance::retry::Pushback;
 
 /// Where a stream of one connection continues on another.
 pub struct Route {
@@ -42,6 +44,8 @@ pub struct Route {
     pub idle: Option<Deadline>,
     /// Frames moved on the call, on both its streams, when it has an idle timeout.
     pub moved: Option<Moved>,
+    /// The retry rules of the call's method, on both its streams.
+    pub retry: Option<Rc<MethodRetry>>,
     /// The request kept whole until an endpoint answers it, on its client-side stream.
     pub replay: Option<Box<Replay>>,
 }
@@ -61,6 +65,7 @@ pub fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool
         deadline: None,
         idle: None,
         moved: None,
+        retry: None,
         replay: None,
     }
 }
@@ -178,6 +183,7 @@ fn on_headers(
     };
     let mut check = FieldCheck::new(kind);
     let mut status = None;
+    let mut pushback = Pushback::Absent;
     let mut frames = BytesMut::new();
     let at = frame::begin_frame(
         &mut frames,
@@ -189,6 +195,8 @@ fn on_headers(
         check.field(name, value);
         if name == b"grpc-status" {
             status = account::grpc_status(value);
+        } else if name == b"grpc-retry-pushback-ms" {
+            pushback = Pushback::parse(Some(value));
         }
         hpack::encode_field(&mut frames, name, value, indexing)
     })?;
@@ -202,7 +210,12 @@ fn on_headers(
         return Ok(());
     }
     frame::finish_headers(&mut frames, at, peer.peer_max_frame.get());
+    let mut retry = None;
     if let Some(route) = conn.routes.borrow_mut().get_mut(&stream) {
+        if conn.role == Role::Upstream && end {
+            policy::answered(route.retry.as_deref(), status);
+            retry = route.retry.clone();
+        }
         if let Some(account) = &mut route.account {
             if kind == Block::Response && !check.informational {
                 account.answered(&fwd.picker.clock());
@@ -213,10 +226,31 @@ fn on_headers(
         deadline::moved(&route.moved);
         route.ended |= end;
     }
-    // A Trailers-Only UNAVAILABLE sent no message: the request may go elsewhere.
-    let unavailable = kind == Block::Response && end && status == Some(14);
-    if conn.role == Role::Upstream && unavailable && replay::retry_unavailable(conn, fwd, stream) {
-        return Ok(());
+    // A Trailers-Only answer sent no message: the call's retry policy may send it again,
+    // and without one a Trailers-Only UNAVAILABLE goes elsewhere.
+    if conn.role == Role::Upstream
+        && kind == Block::Response
+        && end
+        && let Some(code) = status.filter(|&code| code != 0)
+    {
+        let outcome = policy::after_failure(
+            fwd,
+            (&peer, peer_stream),
+            retry.as_deref(),
+            (code, pushback),
+            conn,
+            || Fallback::Answer(frames.clone()),
+        );
+        match outcome {
+            Outcome::Retried => {
+                policy::forget_attempt(conn, fwd, stream);
+                return Ok(());
+            }
+            Outcome::NoPolicy if code == 14 && replay::retry_unavailable(conn, fwd, stream) => {
+                return Ok(());
+            }
+            Outcome::No | Outcome::NoPolicy => {}
+        }
     }
     // The endpoint answers: the request is its now, and is no longer kept.
     if conn.role == Role::Upstream

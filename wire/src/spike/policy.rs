@@ -1,0 +1,113 @@
+//! The Service's retry policy (gRFC A6) on the spike's calls, as fanout-proxy applies it: an
+//! attempt that failed before its answer started — a Trailers-Only answer with one of the
+//! method's retryable codes, the endpoint's reset, its connection lost — goes again after the
+//! policy's backoff (or the server's pushback), to another endpoint when one is ready, while
+//! the request is kept whole, within `maxAttempts`, the deadline, the Service's retry
+//! throttle and the upstream's retry budget (`fanout_balance::retry` decides). Otherwise the
+//! client gets the attempt's own failure. A call of a method the config names counts its OK
+//! answer toward the throttle.
+
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use fanout_balance::retry::{Attempt, Pushback, Verdict, verdict};
+
+use super::open::MethodRetry;
+use super::{Conn, Forwarder, held, streams};
+use crate::frame;
+
+/// What the client gets if the call does not go again.
+pub enum Fallback {
+    /// The endpoint's Trailers-Only answer, encoded for the client's stream.
+    Answer(BytesMut),
+    /// A reset of the client's stream with this code.
+    Reset(u32),
+}
+
+/// What the call's retry policy made of a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The call waits for its backoff, held (`held.rs`), and goes again.
+    Retried,
+    /// The policy does not retry it: the client gets the failure.
+    No,
+    /// No retry policy applies: the proxy's own rules do.
+    NoPolicy,
+}
+
+/// A call with `retry` rules ended with `status`: an OK counts toward the retry throttle.
+pub fn answered(retry: Option<&MethodRetry>, status: Option<u16>) {
+    if status == Some(0)
+        && let Some(throttle) = retry.and_then(|r| r.throttle.as_deref())
+    {
+        throttle.succeeded();
+    }
+}
+
+/// gRPC's mapping of an endpoint's reset before any answer to the status its client reports
+/// (so a policy's codes apply to resets too).
+pub fn status_of_reset(code: u32) -> u16 {
+    match code {
+        frame::CANCEL => 1,
+        frame::REFUSED_STREAM => 14,
+        frame::ENHANCE_YOUR_CALM => 8,
+        frame::INADEQUATE_SECURITY => 7,
+        _ => 13,
+    }
+}
+
+/// The attempt on `avoid` of `client`'s `stream` failed with `status` before its answer
+/// started: the call's `retry` rules say whether it goes again. On [`Outcome::Retried`] the
+/// call is held for its backoff (with `fallback` for its client should no endpoint be ready
+/// then), and the caller forgets the attempt.
+pub fn after_failure(
+    fwd: &Forwarder,
+    (client, stream): (&Rc<Conn>, u32),
+    retry: Option<&MethodRetry>,
+    (status, pushback): (u16, Pushback),
+    avoid: &Rc<Conn>,
+    fallback: impl FnOnce() -> Fallback,
+) -> Outcome {
+    let Some(rules) = retry else {
+        return Outcome::NoPolicy;
+    };
+    let Some(policy) = &rules.policy else {
+        return Outcome::NoPolicy;
+    };
+    let attempt = {
+        let routes = client.routes.borrow();
+        let Some(route) = routes.get(&stream) else {
+            return Outcome::No;
+        };
+        Attempt {
+            status: Some(status),
+            attempts: route.replay.as_ref().map_or(1, |r| r.attempts()),
+            // The request ended and every byte of it is kept.
+            whole_body: route.ended && route.replay.is_some(),
+            pushback,
+            deadline: route.deadline.as_ref().map(|d| d.at()),
+        }
+    };
+    match verdict(policy, rules.throttle.as_deref(), attempt) {
+        Verdict::No | Verdict::Throttled => Outcome::No,
+        Verdict::After(_) if !fwd.budget.try_withdraw() => Outcome::No,
+        Verdict::After(delay) => {
+            held::retry_later(fwd, client, stream, delay, avoid, fallback());
+            Outcome::Retried
+        }
+    }
+}
+
+/// The attempt on `conn`'s `stream` is over, its call gone elsewhere: forgotten, its request
+/// data still waiting for this endpoint credited to the client (it goes again as replayed),
+/// and our side of the stream closed if it was still open.
+pub fn forget_attempt(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) {
+    let Some(attempt) = conn.routes.borrow_mut().remove(&stream) else {
+        return;
+    };
+    streams::give_back(fwd, &attempt);
+    if !attempt.pending.is_empty() {
+        frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::CANCEL);
+        fwd.mark(conn);
+    }
+}
