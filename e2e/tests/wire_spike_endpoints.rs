@@ -250,3 +250,97 @@ async fn an_endpoint_that_never_answers_gets_no_call_and_one_that_stops_is_dropp
     assert_eq!(failed, 0);
     assert_eq!(by_backend, BTreeMap::from([("backend-0".to_string(), 50)]));
 }
+
+/// Passive ejection: an endpoint that fails three calls in a row is out of balancing for the
+/// base time; back on probation, one more failure sends it out for twice as long. Its
+/// failures are Trailers-Only UNAVAILABLE, which the spike sends elsewhere: no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_keeps_failing_is_ejected_then_tried_once_on_probation() {
+    use fanout_e2e::backend::{Backend, Behaviour};
+    use std::sync::atomic::Ordering;
+
+    let healthy = Backend::new("healthy", Behaviour::default())
+        .spawn(SocketAddr::new(pod_ip(5), 0))
+        .await
+        .unwrap();
+    let failing = Backend::new(
+        "failing",
+        Behaviour {
+            fail_percent: 100,
+            ..Behaviour::default()
+        },
+    );
+    let failing_stats = failing.stats();
+    let failing = failing.spawn(SocketAddr::new(pod_ip(6), 0)).await.unwrap();
+    let settings = Settings {
+        ejection: fanout_proxy_config::Ejection {
+            consecutive_failures: 3,
+            base_time: Duration::from_millis(600),
+            ..fanout_proxy_config::Ejection::default()
+        },
+        ..Settings::default()
+    };
+    let (_set, set) = watch::channel(vec![healthy, failing]);
+    let client = client(spike(set, settings)).await;
+
+    let (by_backend, failed) = answers(&client, 60).await;
+    assert_eq!(failed, 0);
+    assert_eq!(by_backend.get("healthy"), Some(&60));
+    assert_eq!(
+        failing_stats.calls.load(Ordering::SeqCst),
+        3,
+        "three failures in a row, then ejected"
+    );
+
+    // The ejection ends: one call on probation fails, and it is out again (for 1.2 s).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, failed) = answers(&client, 60).await;
+    assert_eq!(failed, 0);
+    assert_eq!(failing_stats.calls.load(Ordering::SeqCst), 4);
+}
+
+/// A call the client cancels is not the endpoint's failure: streams given up on again and
+/// again eject nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cancelled_by_their_client_eject_no_endpoint() {
+    use fanout_e2e::backend::proto::StreamRequest;
+    use fanout_e2e::backend::{Backend, Behaviour};
+
+    let mut addrs = Vec::new();
+    for n in [7, 8] {
+        let backend = Backend::new(format!("backend-{n}"), Behaviour::default());
+        addrs.push(backend.spawn(SocketAddr::new(pod_ip(n), 0)).await.unwrap());
+    }
+    let settings = Settings {
+        ejection: fanout_proxy_config::Ejection {
+            consecutive_failures: 2,
+            base_time: Duration::from_secs(30),
+            ..fanout_proxy_config::Ejection::default()
+        },
+        ..Settings::default()
+    };
+    let (_set, set) = watch::channel(addrs);
+    let client = client(spike(set, settings)).await;
+    for _ in 0..10 {
+        let mut streaming = client.clone();
+        let mut stream = streaming
+            .server_stream(StreamRequest {
+                count: 100,
+                interval_ms: 50,
+                reply_bytes: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap();
+        drop(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (by_backend, failed) = answers(&client, 40).await;
+    assert_eq!(failed, 0);
+    assert_eq!(
+        by_backend.len(),
+        2,
+        "an endpoint was ejected: {by_backend:?}"
+    );
+}

@@ -19,7 +19,7 @@ use fanout_proxy_config::service_config::ServiceConfig;
 use fanout_wire::spike::{Settings, Upstream};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tonic::Code;
 
 const SERVICE: &str = "fanout.test.v1.Test";
@@ -264,14 +264,18 @@ async fn wait_for_ready_holds_a_call_until_an_endpoint_is_up_or_its_deadline() {
 }
 
 /// Stands in for an endpoint whose first connection takes `setup` to be ready: takes TCP
-/// connections at once and only after `setup` relays them to `backend`.
-async fn slow_to_set_up(backend: SocketAddr, setup: Duration) -> SocketAddr {
+/// connections at once and only after `setup` relays them to `backend`. Its address, and
+/// what is notified when it took a connection.
+async fn slow_to_set_up(backend: SocketAddr, setup: Duration) -> (SocketAddr, Arc<Notify>) {
     let listener = TcpListener::bind(SocketAddr::new(pod_ip(4), 0))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
+    let connected = Arc::new(Notify::new());
+    let notify = connected.clone();
     tokio::spawn(async move {
         while let Ok((mut accepted, _)) = listener.accept().await {
+            notify.notify_one();
             tokio::spawn(async move {
                 tokio::time::sleep(setup).await;
                 let mut relayed = TcpStream::connect(backend).await.unwrap();
@@ -279,7 +283,7 @@ async fn slow_to_set_up(backend: SocketAddr, setup: Duration) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, connected)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,9 +302,11 @@ async fn a_call_waits_while_an_endpoint_is_still_connecting_and_its_body_follows
 
     // The endpoint arrives once the spike serves, and is a second away from ready: the calls
     // made meanwhile wait for it instead of failing, their bodies with them.
-    let slow = slow_to_set_up(addr, Duration::from_secs(1)).await;
+    let (slow, connected) = slow_to_set_up(addr, Duration::from_secs(1)).await;
     set_tx.send(vec![slow]).unwrap();
     let started = Instant::now();
+    // The spike has the endpoint and is connecting to it.
+    connected.notified().await;
     let messages: Vec<EchoRequest> = (0..3)
         .map(|n| EchoRequest {
             payload: vec![n; 1_000],

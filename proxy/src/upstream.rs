@@ -302,7 +302,7 @@ impl Upstream {
         }
         let endpoints = self.endpoints();
         let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
-        if (ejected + 1) * 100 > endpoints.len() * policy.max_ejected_percent as usize {
+        if !crate::eject::may_eject(ejected, endpoints.len(), policy.max_ejected_percent) {
             tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
                 "endpoint keeps failing, but ejecting it would pass max_ejected_percent");
             return;

@@ -5,11 +5,13 @@
 //! - this file: the picker (P2C over peak-EWMA cost, least-request, round robin).
 //! - `latency`: each endpoint's latency estimate, aged in time and in calls.
 //! - `budget`: the retry budget, a token bucket counted in calls.
+//! - `eject`: passive ejection of endpoints that keep failing.
 //! - `retry`: the Service's retry policy: throttling, backoff, pushback, the verdict.
 //! - `simulation` (tests): the picker and the estimates over simulated endpoints.
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod eject;
 pub mod latency;
 pub mod retry;
 

@@ -233,7 +233,7 @@ impl Default for HealthCheck {
 }
 
 /// Passive ejection of endpoints that keep failing.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Ejection {
     pub consecutive_failures: u32,
     #[serde(serialize_with = "duration::serialize")]

@@ -391,7 +391,7 @@ fn apply_policy(upstream: &mut UpstreamConfig, policy: &Policy) {
         upstream.health_check = Some(check.clone());
     }
     if let Some(ejection) = &policy.ejection {
-        upstream.ejection = ejection.clone();
+        upstream.ejection = *ejection;
     }
     if let Some(timeout) = policy.request_timeout {
         upstream.timeouts.request = Some(timeout);

@@ -50,6 +50,11 @@ impl CallAccount {
         }
     }
 
+    /// The client gave up on the call before it ended: CANCELLED, unless a status came.
+    pub fn cancelled_by_client(&mut self) {
+        self.status.get_or_insert(1);
+    }
+
     pub fn set_status(&mut self, status: Option<u16>) {
         if status.is_some() {
             self.status = status;
@@ -67,9 +72,11 @@ impl Drop for CallAccount {
             endpoint.latency.borrow_mut().abandoned();
         }
         endpoint.count(self.status);
+        let now = Instant::now();
+        endpoint.record_outcome(self.status, now);
         endpoint
             .duration
-            .observe(self.arrived.elapsed().as_secs_f64());
+            .observe(now.saturating_duration_since(self.arrived).as_secs_f64());
     }
 }
 

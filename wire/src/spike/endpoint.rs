@@ -14,10 +14,11 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use fanout_balance::Candidate;
+use fanout_balance::eject::{self, Ejection};
 use fanout_balance::latency::{Clock, Latency};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -44,6 +45,8 @@ pub struct Settings {
     pub call_timeout: Option<Duration>,
     /// A call with nothing moving either way for this long ends (DEADLINE_EXCEEDED).
     pub idle_timeout: Option<Duration>,
+    /// Passive ejection of endpoints that keep failing calls.
+    pub ejection: fanout_proxy_config::Ejection,
 }
 
 impl Default for Settings {
@@ -55,6 +58,7 @@ impl Default for Settings {
             keepalive_timeout: Duration::from_secs(5),
             call_timeout: None,
             idle_timeout: None,
+            ejection: fanout_proxy_config::Ejection::default(),
         }
     }
 }
@@ -76,10 +80,16 @@ pub struct Endpoint {
     /// Calls ended here, by grpc-status (`None`: no status, the stream was reset).
     counters: RefCell<Vec<(Option<u16>, Counter)>>,
     pub(super) duration: Histogram,
+    /// Its failures in a row, and whether (and how long) it is out of balancing.
+    ejection: RefCell<Ejection>,
+    /// Set while an ejection may be running, so picks skip the clock otherwise.
+    maybe_ejected: Cell<bool>,
+    /// Its forwarder, which weighs an ejection against the whole set.
+    upstream: Weak<Forwarder>,
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, duration: Histogram) -> Rc<Endpoint> {
+    fn new(addr: SocketAddr, duration: Histogram, upstream: Weak<Forwarder>) -> Rc<Endpoint> {
         Rc::new(Endpoint {
             addr,
             conn: RefCell::new(None),
@@ -91,7 +101,44 @@ impl Endpoint {
             last_pick: Cell::new(0),
             counters: RefCell::new(Vec::new()),
             duration,
+            ejection: RefCell::new(Ejection::default()),
+            maybe_ejected: Cell::new(false),
+            upstream,
         })
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        if !self.maybe_ejected.get() {
+            return false;
+        }
+        let ejected = self.ejection.borrow().is_ejected(Instant::now());
+        self.maybe_ejected.set(ejected);
+        ejected
+    }
+
+    /// A call here ended with `status` at `now`: an endpoint that keeps failing is taken out
+    /// of balancing for a while, unless too many are out already (the panic threshold).
+    pub(super) fn record_outcome(&self, status: Option<u16>, now: Instant) {
+        let Some(fwd) = self.upstream.upgrade() else {
+            return;
+        };
+        let config = fwd.settings.ejection;
+        let failed = eject::is_failure(status);
+        if !self
+            .ejection
+            .borrow_mut()
+            .record(failed, config.consecutive_failures, now)
+        {
+            return;
+        }
+        let endpoints = fwd.endpoints.borrow();
+        let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
+        if eject::may_eject(ejected, endpoints.len(), config.max_ejected_percent) {
+            self.ejection
+                .borrow_mut()
+                .eject(config.base_time, config.max_time, now);
+            self.maybe_ejected.set(true);
+        }
     }
 
     /// Its first connection became ready, or one failed.
@@ -125,7 +172,7 @@ impl Endpoint {
 
 impl Candidate for Endpoint {
     fn is_ready(&self) -> bool {
-        self.conn.borrow().as_ref().is_some_and(|c| c.takes_calls())
+        self.conn.borrow().as_ref().is_some_and(|c| c.takes_calls()) && !self.is_ejected()
     }
     fn outstanding(&self) -> usize {
         self.outstanding.get()
@@ -167,7 +214,7 @@ fn update(fwd: &Rc<Forwarder>, addrs: &HashSet<SocketAddr>) {
         kept
     });
     for &addr in addrs.difference(&known) {
-        let endpoint = Endpoint::new(addr, fwd.duration.clone());
+        let endpoint = Endpoint::new(addr, fwd.duration.clone(), Rc::downgrade(fwd));
         endpoints.push(endpoint.clone());
         tokio::task::spawn_local(keep_connected(endpoint, fwd.clone()));
     }

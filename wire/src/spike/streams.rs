@@ -98,7 +98,13 @@ pub fn reset_stream(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32, code: u32) {
 /// The stream `route` leads to, on the other connection, is forgotten and reset with `code`;
 /// `route` itself was forgotten by the caller.
 pub fn reset_other_side(fwd: &Forwarder, route: &Route, code: u32) {
-    let other = route.peer.routes.borrow_mut().remove(&route.peer_stream);
+    let mut other = route.peer.routes.borrow_mut().remove(&route.peer_stream);
+    // Only an endpoint-side route keeps the call's account: this reset came from the client
+    // (its reset, its connection lost), which counts as a cancel and not as the endpoint's
+    // failure.
+    if let Some(account) = other.as_mut().and_then(|o| o.account.as_mut()) {
+        account.cancelled_by_client();
+    }
     frame::put_rst(&mut route.peer.out.borrow_mut(), route.peer_stream, code);
     fwd.mark(&route.peer);
     give_back(fwd, route);
