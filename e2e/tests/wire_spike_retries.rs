@@ -19,10 +19,14 @@ use fanout_wire::spike::Settings;
 use tokio::sync::watch;
 
 fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
+    spike_with(set, Settings::default())
+}
+
+fn spike_with(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let listen = listener.local_addr().unwrap();
-    fanout_wire::spike::spawn_thread_following(listener, set, Settings::default());
+    fanout_wire::spike::spawn_thread_following(listener, set, settings);
     listen
 }
 
@@ -148,7 +152,16 @@ async fn retries_add_at_most_a_fifth_of_the_calls() {
     let a = a.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
     let b = b.spawn(SocketAddr::new(pod_ip(1), 0)).await.unwrap();
     let (_set, watch) = watch::channel(vec![a, b]);
-    let mut client = client(spike(watch)).await;
+    // Neither endpoint is ejected, so that every failed call has another endpoint to go to
+    // and only the budget holds retries back.
+    let settings = Settings {
+        ejection: fanout_proxy_config::Ejection {
+            consecutive_failures: u32::MAX,
+            ..fanout_proxy_config::Ejection::default()
+        },
+        ..Settings::default()
+    };
+    let mut client = client(spike_with(watch, settings)).await;
     for _ in 0..200 {
         let status = client.unary(EchoRequest::default()).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");

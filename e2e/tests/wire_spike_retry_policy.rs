@@ -192,3 +192,51 @@ async fn a_reset_before_any_answer_is_retried_when_its_code_is_named() {
     assert!(failed >= 1, "no call met the reset");
     assert_eq!(resets.load(Ordering::SeqCst) - retried, failed);
 }
+
+/// `perAttemptRecvTimeout`: an attempt with no answer in time is cancelled and the call goes
+/// again, to another endpoint when one is ready: one backend of two answers after a second,
+/// yet every call ends well under it. With the slow one alone, the last attempt's timeout
+/// ends the call with DEADLINE_EXCEEDED, long before the backend would have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_slower_than_the_per_attempt_timeout_goes_to_another_endpoint() {
+    let slow = Behaviour {
+        delay: std::time::Duration::from_secs(1),
+        ..Behaviour::default()
+    };
+    let (slow_addr, slow_stats) = backends(10, 1, slow).await;
+    let (fast_addr, _) = backends(11, 1, Behaviour::default()).await;
+    let mut config = retry_policy(3, json!(["UNAVAILABLE"]));
+    config["methodConfig"][0]["retryPolicy"]["perAttemptRecvTimeout"] = json!("0.1s");
+
+    let mut app = client(spike(vec![slow_addr[0], fast_addr[0]], config.clone())).await;
+    for _ in 0..10 {
+        let started = std::time::Instant::now();
+        let reply = app
+            .unary(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.backend, "backend-11");
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_millis(700), "{took:?}");
+    }
+    let slow_calls = slow_stats[0].calls.load(Ordering::SeqCst);
+    assert!(slow_calls >= 1, "the slow endpoint got no call");
+    slow_stats[0].wait_for_cancellations(slow_calls).await;
+
+    let mut alone = client(spike(slow_addr, config)).await;
+    let started = std::time::Instant::now();
+    let status = alone.unary(EchoRequest::default()).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("per-attempt timeout"),
+        "{status:?}"
+    );
+    // Three attempts of 100 ms, and two backoffs of at most 10 and 20 ms.
+    assert!(
+        took >= std::time::Duration::from_millis(300)
+            && took < std::time::Duration::from_millis(800),
+        "{took:?}"
+    );
+}

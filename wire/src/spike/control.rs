@@ -174,7 +174,7 @@ pub fn on_rst_stream(
                     fwd,
                     (&route.peer, route.peer_stream),
                     route.retry.as_deref(),
-                    (policy::status_of_reset(code), Pushback::Absent),
+                    (Some(policy::status_of_reset(code)), Pushback::Absent),
                     conn,
                     || Fallback::Reset(code),
                 ) == Outcome::Retried =>

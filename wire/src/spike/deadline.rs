@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Conn, Forwarder, answer, held, streams};
+use super::{Conn, Forwarder, answer, held, policy, streams};
 use crate::frame;
 
 /// Added to the deadline passed to the endpoint; see the module's doc.
@@ -46,6 +46,8 @@ pub enum Kind {
     },
     /// A call held for an endpoint waited as long as it may.
     Held,
+    /// The attempt in flight got no answer within the retry policy's per-attempt timeout.
+    Attempt,
 }
 
 /// A timer's call (the client's connection and stream), and what ends when it fires.
@@ -175,16 +177,17 @@ pub async fn run(fwd: Rc<Forwarder>) {
                     expire(&fwd, &conn, stream, message.as_bytes());
                 }
                 Kind::Held => held::expire(&fwd, &conn, stream),
+                Kind::Attempt => policy::attempt_timed_out(&fwd, &conn, stream),
             }
         }
         fwd.flush_dirty();
     }
 }
 
-/// The deadline of the client's `stream` passed, or its idle timeout: its endpoint stream is
-/// cancelled and the client answered DEADLINE_EXCEEDED with `message`, unless the answer was
-/// complete already.
-fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, message: &[u8]) {
+/// The deadline of the client's `stream` passed, or its idle timeout (or its last attempt's
+/// per-attempt timeout): its endpoint stream is cancelled and the client answered
+/// DEADLINE_EXCEEDED with `message`, unless the answer was complete already.
+pub fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, message: &[u8]) {
     let Some(route) = conn.routes.borrow_mut().remove(&stream) else {
         return;
     };

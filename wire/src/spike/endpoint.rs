@@ -9,7 +9,7 @@
 //! endpoint leaves with GOAWAY, is replaced at once if it had served, or after a backoff
 //! (50 ms doubling to 5 s, with jitter) if it never became ready, as fanout-proxy's endpoint
 //! task does. A keepalive PING every interval finds a pod that vanished without a FIN or RST;
-//! that task lives in the connection's own loop (`super::run`).
+//! that task lives in the connection's own loop (`super::task::run`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -236,7 +236,7 @@ async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
             let conn = Conn::new(Role::Upstream, io);
             conn.flush();
             *endpoint.conn.borrow_mut() = Some(conn.clone());
-            tokio::task::spawn_local(super::run(conn.clone(), fwd.clone()));
+            tokio::task::spawn_local(super::task::run(conn.clone(), fwd.clone()));
             tokio::select! {
                 () = conn.retired.notified() => {}
                 () = endpoint.wake.notified() => {}

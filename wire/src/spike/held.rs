@@ -13,10 +13,9 @@
 //! its client gets the failed attempt's answer when none is.
 
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use bytes::BytesMut;
-
-use std::time::Duration;
 
 use super::deadline::{self, Deadline, Kind};
 use super::open::{self, Opening};
@@ -282,6 +281,9 @@ fn retry_now(fwd: &Forwarder, conn: &Rc<Conn>, call: Held, avoid: &Weak<Conn>, f
         match fallback {
             Fallback::Answer(frames) => conn.out.borrow_mut().extend_from_slice(&frames),
             Fallback::Reset(code) => frame::put_rst(&mut conn.out.borrow_mut(), call.stream, code),
+            Fallback::Status(code, message) => {
+                answer::end_call(conn, call.stream, true, code, message)
+            }
         }
         fwd.mark(conn);
         return;

@@ -2,11 +2,11 @@
 //! what a benchmark exercises plus the protocol a real peer needs, to learn what such a data
 //! path costs per call before building the real one.
 //!
-//! One thread; every connection (`conn.rs`) is an `Rc` owned by one task that reads its socket
-//! and forwards each frame at once into the other connection's output buffer (header blocks
-//! re-encoded field by field, DATA copied under flow control, `flow.rs`); when a batch of
-//! reads is done, every connection written to is flushed with one write, from the task that
-//! read, without waking the other task.
+//! One thread; every connection (`conn.rs`) is an `Rc` owned by one task (`task.rs`) that
+//! reads its socket and forwards each frame at once into the other connection's output buffer
+//! (header blocks re-encoded field by field, DATA copied under flow control, `flow.rs`); when
+//! a batch of reads is done, every connection written to is flushed with one write, from the
+//! task that read, without waking the other task.
 //!
 //! Protocol checks follow RFC 9113: frames of the wrong size or on the wrong stream end the
 //! connection with GOAWAY and the RFC's code (`control.rs`), stream state errors and malformed
@@ -16,17 +16,19 @@
 //! Every call also gets the bookkeeping fanout gives it (`account.rs`): fanout's balancer
 //! picks the endpoint, and the call is counted and timed as fanout's metrics do.
 //!
-//! The endpoints follow a set of addresses, each with one connection kept up (`endpoint.rs`):
-//! the first step of the sprint that would make this the real data path (`DESIGN.md`).
+//! The endpoints follow a set of addresses, each with one connection kept up and passive
+//! ejection (`endpoint.rs`): the first step of the sprint that would make this the real data
+//! path (`DESIGN.md`).
 //!
-//! The call layer of that sprint, so far: a new request takes the rules that apply to it
-//! (`open.rs`: the Service's method timeout and `waitForReady`, the upstream's timeouts);
+//! The call layer of that sprint: a new request takes the rules that apply to it (`open.rs`:
+//! the Service's method timeout, `waitForReady` and retry policy, the upstream's timeouts);
 //! calls end at their deadline or idle timeout (`deadline.rs`); a call with no endpoint ready
 //! waits for one (`held.rs`); a request an endpoint did not process opens again elsewhere
-//! (`replay.rs`).
+//! (`replay.rs`), and one that failed goes again as the Service's retry policy says
+//! (`policy.rs`).
 //!
-//! Left out on purpose (the real layer needs each): health checks, ejection, the Service's
-//! retry policy, the split, the admin endpoint, limits on streams per endpoint.
+//! Left out still (the real layer needs each): the split, active health checks, the admin
+//! endpoint, limits on streams per endpoint.
 
 use std::cell::RefCell;
 use std::io;
@@ -38,12 +40,9 @@ use fanout_balance::Picker;
 use fanout_proxy_config::Balancer;
 use fanout_proxy_config::service_config::ServiceConfig;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tokio::time::{Instant, Sleep};
-
-use crate::frame::{self, Head};
 
 mod account;
 mod answer;
@@ -58,6 +57,9 @@ mod open;
 mod policy;
 mod replay;
 mod streams;
+mod task;
+
+use task::Fatal;
 
 use endpoint::Endpoint;
 pub use endpoint::Settings;
@@ -224,7 +226,7 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
         };
         let conn = Conn::new(Role::Downstream, io);
         conn.flush();
-        tokio::task::spawn_local(run(conn, forwarder.clone()));
+        tokio::task::spawn_local(task::run(conn, forwarder.clone()));
     }
 }
 
@@ -262,198 +264,3 @@ pub fn spawn_thread_serving(listener: std::net::TcpListener, upstream: Upstream)
 
 /// The name of the thread [`spawn_thread`] starts, for tests that watch it for panics.
 pub const THREAD_NAME: &str = "fanout-wire-spike";
-
-async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
-    // What was read and not yet a whole frame, until the next read completes it. The read
-    // itself goes into the thread's one buffer: an idle connection holds no read buffer.
-    let mut stash = BytesMut::new();
-    let mut preface_seen = conn.role == Role::Upstream;
-    let upstream = conn.role == Role::Upstream;
-    // An endpoint's connection: the first PING's answer is due within the connect timeout,
-    // then keepalives (`keepalive`).
-    let keepalive = tokio::time::sleep(forwarder.settings.connect_timeout);
-    tokio::pin!(keepalive);
-    loop {
-        // With output waiting, the socket's writability is what to wait for. The wake-up that
-        // another task's flush leaves for this one is not: taken then, it would be taken again
-        // after every failed write, and the task would spin without ever yielding to the
-        // runtime's I/O driver, which alone can see the socket become writable again.
-        let pending_out = !conn.out.borrow().is_empty();
-        tokio::select! {
-            biased;
-            _ = conn.write_blocked.notified(), if !pending_out => {}
-            ready = conn.io.writable(), if pending_out => if ready.is_err() { break },
-            () = &mut keepalive, if upstream => {
-                if !keepalive_due(&conn, &forwarder.settings, keepalive.as_mut()) {
-                    break;
-                }
-            }
-            ready = conn.io.readable() => {
-                if ready.is_err() {
-                    break;
-                }
-                match read_frames(&conn, &forwarder, &mut stash, &mut preface_seen) {
-                    Read::Frames => {}
-                    Read::Nothing => continue,
-                    Read::End => break,
-                }
-            }
-        }
-        forwarder.mark(&conn);
-        forwarder.flush_dirty();
-        if conn.closed.get() || conn.is_done() {
-            break;
-        }
-    }
-    conn.closed.set(true);
-    conn.retired.notify_one();
-    // A write of ours may have met an endpoint's reset before we read what it sent first: a
-    // GOAWAY that names the streams it never processed, which can then go elsewhere.
-    if upstream {
-        while let Read::Frames = read_frames(&conn, &forwarder, &mut stash, &mut preface_seen) {}
-    }
-    held::forget(&forwarder, &conn);
-    // Every stream of a lost connection is cancelled on its other side, unless its call's
-    // retry policy sends it again (an endpoint lost before it answered: UNAVAILABLE).
-    let routes = std::mem::take(&mut *conn.routes.borrow_mut());
-    for (_, route) in routes {
-        let retried = upstream
-            && !route.headers_seen
-            && policy::after_failure(
-                &forwarder,
-                (&route.peer, route.peer_stream),
-                route.retry.as_deref(),
-                (14, fanout_balance::retry::Pushback::Absent),
-                &conn,
-                || policy::Fallback::Reset(frame::CANCEL),
-            ) == policy::Outcome::Retried;
-        if retried {
-            streams::give_back(&forwarder, &route);
-        } else {
-            streams::reset_other_side(&forwarder, &route, frame::CANCEL);
-        }
-    }
-    forwarder.mark(&conn);
-    forwarder.flush_dirty();
-}
-
-/// What a read of a connection's socket came to.
-enum Read {
-    /// Frames were read and handled.
-    Frames,
-    /// Nothing to read now.
-    Nothing,
-    /// The connection ends: closed by the peer, failed, or a connection error of the peer's.
-    End,
-}
-
-/// Reads what the socket holds and handles every whole frame; a frame's unread rest stays in
-/// `stash` until the next read completes it.
-fn read_frames(
-    conn: &Rc<Conn>,
-    forwarder: &Forwarder,
-    stash: &mut BytesMut,
-    preface_seen: &mut bool,
-) -> Read {
-    let mut read = forwarder.read.borrow_mut();
-    read.clear();
-    read.extend_from_slice(&std::mem::take(stash));
-    if read.capacity() - read.len() < READ_CHUNK / 4 {
-        read.reserve(READ_CHUNK);
-    }
-    match conn.io.try_read_buf(&mut *read) {
-        Ok(0) => return Read::End,
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            *stash = BytesMut::from(&read[..]);
-            return Read::Nothing;
-        }
-        Err(_) => return Read::End,
-    }
-    if !*preface_seen {
-        if read.len() < frame::PREFACE.len() {
-            *stash = BytesMut::from(&read[..]);
-            return Read::Frames;
-        }
-        if &read[..frame::PREFACE.len()] != frame::PREFACE {
-            go_away(conn, frame::PROTOCOL_ERROR);
-            return Read::End;
-        }
-        read.advance(frame::PREFACE.len());
-        *preface_seen = true;
-    }
-    while let Some(head) = Head::parse(&read) {
-        if head.len > frame::DEFAULT_MAX_FRAME {
-            go_away(conn, frame::FRAME_SIZE_ERROR);
-            return Read::End;
-        }
-        if read.len() < frame::HEADER_LEN + head.len {
-            break;
-        }
-        let payload = &read[frame::HEADER_LEN..frame::HEADER_LEN + head.len];
-        if let Err(Fatal(code)) = on_frame(conn, forwarder, head, payload) {
-            go_away(conn, code);
-            return Read::End;
-        }
-        read.advance(frame::HEADER_LEN + head.len);
-    }
-    if !read.is_empty() {
-        *stash = BytesMut::from(&read[..]);
-    }
-    Read::Frames
-}
-
-/// The keepalive timer of an endpoint's connection fired: a PING is sent when the last was
-/// answered an interval ago; `false` when the last is still unanswered (the endpoint is gone
-/// without a FIN or RST, or never spoke HTTP/2), and the connection is dropped.
-fn keepalive_due(conn: &Conn, settings: &Settings, timer: std::pin::Pin<&mut Sleep>) -> bool {
-    if conn.awaiting_pong.get() {
-        return false;
-    }
-    let now = Instant::now();
-    let due = conn.last_pong.get() + settings.keepalive_interval;
-    if now < due {
-        timer.reset(due);
-        return true;
-    }
-    frame::put_ping(&mut conn.out.borrow_mut());
-    conn.awaiting_pong.set(true);
-    timer.reset(now + settings.keepalive_timeout);
-    true
-}
-
-/// Ends the connection with `code` (RFC 9113 §5.4.1).
-fn go_away(conn: &Conn, code: u32) {
-    let last = conn.routes.borrow().keys().copied().max().unwrap_or(0);
-    frame::put_goaway(&mut conn.out.borrow_mut(), last, code);
-}
-
-/// A connection error: the connection ends with this code.
-struct Fatal(u32);
-
-fn on_frame(conn: &Rc<Conn>, fwd: &Forwarder, head: Head, payload: &[u8]) -> Result<(), Fatal> {
-    if !conn.settings_seen.replace(true) && head.kind != frame::SETTINGS {
-        return Err(Fatal(frame::PROTOCOL_ERROR));
-    }
-    // Nothing may come between a HEADERS and the CONTINUATIONs of its block (§6.10).
-    if let Some((stream, _, _)) = &*conn.partial.borrow()
-        && (head.kind != frame::CONTINUATION || head.stream != *stream)
-    {
-        return Err(Fatal(frame::PROTOCOL_ERROR));
-    }
-    match head.kind {
-        frame::DATA => streams::on_data(conn, fwd, head, payload),
-        frame::HEADERS => streams::on_headers_frame(conn, fwd, head, payload),
-        frame::CONTINUATION => streams::on_continuation(conn, fwd, head, payload),
-        frame::PRIORITY => control::on_priority(head, payload),
-        frame::RST_STREAM => control::on_rst_stream(conn, fwd, head, payload),
-        frame::SETTINGS => control::on_settings(conn, fwd, head, payload),
-        frame::PING => control::on_ping(conn, fwd, head, payload),
-        frame::WINDOW_UPDATE => control::on_window_update(conn, fwd, head, payload),
-        frame::GOAWAY => control::on_goaway(conn, fwd, head, payload),
-        // Push was turned off in our SETTINGS, and clients never push.
-        frame::PUSH_PROMISE => Err(Fatal(frame::PROTOCOL_ERROR)),
-        // Unknown types are ignored, as the RFC asks (§4.1).
-        _ => Ok(()),
-    }
-}

@@ -278,6 +278,7 @@ pub fn open_on(
         downstream.moved = Some(moved);
     }
     upstream.account = Some(CallAccount::start(picked, arrived, clock));
+    downstream.attempt_timer = attempt_timer(fwd, conn, stream, retry.as_deref(), clock.now);
     upstream.retry = retry.clone();
     downstream.retry = retry;
     endpoint.out.borrow_mut().extend_from_slice(&frames);
@@ -296,4 +297,19 @@ pub fn open_on(
     } else if !body.is_empty() || body_end {
         flow::send_data(fwd, endpoint, upstream_stream, body, body_end);
     }
+}
+
+/// The per-attempt timer of an attempt opened at `now`, if the call's retry policy sets one.
+pub fn attempt_timer(
+    fwd: &Forwarder,
+    conn: &Rc<Conn>,
+    stream: u32,
+    retry: Option<&MethodRetry>,
+    now: Instant,
+) -> Option<super::deadline::Deadline> {
+    let timeout = retry?.policy.as_ref()?.per_attempt_recv_timeout?;
+    Some(
+        fwd.deadlines
+            .insert(now + timeout, conn, stream, Kind::Attempt),
+    )
 }

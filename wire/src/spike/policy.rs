@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use fanout_balance::retry::{Attempt, Pushback, Verdict, verdict};
 
 use super::open::MethodRetry;
-use super::{Conn, Forwarder, held, streams};
+use super::{Conn, Forwarder, answer, held, streams};
 use crate::frame;
 
 /// What the client gets if the call does not go again.
@@ -22,7 +22,13 @@ pub enum Fallback {
     Answer(BytesMut),
     /// A reset of the client's stream with this code.
     Reset(u32),
+    /// A status of the proxy's own: grpc-status and message.
+    Status(&'static [u8], &'static [u8]),
 }
+
+/// What the client is told when the last attempt got no answer in time.
+pub const ATTEMPT_TIMED_OUT: &[u8] =
+    b"fanout: no answer within the retry policy's per-attempt timeout";
 
 /// What the call's retry policy made of a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,14 +63,15 @@ pub fn status_of_reset(code: u32) -> u16 {
 }
 
 /// The attempt on `avoid` of `client`'s `stream` failed with `status` before its answer
-/// started: the call's `retry` rules say whether it goes again. On [`Outcome::Retried`] the
+/// started (`None`: no answer within the per-attempt timeout): the call's `retry` rules say
+/// whether it goes again. On [`Outcome::Retried`] the
 /// call is held for its backoff (with `fallback` for its client should no endpoint be ready
 /// then), and the caller forgets the attempt.
 pub fn after_failure(
     fwd: &Forwarder,
     (client, stream): (&Rc<Conn>, u32),
     retry: Option<&MethodRetry>,
-    (status, pushback): (u16, Pushback),
+    (status, pushback): (Option<u16>, Pushback),
     avoid: &Rc<Conn>,
     fallback: impl FnOnce() -> Fallback,
 ) -> Outcome {
@@ -80,7 +87,7 @@ pub fn after_failure(
             return Outcome::No;
         };
         Attempt {
-            status: Some(status),
+            status,
             attempts: route.replay.as_ref().map_or(1, |r| r.attempts()),
             // The request ended and every byte of it is kept.
             whole_body: route.ended && route.replay.is_some(),
@@ -110,4 +117,50 @@ pub fn forget_attempt(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) {
         frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::CANCEL);
         fwd.mark(conn);
     }
+}
+
+/// The per-attempt timeout of `client`'s `stream` passed (`perAttemptRecvTimeout`): unless
+/// the endpoint answered meanwhile, the attempt is cancelled, and the call goes again as its
+/// policy says, or ends with DEADLINE_EXCEEDED.
+pub fn attempt_timed_out(fwd: &Forwarder, client: &Rc<Conn>, stream: u32) {
+    let (endpoint, endpoint_stream, retry) = {
+        let routes = client.routes.borrow();
+        let Some(route) = routes.get(&stream) else {
+            return;
+        };
+        (route.peer.clone(), route.peer_stream, route.retry.clone())
+    };
+    let unanswered = endpoint
+        .routes
+        .borrow()
+        .get(&endpoint_stream)
+        .is_some_and(|attempt| !attempt.headers_seen);
+    if !unanswered {
+        return;
+    }
+    let outcome = after_failure(
+        fwd,
+        (client, stream),
+        retry.as_deref(),
+        (None, Pushback::Absent),
+        &endpoint,
+        || Fallback::Status(answer::DEADLINE_EXCEEDED, ATTEMPT_TIMED_OUT),
+    );
+    if outcome != Outcome::Retried {
+        super::deadline::expire(fwd, client, stream, ATTEMPT_TIMED_OUT);
+        return;
+    }
+    let Some(mut attempt) = endpoint.routes.borrow_mut().remove(&endpoint_stream) else {
+        return;
+    };
+    if let Some(account) = &mut attempt.account {
+        account.set_status(Some(4));
+    }
+    streams::give_back(fwd, &attempt);
+    frame::put_rst(
+        &mut endpoint.out.borrow_mut(),
+        endpoint_stream,
+        frame::CANCEL,
+    );
+    fwd.mark(&endpoint);
 }

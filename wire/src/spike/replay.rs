@@ -157,6 +157,9 @@ pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>)
     set_stream(&mut replay.headers, endpoint_stream);
     route.peer = endpoint.clone();
     route.peer_stream = endpoint_stream;
+    // A new attempt: its own per-attempt time.
+    route.attempt_timer =
+        super::open::attempt_timer(fwd, client, stream, route.retry.as_deref(), Instant::now());
     let mut upstream = streams::route(client, stream, &endpoint, false);
     upstream.moved = route.moved.clone();
     upstream.retry = route.retry.clone();

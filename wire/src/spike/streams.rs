@@ -42,6 +42,8 @@ pub struct Route {
     pub deadline: Option<Deadline>,
     /// The call's idle timer, on its client-side stream.
     pub idle: Option<Deadline>,
+    /// The retry policy's per-attempt timer, on the client-side stream.
+    pub attempt_timer: Option<Deadline>,
     /// Frames moved on the call, on both its streams, when it has an idle timeout.
     pub moved: Option<Moved>,
     /// The retry rules of the call's method, on both its streams.
@@ -64,6 +66,7 @@ pub fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool
         account: None,
         deadline: None,
         idle: None,
+        attempt_timer: None,
         moved: None,
         retry: None,
         replay: None,
@@ -243,7 +246,7 @@ fn on_headers(
             fwd,
             (&peer, peer_stream),
             retry.as_deref(),
-            (code, pushback),
+            (Some(code), pushback),
             conn,
             || Fallback::Answer(frames.clone()),
         );
