@@ -3,7 +3,9 @@
 //! change of it applies to the next call; the idle timeout ends a call with nothing moving
 //! either way, and not one whose messages keep coming; a call that finds no endpoint ready
 //! waits for one while an endpoint is still connecting, and a `waitForReady` method until its
-//! deadline, its request body held meanwhile; a cancelled waiting call never reaches a backend.
+//! deadline, its request body held meanwhile; a cancelled waiting call never reaches a backend;
+//! a weighted split gives each Service its share, and a Service with no endpoint gives its
+//! share away.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::{free_port, pod_ip};
 use fanout_e2e::raw;
 use fanout_proxy_config::service_config::ServiceConfig;
-use fanout_wire::spike::{Settings, Upstream};
+use fanout_wire::spike::{Settings, SplitSpec, Upstream};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -41,6 +43,7 @@ fn spike(
     let upstream = Upstream {
         endpoints: watch::channel(endpoints).1,
         service_config,
+        split: watch::channel(None).1,
         settings,
     };
     fanout_wire::spike::spawn_thread_serving(listener, upstream);
@@ -335,4 +338,67 @@ async fn a_call_waits_while_an_endpoint_is_still_connecting_and_its_body_follows
     assert_eq!((streamed.count, streamed.bytes), (3, 3_000), "{streamed:?}");
     assert!(took >= Duration::from_millis(900), "{took:?}");
     assert_eq!(stats.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_gives_each_service_its_share_and_a_service_gone_gives_its_share_away() {
+    let mut stable = Vec::new();
+    for n in [5, 6] {
+        stable.push(backend(n, &format!("stable-{n}")).await.0);
+    }
+    let (canary, _) = backend(7, "canary").await;
+    let spec = |stable_weight, canary_weight| {
+        let mut service_of = std::collections::HashMap::new();
+        for addr in &stable {
+            service_of.insert(*addr, "shop/app".to_string());
+        }
+        service_of.insert(canary, "shop/app-canary".to_string());
+        Some(SplitSpec {
+            targets: vec![
+                ("shop/app".into(), stable_weight),
+                ("shop/app-canary".into(), canary_weight),
+            ],
+            service_of,
+        })
+    };
+    let all: Vec<SocketAddr> = stable.iter().copied().chain([canary]).collect();
+    let (set_tx, set_rx) = watch::channel(all);
+    let (split_tx, split_rx) = watch::channel(spec(90, 10));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listen = listener.local_addr().unwrap();
+    let upstream = Upstream {
+        endpoints: set_rx,
+        service_config: watch::channel(None).1,
+        split: split_rx,
+        settings: Settings::default(),
+    };
+    fanout_wire::spike::spawn_thread_serving(listener, upstream);
+    let app = client(listen).await;
+    let canary_share = |calls: usize| {
+        let mut app = app.clone();
+        async move {
+            let mut to_canary = 0;
+            for _ in 0..calls {
+                let reply = app.unary(delayed(0)).await.unwrap().into_inner();
+                to_canary += usize::from(reply.backend == "canary");
+            }
+            to_canary
+        }
+    };
+
+    // 90 / 10 over 2,000 calls: the canary's count is binomial, 200 ± 13.4 (σ).
+    let share = canary_share(2_000).await;
+    assert!((150..=250).contains(&share), "canary: {share} of 2,000");
+
+    // The owner moves the split to 50 / 50: it applies to the next calls.
+    split_tx.send(spec(50, 50)).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let share = canary_share(1_000).await;
+    assert!((430..=570).contains(&share), "canary: {share} of 1,000");
+
+    // The canary's pod leaves: its share goes to the stable Service, and no call fails.
+    set_tx.send(stable.clone()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(canary_share(500).await, 0);
 }

@@ -47,6 +47,7 @@ fn spike(endpoints: Vec<SocketAddr>, config: Value) -> SocketAddr {
     let upstream = Upstream {
         endpoints: watch::channel(endpoints).1,
         service_config: watch::channel(Some(Arc::new(config))).1,
+        split: watch::channel(None).1,
         settings: Settings::default(),
     };
     fanout_wire::spike::spawn_thread_serving(listener, upstream);

@@ -1,199 +1,26 @@
-//! A weighted split of an upstream over Services (a canary: `app` 90, `app-canary` 10), as
-//! the discovery server delivers it: each call first draws a Service by weight, then the
-//! balancer picks among that Service's endpoints. A Service with no ready endpoint gives its
-//! share to the others, so a canary that is down costs no calls.
-
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! A weighted split of an upstream over Services (a canary): the pure logic lives in
+//! `fanout_balance::split`, shared with the wire data path; here, its report.
 
 use serde_json::{Value, json};
 
-use crate::balance::Candidate;
+pub use fanout_balance::split::{Split, SplitSpec};
 
-/// What the snapshot says: the targets with their weights, and which Service each endpoint
-/// address belongs to.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SplitSpec {
-    pub targets: Vec<(String, u32)>,
-    pub service_of: HashMap<SocketAddr, String>,
-}
-
-struct Target<E> {
-    service: String,
-    weight: u32,
-    members: Vec<Arc<E>>,
-}
-
-/// The spec applied to the upstream's current endpoints.
-pub struct Split<E> {
-    targets: Vec<Target<E>>,
-}
-
-impl<E: Candidate> Split<E> {
-    /// `addr_of`: an endpoint's address (its key in `spec.service_of`).
-    pub fn new(spec: &SplitSpec, endpoints: &[Arc<E>], addr_of: impl Fn(&E) -> SocketAddr) -> Self {
-        let mut targets: Vec<Target<E>> = spec
-            .targets
-            .iter()
-            .map(|(service, weight)| Target {
-                service: service.clone(),
-                weight: *weight,
-                members: Vec::new(),
+/// For `/endpoints`: each Service, its weight and its endpoints (ready of all).
+pub fn state_json<P, E>(split: &Split<P>) -> Value
+where
+    P: std::ops::Deref<Target = E> + Clone,
+    E: fanout_balance::Candidate,
+{
+    let targets: Vec<Value> = split
+        .targets()
+        .map(|t| {
+            json!({
+                "service": t.service,
+                "weight": t.weight,
+                "endpoints": t.endpoints,
+                "ready": t.ready,
             })
-            .collect();
-        for endpoint in endpoints {
-            let Some(service) = spec.service_of.get(&addr_of(endpoint)) else {
-                continue;
-            };
-            if let Some(target) = targets.iter_mut().find(|t| &t.service == service) {
-                target.members.push(endpoint.clone());
-            }
-        }
-        Self { targets }
-    }
-
-    /// Whether any endpoint belongs to one of its Services (none: the endpoints came from
-    /// somewhere else, such as DNS while the discovery server is away).
-    pub fn covers_any(&self) -> bool {
-        self.targets.iter().any(|t| !t.members.is_empty())
-    }
-
-    /// Draws a Service by weight among those `pick` finds an endpoint in, and returns that
-    /// endpoint: a Service where `pick` finds none is left out and the draw made again over the
-    /// rest.
-    pub fn pick(&self, pick: impl Fn(&[Arc<E>]) -> Option<Arc<E>>) -> Option<Arc<E>> {
-        let mut left_out = 0u64;
-        let eligible = |i: usize, t: &Target<E>, left_out: u64| {
-            t.weight > 0 && !t.members.is_empty() && (i >= 64 || left_out & (1 << i) == 0)
-        };
-        loop {
-            let total: u32 = self
-                .targets
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| eligible(*i, t, left_out))
-                .map(|(_, t)| t.weight)
-                .sum();
-            if total == 0 {
-                return None;
-            }
-            let mut draw = fastrand::u32(0..total);
-            let (i, target) = self
-                .targets
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| eligible(*i, t, left_out))
-                .find(|(_, t)| {
-                    if draw < t.weight {
-                        return true;
-                    }
-                    draw -= t.weight;
-                    false
-                })?;
-            if let Some(endpoint) = pick(&target.members) {
-                return Some(endpoint);
-            }
-            if i >= 64 {
-                // Beyond what the mask tracks (splits that long are not sensible): give up.
-                return None;
-            }
-            left_out |= 1 << i;
-        }
-    }
-
-    /// For `/endpoints`: each Service, its weight and its endpoints (ready of all).
-    pub fn state_json(&self) -> Value {
-        let targets: Vec<Value> = self
-            .targets
-            .iter()
-            .map(|t| {
-                json!({
-                    "service": t.service,
-                    "weight": t.weight,
-                    "endpoints": t.members.len(),
-                    "ready": t.members.iter().filter(|e| e.is_ready()).count(),
-                })
-            })
-            .collect();
-        Value::Array(targets)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use super::*;
-    use crate::latency::Clock;
-
-    struct Fake {
-        addr: SocketAddr,
-        ready: AtomicBool,
-    }
-
-    impl Candidate for Fake {
-        fn is_ready(&self) -> bool {
-            self.ready.load(Ordering::Relaxed)
-        }
-        fn outstanding(&self) -> usize {
-            0
-        }
-        fn latency(&self, _: &Clock) -> Option<f64> {
-            None
-        }
-        fn last_pick(&self) -> u64 {
-            0
-        }
-        fn set_last_pick(&self, _: u64) {}
-    }
-
-    fn fakes(count: usize, first: u8) -> Vec<Arc<Fake>> {
-        (0..count)
-            .map(|i| {
-                Arc::new(Fake {
-                    addr: SocketAddr::from(([10, 0, first, i as u8], 80)),
-                    ready: AtomicBool::new(true),
-                })
-            })
-            .collect()
-    }
-
-    fn any_ready(members: &[Arc<Fake>]) -> Option<Arc<Fake>> {
-        members.iter().find(|e| e.is_ready()).cloned()
-    }
-
-    #[test]
-    fn calls_follow_the_weights_and_a_service_without_ready_endpoints_gives_its_share_away() {
-        let stable = fakes(3, 0);
-        let canary = fakes(1, 1);
-        let mut spec = SplitSpec {
-            targets: vec![("shop/app".into(), 90), ("shop/app-canary".into(), 10)],
-            ..SplitSpec::default()
-        };
-        for e in &stable {
-            spec.service_of.insert(e.addr, "shop/app".into());
-        }
-        spec.service_of
-            .insert(canary[0].addr, "shop/app-canary".into());
-        let all: Vec<Arc<Fake>> = stable.iter().chain(&canary).cloned().collect();
-        let split = Split::new(&spec, &all, |e| e.addr);
-        let to_canary = |split: &Split<Fake>| {
-            (0..10_000)
-                .filter(|_| split.pick(any_ready).unwrap().addr == canary[0].addr)
-                .count()
-        };
-        let share = to_canary(&split);
-        assert!((800..=1200).contains(&share), "{share} of 10,000");
-        canary[0].ready.store(false, Ordering::Relaxed);
-        assert_eq!(to_canary(&split), 0);
-        for e in &stable {
-            e.ready.store(false, Ordering::Relaxed);
-        }
-        assert!(split.pick(any_ready).is_none());
-        let state = split.state_json();
-        assert_eq!(state[1]["service"], "shop/app-canary");
-        assert_eq!(state[1]["weight"], 10);
-        assert_eq!(state[0]["endpoints"], 3);
-    }
+        })
+        .collect();
+    Value::Array(targets)
 }

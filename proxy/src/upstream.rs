@@ -51,7 +51,7 @@ pub struct Upstream {
     pub policy: Live<Policy>,
     /// A weighted split over Services, when the discovery server delivers one.
     split_spec: Mutex<Option<SplitSpec>>,
-    split: RwLock<Option<Arc<Split<Endpoint>>>>,
+    split: RwLock<Option<Arc<Split<Arc<Endpoint>>>>>,
 }
 
 /// The proxy counts as ready to serve once every upstream's discovery answered, or after this

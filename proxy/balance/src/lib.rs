@@ -6,6 +6,7 @@
 //! - `latency`: each endpoint's latency estimate, aged in time and in calls.
 //! - `budget`: the retry budget, a token bucket counted in calls.
 //! - `eject`: passive ejection of endpoints that keep failing.
+//! - `split`: a weighted split over Services (a canary), drawn per call.
 //! - `retry`: the Service's retry policy: throttling, backoff, pushback, the verdict.
 //! - `simulation` (tests): the picker and the estimates over simulated endpoints.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod budget;
 pub mod eject;
 pub mod latency;
 pub mod retry;
+pub mod split;
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -76,7 +76,7 @@ impl Upstream {
             "service_config": self.service_config.state_json(),
             "policy": self.policy.state_json(),
             "split": self.split.read().unwrap_or_else(|e| e.into_inner()).as_ref()
-                .map(|split| split.state_json()),
+                .map(|split| crate::split::state_json(split.as_ref())),
         })
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use fanout_balance::Candidate;
 use fanout_balance::eject::{self, Ejection};
 use fanout_balance::latency::{Clock, Latency};
+use fanout_balance::split::SplitSpec;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
@@ -219,6 +220,20 @@ fn update(fwd: &Rc<Forwarder>, addrs: &HashSet<SocketAddr>) {
         tokio::task::spawn_local(keep_connected(endpoint, fwd.clone()));
     }
     fwd.picker.set_endpoint_count(endpoints.len());
+    drop(endpoints);
+    fwd.regroup();
+}
+
+/// Keeps the forwarder's split equal to the latest spec, until its sender is gone.
+pub async fn follow_split(mut spec: watch::Receiver<Option<SplitSpec>>, fwd: Rc<Forwarder>) {
+    loop {
+        let current = spec.borrow_and_update().clone();
+        *fwd.split_spec.borrow_mut() = current;
+        fwd.regroup();
+        if spec.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Keeps one connection to `endpoint` up until the endpoint is removed.

@@ -27,8 +27,10 @@
 //! (`replay.rs`), and one that failed goes again as the Service's retry policy says
 //! (`policy.rs`).
 //!
-//! Left out still (the real layer needs each): the split, active health checks, the admin
-//! endpoint, limits on streams per endpoint.
+//! A weighted split over Services (a canary) draws the Service before the balancer picks.
+//!
+//! Left out still (the real layer needs each): active health checks, the admin endpoint,
+//! limits on streams per endpoint.
 
 use std::cell::RefCell;
 use std::io;
@@ -37,6 +39,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use fanout_balance::Picker;
+use fanout_balance::split::Split;
 use fanout_proxy_config::Balancer;
 use fanout_proxy_config::service_config::ServiceConfig;
 
@@ -63,6 +66,7 @@ use task::Fatal;
 
 use endpoint::Endpoint;
 pub use endpoint::Settings;
+pub use fanout_balance::split::SplitSpec;
 
 pub use conn::Conn;
 use conn::Role;
@@ -95,6 +99,9 @@ pub struct Forwarder {
     service_config: RefCell<Option<Rc<open::ServiceRules>>>,
     /// Calls waiting for an endpoint to become ready.
     held: RefCell<Vec<held::Held>>,
+    /// The upstream's weighted split over Services, as given and as applied to the endpoints.
+    split_spec: RefCell<Option<SplitSpec>>,
+    split: RefCell<Option<Split<Rc<Endpoint>>>>,
 }
 
 impl Forwarder {
@@ -126,8 +133,23 @@ impl Forwarder {
         }
     }
 
+    /// A ready endpoint for a new call: with a split, of the Service drawn by weight.
     fn pick(&self) -> Option<Rc<Endpoint>> {
+        if let Some(split) = &*self.split.borrow() {
+            return split.pick(|members| self.picker.pick(members));
+        }
         self.picker.pick(&self.endpoints.borrow())
+    }
+
+    /// Groups the endpoints by the split's Services; endpoints the split does not know are
+    /// balanced as one set instead.
+    fn regroup(&self) {
+        let split = self
+            .split_spec
+            .borrow()
+            .as_ref()
+            .map(|spec| Split::new(spec, &self.endpoints.borrow(), |e: &Endpoint| e.addr));
+        *self.split.borrow_mut() = split.filter(Split::covers_any);
     }
 
     /// Until every endpoint's first connection became ready or failed.
@@ -170,11 +192,12 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
     Ok(())
 }
 
-/// What the spike serves: an upstream's live endpoint set and its Service's live service
-/// config, and its settings.
+/// What the spike serves: an upstream's live endpoint set, its Service's live service config
+/// and weighted split, and its settings.
 pub struct Upstream {
     pub endpoints: watch::Receiver<Vec<SocketAddr>>,
     pub service_config: watch::Receiver<Option<Arc<ServiceConfig>>>,
+    pub split: watch::Receiver<Option<SplitSpec>>,
     pub settings: Settings,
 }
 
@@ -184,6 +207,7 @@ impl Upstream {
         Upstream {
             endpoints: set,
             service_config: watch::channel(None).1,
+            split: watch::channel(None).1,
             settings,
         }
     }
@@ -197,6 +221,7 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
     let Upstream {
         endpoints: set,
         service_config,
+        split,
         settings,
     } = upstream;
     let forwarder = Rc::new(Forwarder {
@@ -211,7 +236,10 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
         budget: fanout_balance::budget::Budget::new(RETRY_BUDGET_PERCENT),
         service_config: RefCell::new(None),
         held: RefCell::new(Vec::new()),
+        split_spec: RefCell::new(None),
+        split: RefCell::new(None),
     });
+    tokio::task::spawn_local(endpoint::follow_split(split, forwarder.clone()));
     tokio::task::spawn_local(open::follow(service_config, forwarder.clone()));
     tokio::task::spawn_local(deadline::run(forwarder.clone()));
     let any_wanted = !set.borrow().is_empty();
