@@ -44,7 +44,7 @@ fn spike(
         endpoints: watch::channel(endpoints).1,
         service_config,
         split: watch::channel(None).1,
-        settings,
+        settings: watch::channel(settings).1,
     };
     fanout_wire::spike::spawn_thread_serving(listener, upstream);
     listen
@@ -371,7 +371,7 @@ async fn a_weighted_split_gives_each_service_its_share_and_a_service_gone_gives_
         endpoints: set_rx,
         service_config: watch::channel(None).1,
         split: split_rx,
-        settings: Settings::default(),
+        settings: watch::channel(Settings::default()).1,
     };
     fanout_wire::spike::spawn_thread_serving(listener, upstream);
     let app = client(listen).await;
@@ -401,4 +401,37 @@ async fn a_weighted_split_gives_each_service_its_share_and_a_service_gone_gives_
     set_tx.send(stable.clone()).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(canary_share(500).await, 0);
+}
+
+/// The upstream's settings are live too (the Service's `fanout.dev/policy` sets its request
+/// and idle timeouts): a timeout set while the spike runs applies to the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_timeout_set_while_running_applies_to_the_next_call() {
+    let (addr, _) = backend(8, "backend-8").await;
+    let (settings_tx, settings_rx) = watch::channel(Settings::default());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listen = listener.local_addr().unwrap();
+    let upstream = Upstream {
+        endpoints: watch::channel(vec![addr]).1,
+        service_config: watch::channel(None).1,
+        split: watch::channel(None).1,
+        settings: settings_rx,
+    };
+    fanout_wire::spike::spawn_thread_serving(listener, upstream);
+    let mut app = client(listen).await;
+    let reply = app.unary(delayed(300)).await.unwrap().into_inner();
+    assert_eq!(reply.backend, "backend-8");
+
+    settings_tx
+        .send(Settings {
+            call_timeout: Some(Duration::from_millis(100)),
+            ..Settings::default()
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let status = app.unary(delayed(300)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_millis(290));
 }

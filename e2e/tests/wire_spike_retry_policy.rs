@@ -48,7 +48,7 @@ fn spike(endpoints: Vec<SocketAddr>, config: Value) -> SocketAddr {
         endpoints: watch::channel(endpoints).1,
         service_config: watch::channel(Some(Arc::new(config))).1,
         split: watch::channel(None).1,
-        settings: Settings::default(),
+        settings: watch::channel(Settings::default()).1,
     };
     fanout_wire::spike::spawn_thread_serving(listener, upstream);
     listen

@@ -123,7 +123,7 @@ impl Endpoint {
         let Some(fwd) = self.upstream.upgrade() else {
             return;
         };
-        let config = fwd.settings.ejection;
+        let config = fwd.settings().ejection;
         let failed = eject::is_failure(status);
         if !self
             .ejection
@@ -238,7 +238,7 @@ pub async fn follow_split(mut spec: watch::Receiver<Option<SplitSpec>>, fwd: Rc<
 
 /// Keeps one connection to `endpoint` up until the endpoint is removed.
 async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
-    let settings = fwd.settings;
+    let settings = fwd.settings();
     let mut backoff = BACKOFF_MIN;
     while !endpoint.removed.get() {
         let connect =

@@ -59,7 +59,7 @@ pub fn hold(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, opening: Opening, wai
     let until = if wait_for_ready {
         opening.deadline
     } else if connecting {
-        let limit = opening.arrived + fwd.settings.connect_timeout;
+        let limit = opening.arrived + fwd.settings().connect_timeout;
         Some(
             opening
                 .deadline
@@ -110,7 +110,7 @@ pub fn retry_later(
         end: !body_end,
         arrived,
         deadline: route.deadline.as_ref().map(|d| d.at()),
-        idle: fwd.settings.idle_timeout,
+        idle: fwd.settings().idle_timeout,
         retry: route.retry.take(),
         reopens: reopens + 1,
         replayed: true,

@@ -32,7 +32,7 @@
 //! Left out still (the real layer needs each): active health checks, the admin endpoint,
 //! limits on streams per endpoint.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -87,7 +87,8 @@ pub struct Forwarder {
     endpoints: RefCell<Vec<Rc<Endpoint>>>,
     picker: Picker,
     dirty: RefCell<Vec<Rc<Conn>>>,
-    settings: Settings,
+    /// The latest settings (the Service's policy changes some of them live).
+    settings: Cell<Settings>,
     /// The upstream's call durations, shared by its endpoints.
     duration: prometheus_client::metrics::histogram::Histogram,
     /// Woken when an endpoint's first connection became ready or failed.
@@ -105,6 +106,10 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    fn settings(&self) -> Settings {
+        self.settings.get()
+    }
+
     fn mark(&self, conn: &Rc<Conn>) {
         if !conn.dirty.replace(true) {
             self.dirty.borrow_mut().push(conn.clone());
@@ -192,13 +197,13 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
     Ok(())
 }
 
-/// What the spike serves: an upstream's live endpoint set, its Service's live service config
-/// and weighted split, and its settings.
+/// What the spike serves, each part live: an upstream's endpoint set, its Service's service
+/// config and weighted split, and its settings.
 pub struct Upstream {
     pub endpoints: watch::Receiver<Vec<SocketAddr>>,
     pub service_config: watch::Receiver<Option<Arc<ServiceConfig>>>,
     pub split: watch::Receiver<Option<SplitSpec>>,
-    pub settings: Settings,
+    pub settings: watch::Receiver<Settings>,
 }
 
 impl Upstream {
@@ -208,7 +213,7 @@ impl Upstream {
             endpoints: set,
             service_config: watch::channel(None).1,
             split: watch::channel(None).1,
-            settings,
+            settings: watch::channel(settings).1,
         }
     }
 }
@@ -222,14 +227,15 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
         endpoints: set,
         service_config,
         split,
-        settings,
+        settings: live_settings,
     } = upstream;
+    let settings = *live_settings.borrow();
     let forwarder = Rc::new(Forwarder {
         endpoints: RefCell::new(Vec::new()),
         picker: Picker::new(Balancer::PeakEwma),
         dirty: RefCell::new(Vec::new()),
         read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
-        settings,
+        settings: Cell::new(settings),
         duration: account::duration_histogram(),
         endpoint_settled: Notify::new(),
         deadlines: Rc::default(),
@@ -240,6 +246,7 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
         split: RefCell::new(None),
     });
     tokio::task::spawn_local(endpoint::follow_split(split, forwarder.clone()));
+    tokio::task::spawn_local(follow_settings(live_settings, forwarder.clone()));
     tokio::task::spawn_local(open::follow(service_config, forwarder.clone()));
     tokio::task::spawn_local(deadline::run(forwarder.clone()));
     let any_wanted = !set.borrow().is_empty();
@@ -255,6 +262,14 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
         let conn = Conn::new(Role::Downstream, io);
         conn.flush();
         tokio::task::spawn_local(task::run(conn, forwarder.clone()));
+    }
+}
+
+/// Keeps the forwarder's settings equal to the latest, until their sender is gone. A call
+/// takes its timeouts when it opens; connections take theirs when they connect.
+async fn follow_settings(mut settings: watch::Receiver<Settings>, fwd: Rc<Forwarder>) {
+    while settings.changed().await.is_ok() {
+        fwd.settings.set(*settings.borrow_and_update());
     }
 }
 

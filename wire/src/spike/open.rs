@@ -177,7 +177,7 @@ pub fn open(
             hpack::encode_field(&mut frames, name, value, indexing)
         })?;
     }
-    let timeout = [client_timeout, fwd.settings.call_timeout, method.timeout]
+    let timeout = [client_timeout, fwd.settings().call_timeout, method.timeout]
         .into_iter()
         .flatten()
         .min();
@@ -209,7 +209,7 @@ pub fn open(
         end,
         arrived: clock.now,
         deadline: timeout.map(|timeout| clock.now + timeout),
-        idle: fwd.settings.idle_timeout,
+        idle: fwd.settings().idle_timeout,
         retry: method.retry,
         reopens: 0,
         replayed: false,

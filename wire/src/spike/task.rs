@@ -21,7 +21,7 @@ pub(super) async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
     let upstream = conn.role == Role::Upstream;
     // An endpoint's connection: the first PING's answer is due within the connect timeout,
     // then keepalives (`keepalive`).
-    let keepalive = tokio::time::sleep(forwarder.settings.connect_timeout);
+    let keepalive = tokio::time::sleep(forwarder.settings().connect_timeout);
     tokio::pin!(keepalive);
     loop {
         // With output waiting, the socket's writability is what to wait for. The wake-up that
@@ -34,7 +34,7 @@ pub(super) async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
             _ = conn.write_blocked.notified(), if !pending_out => {}
             ready = conn.io.writable(), if pending_out => if ready.is_err() { break },
             () = &mut keepalive, if upstream => {
-                if !keepalive_due(&conn, &forwarder.settings, keepalive.as_mut()) {
+                if !keepalive_due(&conn, &forwarder.settings(), keepalive.as_mut()) {
                     break;
                 }
             }
