@@ -31,6 +31,8 @@ pub struct Behaviour {
     /// pod warming up.
     pub slow_first_calls: u64,
     pub slow_first_delay: Duration,
+    /// Sent with every failure as `grpc-retry-pushback-ms`: when (or whether) to retry.
+    pub pushback: Option<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -161,7 +163,14 @@ impl Backend {
             return Err(Status::new(message.fail_code.into(), message.fail_message));
         }
         if self.behaviour.fail_percent > 0 && fastrand::u32(0..100) < self.behaviour.fail_percent {
-            return Err(Status::unavailable(format!("{} fails on purpose", self.id)));
+            let mut status = Status::unavailable(format!("{} fails on purpose", self.id));
+            if let Some(pushback) = self.behaviour.pushback {
+                status.metadata_mut().insert(
+                    "grpc-retry-pushback-ms",
+                    tonic::metadata::MetadataValue::from_static(pushback),
+                );
+            }
+            return Err(status);
         }
         let payload = if message.reply_bytes > 0 {
             vec![b'r'; message.reply_bytes as usize]
@@ -260,12 +269,19 @@ impl Test for Backend {
                 *response.metadata_mut() = headers;
                 Ok(response)
             }
-            // A failed call echoes the metadata in its trailers, beside grpc-status.
-            Err(status) => Err(Status::with_metadata(
-                status.code(),
-                status.message(),
-                headers,
-            )),
+            // A failed call echoes the metadata in its trailers, beside grpc-status (and its
+            // pushback, if it has one).
+            Err(status) => {
+                let mut metadata = headers;
+                if let Some(pushback) = status.metadata().get("grpc-retry-pushback-ms") {
+                    metadata.insert("grpc-retry-pushback-ms", pushback.clone());
+                }
+                Err(Status::with_metadata(
+                    status.code(),
+                    status.message(),
+                    metadata,
+                ))
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fanout_e2e::backend::proto::EchoRequest;
+use fanout_e2e::backend::proto::{EchoRequest, StatsRequest};
 use fanout_e2e::backend::{Backend, Behaviour, Stats};
 use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::pod_ip;
@@ -239,5 +239,68 @@ async fn an_attempt_slower_than_the_per_attempt_timeout_goes_to_another_endpoint
         took >= std::time::Duration::from_millis(300)
             && took < std::time::Duration::from_millis(800),
         "{took:?}"
+    );
+}
+
+/// The server's `grpc-retry-pushback-ms` sets the wait before the retry, and a retry waits
+/// out its wait even when an endpoint becomes ready meanwhile (its other endpoint, here,
+/// 300 ms into a 600 ms pushback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_out_the_servers_pushback_even_when_an_endpoint_comes_up() {
+    use std::time::{Duration, Instant};
+    use tokio::net::{TcpListener, TcpStream};
+
+    let pushing_back = Behaviour {
+        fail_percent: 100,
+        pushback: Some("600"),
+        ..Behaviour::default()
+    };
+    let (failing, _) = backends(12, 1, pushing_back).await;
+    let (healthy, _) = backends(13, 1, Behaviour::default()).await;
+    // The healthy endpoint's first connection takes 300 ms to be ready (a relay that waits).
+    let relay = TcpListener::bind(SocketAddr::new(pod_ip(14), 0))
+        .await
+        .unwrap();
+    let slow = relay.local_addr().unwrap();
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel::<Instant>();
+    let backend = healthy[0];
+    tokio::spawn(async move {
+        let (mut accepted_conn, _) = relay.accept().await.unwrap();
+        let _ = accepted_tx.send(Instant::now());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut relayed = TcpStream::connect(backend).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut accepted_conn, &mut relayed).await;
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listen = listener.local_addr().unwrap();
+    let config =
+        ServiceConfig::parse(&retry_policy(2, json!(["UNAVAILABLE"])).to_string()).unwrap();
+    let (set_tx, set_rx) = watch::channel(vec![failing[0]]);
+    let upstream = Upstream {
+        endpoints: set_rx,
+        service_config: watch::channel(Some(Arc::new(config))).1,
+        split: watch::channel(None).1,
+        settings: watch::channel(Settings::default()).1,
+    };
+    fanout_wire::spike::spawn_thread_serving(listener, upstream);
+    let mut app = client(listen).await;
+    // The spike serves this client (Stats never fails) before the endpoint set changes: it
+    // takes clients only once its first endpoints settled, and must not wait for the new one.
+    app.stats(StatsRequest {}).await.unwrap();
+
+    set_tx.send(vec![failing[0], slow]).unwrap();
+    let connecting_since = accepted.await.unwrap();
+    let reply = app
+        .unary(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let took = connecting_since.elapsed();
+    assert_eq!(reply.backend, "backend-13");
+    assert!(took >= Duration::from_millis(590), "retried after {took:?}");
+    assert!(
+        took < Duration::from_millis(1_500),
+        "retried after {took:?}"
     );
 }

@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
             fail_percent: args.fail_percent,
             slow_first_calls: args.slow_first_calls,
             slow_first_delay: Duration::from_millis(args.slow_first_delay_ms),
+            pushback: None,
         },
     );
     if args.not_serving_for_ms > 0 {

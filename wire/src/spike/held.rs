@@ -234,6 +234,11 @@ pub fn open_waiting(fwd: &Forwarder) {
         let Some(conn) = call.conn.upgrade() else {
             continue;
         };
+        // A retry waits out its backoff, endpoint ready or not.
+        if call.retry.is_some() {
+            still.push(call);
+            continue;
+        }
         let picked = fwd.pick();
         let Some((picked, endpoint)) = picked.and_then(|p| Some((p.clone(), p.ready_conn()?)))
         else {
