@@ -26,6 +26,10 @@ use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, flow, held};
 use crate::frame;
 use crate::hpack;
 
+/// Room for a header block's frames as re-encoded (fields written out without a table):
+/// enough for a usual gRPC request or answer, so that the buffer does not grow field by field.
+pub const HEADER_FRAMES_CAPACITY: usize = 512;
+
 /// A request ready to open on an endpoint.
 pub struct Opening {
     /// Its HEADERS and CONTINUATION frames, whole; the stream id is written when it opens.
@@ -148,7 +152,8 @@ pub fn open(
     conn.last_peer_stream.set(stream);
     let end = flags & frame::END_STREAM != 0;
     let mut check = FieldCheck::new(Block::Request);
-    let mut frames = BytesMut::new();
+    // Sized for a usual request's fields re-encoded without a table: no growth per call.
+    let mut frames = BytesMut::with_capacity(HEADER_FRAMES_CAPACITY.max(2 * block.len()));
     // The endpoint's stream id is known only once an endpoint is picked: written then.
     let at = frame::begin_frame(
         &mut frames,

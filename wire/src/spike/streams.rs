@@ -193,7 +193,7 @@ fn on_headers(
     let mut check = FieldCheck::new(kind);
     let mut status = None;
     let mut pushback = Pushback::Absent;
-    let mut frames = BytesMut::new();
+    let mut frames = BytesMut::with_capacity(open::HEADER_FRAMES_CAPACITY.max(2 * block.len()));
     let at = frame::begin_frame(
         &mut frames,
         frame::HEADERS,
