@@ -13,7 +13,7 @@ use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
 use fanout_e2e::backend::{Backend, Behaviour, Stats};
 use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::raw;
-use fanout_wire::spike::Settings;
+use fanout_wire::spike::{Settings, Upstream};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -25,11 +25,8 @@ async fn setup(settings: Settings) -> (SocketAddr, Arc<Stats>) {
     let backend = Backend::new("backend-0", Behaviour::default());
     let stats = backend.stats();
     let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let (_, set) = tokio::sync::watch::channel(vec![addr]);
-    fanout_wire::spike::spawn_thread_following(listener, set, settings);
+    let listen = fanout_wire::spike::spawn_on_loopback(Upstream::following(set, settings));
     (listen, stats)
 }
 

@@ -14,18 +14,14 @@ use fanout_e2e::backend_process::{self, BackendProcess};
 use fanout_e2e::fleet::client;
 use fanout_e2e::open_load::Load;
 use fanout_e2e::proxy::pod_ip;
-use fanout_wire::spike::Settings;
+use fanout_wire::spike::{Settings, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// The spike on a thread of its own, following `set`; its address.
 fn spike(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
-    fanout_wire::spike::spawn_thread_following(listener, set, settings);
-    listen
+    fanout_wire::spike::spawn_on_loopback(Upstream::following(set, settings))
 }
 
 /// `calls` calls one after another: how many each backend answered, and the failures.

@@ -37,17 +37,13 @@ fn spike(
     service_config: watch::Receiver<Option<Arc<ServiceConfig>>>,
     settings: Settings,
 ) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let upstream = Upstream {
         endpoints: watch::channel(endpoints).1,
         service_config,
         split: watch::channel(None).1,
         settings: watch::channel(settings).1,
     };
-    fanout_wire::spike::spawn_thread_serving(listener, upstream);
-    listen
+    fanout_wire::spike::spawn_on_loopback(upstream)
 }
 
 async fn backend(n: usize, id: &str) -> (SocketAddr, Arc<Stats>) {
@@ -293,14 +289,11 @@ async fn slow_to_set_up(backend: SocketAddr, setup: Duration) -> (SocketAddr, Ar
 async fn a_call_waits_while_an_endpoint_is_still_connecting_and_its_body_follows() {
     let (addr, stats) = backend(3, "backend-3").await;
     let (set_tx, set_rx) = watch::channel(Vec::new());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let settings = Settings {
         connect_timeout: Duration::from_secs(3),
         ..Settings::default()
     };
-    fanout_wire::spike::spawn_thread_following(listener, set_rx, settings);
+    let listen = fanout_wire::spike::spawn_on_loopback(Upstream::following(set_rx, settings));
     let mut app = client(listen).await;
 
     // The endpoint arrives once the spike serves, and is a second away from ready: the calls
@@ -364,16 +357,13 @@ async fn a_weighted_split_gives_each_service_its_share_and_a_service_gone_gives_
     let all: Vec<SocketAddr> = stable.iter().copied().chain([canary]).collect();
     let (set_tx, set_rx) = watch::channel(all);
     let (split_tx, split_rx) = watch::channel(spec(90, 10));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let upstream = Upstream {
         endpoints: set_rx,
         service_config: watch::channel(None).1,
         split: split_rx,
         settings: watch::channel(Settings::default()).1,
     };
-    fanout_wire::spike::spawn_thread_serving(listener, upstream);
+    let listen = fanout_wire::spike::spawn_on_loopback(upstream);
     let app = client(listen).await;
     let canary_share = |calls: usize| {
         let mut app = app.clone();
@@ -409,16 +399,13 @@ async fn a_weighted_split_gives_each_service_its_share_and_a_service_gone_gives_
 async fn a_request_timeout_set_while_running_applies_to_the_next_call() {
     let (addr, _) = backend(8, "backend-8").await;
     let (settings_tx, settings_rx) = watch::channel(Settings::default());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let upstream = Upstream {
         endpoints: watch::channel(vec![addr]).1,
         service_config: watch::channel(None).1,
         split: watch::channel(None).1,
         settings: settings_rx,
     };
-    fanout_wire::spike::spawn_thread_serving(listener, upstream);
+    let listen = fanout_wire::spike::spawn_on_loopback(upstream);
     let mut app = client(listen).await;
     let reply = app.unary(delayed(300)).await.unwrap().into_inner();
     assert_eq!(reply.backend, "backend-8");

@@ -15,7 +15,7 @@ use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::raw;
 use fanout_e2e::resetting::spawn_resetting;
 use fanout_wire::frame;
-use fanout_wire::spike::Settings;
+use fanout_wire::spike::{Settings, Upstream};
 use tokio::sync::watch;
 
 fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
@@ -23,11 +23,7 @@ fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
 }
 
 fn spike_with(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
-    fanout_wire::spike::spawn_thread_following(listener, set, settings);
-    listen
+    fanout_wire::spike::spawn_on_loopback(Upstream::following(set, settings))
 }
 
 async fn healthy(n: usize) -> SocketAddr {

@@ -40,9 +40,6 @@ fn retry_policy(max_attempts: u32, codes: Value) -> Value {
 /// The spike on a thread of its own in front of `endpoints`, with `config` as the Service's
 /// service config; its address.
 fn spike(endpoints: Vec<SocketAddr>, config: Value) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let config = ServiceConfig::parse(&config.to_string()).unwrap();
     let upstream = Upstream {
         endpoints: watch::channel(endpoints).1,
@@ -50,8 +47,7 @@ fn spike(endpoints: Vec<SocketAddr>, config: Value) -> SocketAddr {
         split: watch::channel(None).1,
         settings: watch::channel(Settings::default()).1,
     };
-    fanout_wire::spike::spawn_thread_serving(listener, upstream);
-    listen
+    fanout_wire::spike::spawn_on_loopback(upstream)
 }
 
 /// `count` backends on pod IPs from `first`, behaving as `behaviour`: addresses and stats.
@@ -271,9 +267,6 @@ async fn a_retry_waits_out_the_servers_pushback_even_when_an_endpoint_comes_up()
         let mut relayed = TcpStream::connect(backend).await.unwrap();
         let _ = tokio::io::copy_bidirectional(&mut accepted_conn, &mut relayed).await;
     });
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listen = listener.local_addr().unwrap();
     let config =
         ServiceConfig::parse(&retry_policy(2, json!(["UNAVAILABLE"])).to_string()).unwrap();
     let (set_tx, set_rx) = watch::channel(vec![failing[0]]);
@@ -283,7 +276,7 @@ async fn a_retry_waits_out_the_servers_pushback_even_when_an_endpoint_comes_up()
         split: watch::channel(None).1,
         settings: watch::channel(Settings::default()).1,
     };
-    fanout_wire::spike::spawn_thread_serving(listener, upstream);
+    let listen = fanout_wire::spike::spawn_on_loopback(upstream);
     let mut app = client(listen).await;
     // The spike serves this client (Stats never fails) before the endpoint set changes: it
     // takes clients only once its first endpoints settled, and must not wait for the new one.

@@ -94,10 +94,12 @@ pub fn retry_later(
     avoid: &Rc<Conn>,
     fallback: Fallback,
 ) {
+    // `after_failure` found the request kept whole on this route.
     let Some(mut route) = client.routes.borrow_mut().remove(&stream) else {
         return;
     };
     let Some(replay) = route.replay.take() else {
+        client.routes.borrow_mut().insert(stream, route);
         return;
     };
     // Whatever of the answer waited for the client (nothing, before a Trailers-Only answer)
@@ -131,12 +133,17 @@ pub fn retry_later(
     });
 }
 
+impl Held {
+    /// It is `conn`'s `stream`.
+    fn is(&self, conn: &Rc<Conn>, stream: u32) -> bool {
+        self.stream == stream && std::ptr::eq(self.conn.as_ptr(), Rc::as_ptr(conn))
+    }
+}
+
 /// Takes the held call of `conn`'s `stream` out of the waiting calls.
 fn take(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) -> Option<Held> {
     let mut held = fwd.held.borrow_mut();
-    let at = held
-        .iter()
-        .position(|h| h.stream == stream && std::ptr::eq(h.conn.as_ptr(), Rc::as_ptr(conn)))?;
+    let at = held.iter().position(|h| h.is(conn, stream))?;
     conn.held.set(conn.held.get() - 1);
     Some(held.swap_remove(at))
 }
@@ -149,10 +156,7 @@ pub fn on_data(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, data: &[u8], end: 
     }
     let fault = {
         let mut held = fwd.held.borrow_mut();
-        let Some(call) = held
-            .iter_mut()
-            .find(|h| h.stream == stream && std::ptr::eq(h.conn.as_ptr(), Rc::as_ptr(conn)))
-        else {
+        let Some(call) = held.iter_mut().find(|h| h.is(conn, stream)) else {
             return false;
         };
         if call.body_end || call.opening.end {

@@ -288,6 +288,17 @@ pub fn spawn_thread_following(
     spawn_thread_serving(listener, Upstream::following(set, settings));
 }
 
+/// As [`spawn_thread_serving`], on a port of 127.0.0.1 it picks: that address.
+pub fn spawn_on_loopback(upstream: Upstream) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    let addr = listener.local_addr().expect("its address");
+    spawn_thread_serving(listener, upstream);
+    addr
+}
+
 /// As [`spawn_thread`], in front of `upstream`.
 pub fn spawn_thread_serving(listener: std::net::TcpListener, upstream: Upstream) {
     let thread = std::thread::Builder::new().name(THREAD_NAME.into());

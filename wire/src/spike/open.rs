@@ -297,9 +297,12 @@ pub fn open_on(
         .borrow_mut()
         .insert(upstream_stream, upstream);
     fwd.mark(endpoint);
-    if (!body.is_empty() || body_end) && replayed {
+    if body.is_empty() && !body_end {
+        return;
+    }
+    if replayed {
         flow::send_replayed(fwd, endpoint, upstream_stream, body, body_end);
-    } else if !body.is_empty() || body_end {
+    } else {
         flow::send_data(fwd, endpoint, upstream_stream, body, body_end);
     }
 }

@@ -105,20 +105,6 @@ pub fn after_failure(
     }
 }
 
-/// The attempt on `conn`'s `stream` is over, its call gone elsewhere: forgotten, its request
-/// data still waiting for this endpoint credited to the client (it goes again as replayed),
-/// and our side of the stream closed if it was still open.
-pub fn forget_attempt(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) {
-    let Some(attempt) = conn.routes.borrow_mut().remove(&stream) else {
-        return;
-    };
-    streams::give_back(fwd, &attempt);
-    if !attempt.pending.is_empty() {
-        frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::CANCEL);
-        fwd.mark(conn);
-    }
-}
-
 /// The per-attempt timeout of `client`'s `stream` passed (`perAttemptRecvTimeout`): unless
 /// the endpoint answered meanwhile, the attempt is cancelled, and the call goes again as its
 /// policy says, or ends with DEADLINE_EXCEEDED.
@@ -150,17 +136,6 @@ pub fn attempt_timed_out(fwd: &Forwarder, client: &Rc<Conn>, stream: u32) {
         super::deadline::expire(fwd, client, stream, ATTEMPT_TIMED_OUT);
         return;
     }
-    let Some(mut attempt) = endpoint.routes.borrow_mut().remove(&endpoint_stream) else {
-        return;
-    };
-    if let Some(account) = &mut attempt.account {
-        account.set_status(Some(4));
-    }
-    streams::give_back(fwd, &attempt);
-    frame::put_rst(
-        &mut endpoint.out.borrow_mut(),
-        endpoint_stream,
-        frame::CANCEL,
-    );
-    fwd.mark(&endpoint);
+    // The endpoint has not answered: its side of the stream is still open.
+    streams::forget_attempt(fwd, &endpoint, endpoint_stream, true, Some(4));
 }

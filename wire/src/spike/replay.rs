@@ -110,15 +110,7 @@ pub fn retry_unavailable(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) -> bool 
     if !reopen(fwd, &client, client_stream, conn) {
         return false;
     }
-    if let Some(attempt) = conn.routes.borrow_mut().remove(&stream) {
-        // Its request data still waiting for this endpoint goes with the replay instead.
-        streams::give_back(fwd, &attempt);
-        if !request_ended || !attempt.pending.is_empty() {
-            // Our side of the stream is still open: closed now.
-            frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::CANCEL);
-            fwd.mark(conn);
-        }
-    }
+    streams::forget_attempt(fwd, conn, stream, !request_ended, None);
     true
 }
 

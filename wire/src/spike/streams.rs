@@ -126,6 +126,30 @@ pub fn give_back(fwd: &Forwarder, forgotten: &Route) {
     }
 }
 
+/// The attempt on `conn`'s `stream` is over, its call gone elsewhere: forgotten (its account
+/// counts `status`, if given), its request data still waiting for this endpoint credited to
+/// the client (that data goes again as replayed), and the stream reset when `still_open` or
+/// data of ours still waited on it.
+pub fn forget_attempt(
+    fwd: &Forwarder,
+    conn: &Rc<Conn>,
+    stream: u32,
+    still_open: bool,
+    status: Option<u16>,
+) {
+    let Some(mut attempt) = conn.routes.borrow_mut().remove(&stream) else {
+        return;
+    };
+    if let Some(account) = &mut attempt.account {
+        account.set_status(status);
+    }
+    give_back(fwd, &attempt);
+    if still_open || !attempt.pending.is_empty() {
+        frame::put_rst(&mut conn.out.borrow_mut(), stream, frame::CANCEL);
+        fwd.mark(conn);
+    }
+}
+
 pub fn on_headers_frame(
     conn: &Rc<Conn>,
     fwd: &Forwarder,
@@ -252,7 +276,8 @@ fn on_headers(
         );
         match outcome {
             Outcome::Retried => {
-                policy::forget_attempt(conn, fwd, stream);
+                // A retry needs the whole request: our side had ended.
+                forget_attempt(fwd, conn, stream, false, None);
                 return Ok(());
             }
             Outcome::NoPolicy if code == 14 && replay::retry_unavailable(conn, fwd, stream) => {
