@@ -129,7 +129,8 @@ impl FakeApi {
         self.store.lock().unwrap().writes.clone()
     }
 
-    /// Holds the next `replicas` reads of the Secret until all of them have arrived.
+    /// Holds the answers to the next `replicas` reads of the Secret until all of them have
+    /// been read.
     pub fn race_next_reads(&self, replicas: usize) {
         self.store.lock().unwrap().held_reads = replicas;
         *self.barrier.lock().unwrap() = Some(Arc::new(Barrier::new(replicas)));
@@ -180,9 +181,17 @@ impl FakeApi {
                     None
                 }
             };
+            // The read is answered as it arrives, and the answer held until every raced read
+            // has one: holding the request instead let the first replica, released, create
+            // the Secret before the second was read, which then found it (a flake, 2 runs).
+            let answer = {
+                let mut store = self.store.lock().unwrap();
+                Self::apply(&mut store, method, path, content_type, body)
+            };
             if let Some(barrier) = barrier {
                 barrier.wait().await;
             }
+            return answer;
         }
         let mut store = self.store.lock().unwrap();
         let (code, value) = Self::apply(&mut store, method, path, content_type, body);
