@@ -11,12 +11,20 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-## Every test: unit, golden, property, and the end-to-end suites on loopback.
+## The proxy's end-to-end suites, which `make test` runs on each data path (h2, the default,
+## and wire: fanout-wire's engine) while both exist.
+PROXY_SUITES := proxy_calls proxy_failures proxy_lifecycle proxy_balance proxy_health proxy_peers \
+	service_config policy_live discovery pipeline
+
+## Every test: unit, golden, property, and the end-to-end suites on loopback; then the proxy's
+## suites again on the wire data path.
 test: test-bins chart-test python-deps
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
+	FANOUT_DATA_PATH=wire $(CARGO) nextest run -p fanout-e2e --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
 else
 	$(CARGO) test --workspace --no-fail-fast
+	FANOUT_DATA_PATH=wire $(CARGO) test -p fanout-e2e --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
 endif
 
 ## The Helm chart, with the real Helm engine: lint for every cert mode, and what an install creates.
@@ -55,8 +63,8 @@ demo:
 ## Tables and a chart under target/bench/, about 25 minutes: the webhook; the proxy next to a
 ## direct connection, HAProxy and nginx (3 rounds, medians); and the proxy's cost curve (10 to
 ## 1,000 endpoints, 4 and 256 connections, 10,000 open streams). HAProxy, nginx and h2load join
-## when installed (Debian: apt-get install haproxy nginx-light nghttp2-client). Both also run
-## `wire spike`, issue 13's experiment toward the next data path (`--peers` chooses who runs).
+## when installed (Debian: apt-get install haproxy nginx-light nghttp2-client). Both run the
+## proxy on each data path (`fanout` on h2, `fanout wire`); `--peers` chooses who runs.
 bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook

@@ -129,19 +129,45 @@ impl ProxyProcess {
         Self::spawn(path, admin, level, Stdio::inherit()).await
     }
 
+    /// Runs the proxy with `config` on the data path named (`h2`, `wire`), whatever
+    /// `FANOUT_DATA_PATH` says.
+    pub async fn start_on_data_path(config: &ProxyConfig, data_path: &str) -> anyhow::Result<Self> {
+        let level = std::env::var("FANOUT_LOG").unwrap_or_else(|_| "warn".into());
+        let path = config_file(config)?;
+        let mut command = Self::command(path.clone(), level, Stdio::inherit());
+        command.env("FANOUT_DATA_PATH", data_path);
+        Self::wait_live(command, path, config.admin.listen).await
+    }
+
     async fn spawn(
         path: PathBuf,
         admin: SocketAddr,
         level: String,
         stderr: Stdio,
     ) -> anyhow::Result<Self> {
-        let child = Command::new(bins::path("fanout-proxy", "fanout-proxy"))
+        let command = Self::command(path.clone(), level, stderr);
+        Self::wait_live(command, path, admin).await
+    }
+
+    /// `fanout-proxy run` with the config file at `path`. The data path is the one
+    /// `FANOUT_DATA_PATH` names, when set (the suites run on each).
+    fn command(path: PathBuf, level: String, stderr: Stdio) -> Command {
+        let mut command = Command::new(bins::path("fanout-proxy", "fanout-proxy"));
+        command
             .args(["run", "--config"])
             .arg(&path)
             .env("FANOUT_LOG", level)
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()?;
+            .stderr(stderr);
+        command
+    }
+
+    async fn wait_live(
+        mut command: Command,
+        path: PathBuf,
+        admin: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let child = command.spawn()?;
         let mut proxy = Self {
             child,
             admin,

@@ -262,6 +262,47 @@ async fn a_changed_config_file_is_applied_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(first_backend(local).await.as_deref(), Some("backend-b"));
 
+    // A change that keeps the endpoint (the request timeout): the upstream is replaced, the
+    // new timeout ends a long stream, and the endpoint is ready and shown so (on the wire
+    // path: the engine's connection, which the new upstream finds as it is).
+    config.upstreams[0].timeouts.request = Some(Duration::from_millis(300));
+    write(&config.to_json_pretty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = TestClient::connect(format!("http://{local}"))
+        .await
+        .unwrap();
+    loop {
+        let two_seconds = StreamRequest {
+            count: 40,
+            interval_ms: 50,
+            reply_bytes: 8,
+        };
+        let mut stream = client
+            .server_stream(two_seconds)
+            .await
+            .unwrap()
+            .into_inner();
+        let mut ended = None;
+        while let Some(reply) = stream.next().await {
+            if let Err(status) = reply {
+                ended = Some(status.code());
+                break;
+            }
+        }
+        if ended == Some(tonic::Code::DeadlineExceeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new timeout never applied");
+    }
+    let (ready, why) = proxy.admin_get("/ready").await.unwrap();
+    assert_eq!(ready, 200, "{why}");
+    let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+    let state: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    let endpoint = &state["upstreams"][0]["endpoints"][0];
+    assert_eq!(endpoint["state"], "ready", "{endpoints}");
+    assert!(endpoint["started"].as_u64().unwrap() >= 1, "{endpoints}");
+    assert_eq!(first_backend(local).await.as_deref(), Some("backend-b"));
+
     // An upstream dropped from the config stops listening.
     config.upstreams.pop();
     write(&config.to_json_pretty());

@@ -37,7 +37,7 @@ fn spike(addrs: Vec<SocketAddr>) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let listen = listener.local_addr().unwrap();
-    fanout_wire::spike::spawn_thread(listener, addrs);
+    fanout_wire::engine::spawn_thread(listener, addrs);
     listen
 }
 

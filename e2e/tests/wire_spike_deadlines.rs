@@ -13,7 +13,7 @@ use fanout_e2e::backend::proto::{EchoRequest, StreamRequest};
 use fanout_e2e::backend::{Backend, Behaviour, Stats};
 use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::raw;
-use fanout_wire::spike::{Settings, Upstream};
+use fanout_wire::engine::{Settings, Upstream};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -26,7 +26,7 @@ async fn setup(settings: Settings) -> (SocketAddr, Arc<Stats>) {
     let stats = backend.stats();
     let addr = backend.spawn(SocketAddr::new(pod_ip(0), 0)).await.unwrap();
     let (_, set) = tokio::sync::watch::channel(vec![addr]);
-    let listen = fanout_wire::spike::spawn_on_loopback(Upstream::following(set, settings));
+    let listen = fanout_wire::engine::spawn_on_loopback(Upstream::following(set, settings));
     (listen, stats)
 }
 

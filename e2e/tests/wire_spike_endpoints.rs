@@ -14,14 +14,14 @@ use fanout_e2e::backend_process::{self, BackendProcess};
 use fanout_e2e::fleet::client;
 use fanout_e2e::open_load::Load;
 use fanout_e2e::proxy::pod_ip;
-use fanout_wire::spike::{Settings, Upstream};
+use fanout_wire::engine::{Settings, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// The spike on a thread of its own, following `set`; its address.
 fn spike(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> SocketAddr {
-    fanout_wire::spike::spawn_on_loopback(Upstream::following(set, settings))
+    fanout_wire::engine::spawn_on_loopback(Upstream::following(set, settings))
 }
 
 /// `calls` calls one after another: how many each backend answered, and the failures.

@@ -18,7 +18,7 @@ use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::{free_port, pod_ip};
 use fanout_e2e::raw;
 use fanout_proxy_config::service_config::ServiceConfig;
-use fanout_wire::spike::{Settings, SplitSpec, Upstream};
+use fanout_wire::engine::{Settings, SplitSpec, Upstream};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -43,7 +43,7 @@ fn spike(
         split: watch::channel(None).1,
         settings: watch::channel(settings).1,
     };
-    fanout_wire::spike::spawn_on_loopback(upstream)
+    fanout_wire::engine::spawn_on_loopback(upstream)
 }
 
 async fn backend(n: usize, id: &str) -> (SocketAddr, Arc<Stats>) {
@@ -293,7 +293,7 @@ async fn a_call_waits_while_an_endpoint_is_still_connecting_and_its_body_follows
         connect_timeout: Duration::from_secs(3),
         ..Settings::default()
     };
-    let listen = fanout_wire::spike::spawn_on_loopback(Upstream::following(set_rx, settings));
+    let listen = fanout_wire::engine::spawn_on_loopback(Upstream::following(set_rx, settings));
     let mut app = client(listen).await;
 
     // The endpoint arrives once the spike serves, and is a second away from ready: the calls
@@ -363,7 +363,7 @@ async fn a_weighted_split_gives_each_service_its_share_and_a_service_gone_gives_
         split: split_rx,
         settings: watch::channel(Settings::default()).1,
     };
-    let listen = fanout_wire::spike::spawn_on_loopback(upstream);
+    let listen = fanout_wire::engine::spawn_on_loopback(upstream);
     let app = client(listen).await;
     let canary_share = |calls: usize| {
         let mut app = app.clone();
@@ -405,7 +405,7 @@ async fn a_request_timeout_set_while_running_applies_to_the_next_call() {
         split: watch::channel(None).1,
         settings: settings_rx,
     };
-    let listen = fanout_wire::spike::spawn_on_loopback(upstream);
+    let listen = fanout_wire::engine::spawn_on_loopback(upstream);
     let mut app = client(listen).await;
     let reply = app.unary(delayed(300)).await.unwrap().into_inner();
     assert_eq!(reply.backend, "backend-8");

@@ -14,8 +14,8 @@ use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::raw;
 use fanout_e2e::resetting::spawn_resetting;
+use fanout_wire::engine::{Settings, Upstream};
 use fanout_wire::frame;
-use fanout_wire::spike::{Settings, Upstream};
 use tokio::sync::watch;
 
 fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
@@ -23,7 +23,7 @@ fn spike(set: watch::Receiver<Vec<SocketAddr>>) -> SocketAddr {
 }
 
 fn spike_with(set: watch::Receiver<Vec<SocketAddr>>, settings: Settings) -> SocketAddr {
-    fanout_wire::spike::spawn_on_loopback(Upstream::following(set, settings))
+    fanout_wire::engine::spawn_on_loopback(Upstream::following(set, settings))
 }
 
 async fn healthy(n: usize) -> SocketAddr {

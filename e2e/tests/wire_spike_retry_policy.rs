@@ -16,8 +16,8 @@ use fanout_e2e::fleet::client;
 use fanout_e2e::proxy::pod_ip;
 use fanout_e2e::resetting::spawn_resetting;
 use fanout_proxy_config::service_config::ServiceConfig;
+use fanout_wire::engine::{Settings, Upstream};
 use fanout_wire::frame;
-use fanout_wire::spike::{Settings, Upstream};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tonic::Code;
@@ -47,7 +47,7 @@ fn spike(endpoints: Vec<SocketAddr>, config: Value) -> SocketAddr {
         split: watch::channel(None).1,
         settings: watch::channel(Settings::default()).1,
     };
-    fanout_wire::spike::spawn_on_loopback(upstream)
+    fanout_wire::engine::spawn_on_loopback(upstream)
 }
 
 /// `count` backends on pod IPs from `first`, behaving as `behaviour`: addresses and stats.
@@ -276,7 +276,7 @@ async fn a_retry_waits_out_the_servers_pushback_even_when_an_endpoint_comes_up()
         split: watch::channel(None).1,
         settings: watch::channel(Settings::default()).1,
     };
-    let listen = fanout_wire::spike::spawn_on_loopback(upstream);
+    let listen = fanout_wire::engine::spawn_on_loopback(upstream);
     let mut app = client(listen).await;
     // The spike serves this client (Stats never fails) before the endpoint set changes: it
     // takes clients only once its first endpoints settled, and must not wait for the new one.

@@ -15,9 +15,10 @@ use tokio::time::Instant;
 
 use crate::activity::Activity;
 use crate::admin::{self, Admin};
+use crate::engine::DataPath;
 use crate::grpc_health::AppHealth;
 use crate::metrics::Metrics;
-use crate::serving::Serving;
+use crate::serving::{Carrying, Serving};
 use crate::{check, wait};
 
 #[derive(Parser)]
@@ -45,6 +46,10 @@ enum Command {
         /// share of a node; more raise the ceiling at saturation.
         #[arg(long, env = "FANOUT_PROXY_THREADS", default_value_t = 1)]
         threads: usize,
+        /// What carries the calls: `h2` (the h2 crate) or `wire` (fanout-wire's engine, on
+        /// `threads` threads of its own per upstream).
+        #[arg(long, env = "FANOUT_DATA_PATH", value_enum, default_value_t = DataPath::H2)]
+        data_path: DataPath,
     },
     /// Validate a config file: exit 0, or one line per fault and exit 1.
     Check { file: PathBuf },
@@ -101,14 +106,21 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(vec![format!("fanout-proxy wait: {e}")]),
             }
         }
-        Command::Run { config, threads } => {
+        Command::Run {
+            config,
+            threads,
+            data_path,
+        } => {
             let config_lines = check::load(&config);
             let loaded = match config_lines {
                 Ok(loaded) => loaded,
                 Err(lines) => return fail(lines),
             };
             init_logging();
-            let runtime = if threads <= 1 {
+            let carrying = Carrying { data_path, threads };
+            // On the wire path the engine has threads of its own; this runtime only runs
+            // discovery, health checks and the admin.
+            let runtime = if threads <= 1 || data_path == DataPath::Wire {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -118,7 +130,7 @@ pub fn main() -> ExitCode {
                     .enable_all()
                     .build()
             };
-            match runtime.map(|rt| rt.block_on(run(config, loaded))) {
+            match runtime.map(|rt| rt.block_on(run(config, loaded, carrying))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => fail(vec![format!("fanout-proxy: {e}")]),
                 Err(e) => fail(vec![format!("fanout-proxy: {e}")]),
@@ -152,12 +164,16 @@ pub(crate) async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, Bi
 }
 
 /// Serves until SIGTERM or `POST /shutdown`, then drains; follows changes of the config file.
-pub async fn run(path: PathBuf, mut config: ProxyConfig) -> Result<(), BindError> {
+pub async fn run(
+    path: PathBuf,
+    mut config: ProxyConfig,
+    carrying: Carrying,
+) -> Result<(), BindError> {
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());
     let shutdown = Arc::new(Notify::new());
     let admin_listener = bind(config.admin.listen, "admin").await?;
-    let mut serving = Serving::start(&config, metrics.clone(), activity.clone()).await?;
+    let mut serving = Serving::start(&config, metrics.clone(), activity.clone(), carrying).await?;
     let admin = Arc::new(Admin {
         upstreams: RwLock::new(serving.upstreams()),
         metrics,

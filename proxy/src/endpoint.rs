@@ -26,6 +26,7 @@ use crate::health::{Health, Verdict};
 use crate::latency::{Clock, Latency};
 use crate::metrics::Metrics;
 use fanout_proxy_config::HealthCheck;
+use fanout_wire::engine::report::EndpointReport;
 
 /// HTTP/2 flow-control windows on both sides of the proxy: fixed and generous, so a stream is
 /// not held back on loopback or in-cluster links, without the BDP pings of adaptive windows.
@@ -92,6 +93,9 @@ pub struct Endpoint {
     /// true without checks.
     health: Mutex<Health>,
     healthy: AtomicBool,
+    /// On the `wire` data path: the engine's connections carry the calls, and its report
+    /// says how they are; this endpoint's own connection, if any, serves health checks only.
+    engine: Option<Arc<EndpointReport>>,
 }
 
 /// Signals from endpoints to their upstream.
@@ -106,6 +110,25 @@ impl Endpoint {
     /// An endpoint that will keep `connections` HTTP/2 connections (see [`Endpoint::run`]);
     /// `health_checked`: it takes calls only once an active health check passed.
     pub fn new(addr: SocketAddr, connections: usize, health_checked: bool) -> Arc<Self> {
+        Self::build(addr, connections, health_checked, None)
+    }
+
+    /// An endpoint whose calls the `wire` engine carries, as `report` says; its own single
+    /// connection (run only with health checks) carries the checks.
+    pub fn engine_driven(
+        addr: SocketAddr,
+        health_checked: bool,
+        report: Arc<EndpointReport>,
+    ) -> Arc<Self> {
+        Self::build(addr, 1, health_checked, Some(report))
+    }
+
+    fn build(
+        addr: SocketAddr,
+        connections: usize,
+        health_checked: bool,
+        engine: Option<Arc<EndpointReport>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             addr,
             label: addr.to_string(),
@@ -123,6 +146,7 @@ impl Endpoint {
             wake: Notify::new(),
             health: Mutex::new(Health::default()),
             healthy: AtomicBool::new(!health_checked),
+            engine,
         })
     }
 
@@ -185,6 +209,9 @@ impl Endpoint {
 
     /// Connections up and taking streams.
     pub fn connections(&self) -> usize {
+        if let Some(report) = &self.engine {
+            return report.view().connections;
+        }
         self.senders
             .lock()
             .map(|mut s| s.iter_mut().flatten().map(|s| usize::from(usable(s))).sum())
@@ -197,6 +224,13 @@ impl Endpoint {
     }
 
     pub fn is_ready(&self) -> bool {
+        if let Some(report) = &self.engine {
+            let view = report.view();
+            return !self.removed.load(Ordering::Relaxed)
+                && self.is_healthy()
+                && view.ready
+                && !view.ejected;
+        }
         !self.removed.load(Ordering::Relaxed)
             && self.is_healthy()
             && !self.is_ejected()
@@ -208,6 +242,22 @@ impl Endpoint {
     }
 
     pub fn state(&self) -> State {
+        if let Some(report) = &self.engine {
+            let view = report.view();
+            return if self.removed.load(Ordering::Relaxed) {
+                State::Removed
+            } else if view.ejected {
+                State::Ejected
+            } else if !self.is_healthy() {
+                State::Unhealthy
+            } else if view.ready {
+                State::Ready
+            } else if view.failing {
+                State::Failing
+            } else {
+                State::Connecting
+            };
+        }
         if self.removed.load(Ordering::Relaxed) {
             State::Removed
         } else if self.is_ejected() {
@@ -224,12 +274,23 @@ impl Endpoint {
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding.load(Ordering::Relaxed)
+        match &self.engine {
+            Some(report) => report.view().outstanding,
+            None => self.outstanding.load(Ordering::Relaxed),
+        }
     }
 
     /// Streams started on this endpoint so far.
     pub fn started(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
+        match &self.engine {
+            Some(report) => report.view().started,
+            None => self.started.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The engine carries its calls (the `wire` data path).
+    pub fn is_engine_driven(&self) -> bool {
+        self.engine.is_some()
     }
 
     pub fn stream_started(&self) {
@@ -282,6 +343,9 @@ impl Endpoint {
 
     /// The latency estimate as of `clock`; `None` before the endpoint answered anything.
     pub fn rtt_estimate(&self, clock: &Clock) -> Option<Duration> {
+        if let Some(report) = &self.engine {
+            return report.view().rtt;
+        }
         self.latency
             .lock()
             .ok()?

@@ -50,6 +50,13 @@ pub fn status_of(headers: &HeaderMap) -> Option<u16> {
 
 /// Percent-encodes a grpc-message as the protocol asks.
 fn encode_message(message: &str) -> HeaderValue {
+    HeaderValue::from_str(&percent_encode(message))
+        .unwrap_or_else(|_| HeaderValue::from_static("fanout"))
+}
+
+/// A grpc-message's text as it goes on the wire: printable ASCII but `%` as is, the rest
+/// percent-encoded.
+pub fn percent_encode(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     for b in message.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {
@@ -58,7 +65,7 @@ fn encode_message(message: &str) -> HeaderValue {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static("fanout"))
+    out
 }
 
 pub fn status_headers(code: u16, message: &str) -> HeaderMap {

@@ -16,6 +16,8 @@
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint; what
 //!   it reports of itself (`upstream/report.rs`).
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
+//! - `engine`: the `wire` data path: `fanout-wire`'s engine fed by the upstreams and
+//!   reporting into the metrics, the drain and `/endpoints`.
 //! - `conn_io`: an endpoint connection's bytes, read to the end after a write fails.
 //! - `eject`: passive ejection of endpoints that keep failing.
 //! - `health`: active `grpc.health.v1` checks.
@@ -44,6 +46,7 @@ pub mod discover;
 pub mod dns;
 pub mod eject;
 pub mod endpoint;
+pub mod engine;
 pub mod failure_log;
 pub mod forward;
 pub mod grpc;

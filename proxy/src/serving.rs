@@ -13,6 +13,7 @@ use crate::activity::Activity;
 use crate::admin::Admin;
 use crate::cli::{BindError, bind};
 use crate::discover::DiscoveryClient;
+use crate::engine::{DataPath, Engine, StartError};
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::server;
@@ -32,8 +33,36 @@ fn discovery_client(config: &ProxyConfig) -> Option<DiscoveryClient> {
 
 struct Entry {
     config: UpstreamConfig,
-    forwarder: Arc<Forwarder>,
-    listener: AbortHandle,
+    path: Path,
+}
+
+/// What serves an upstream's listener.
+enum Path {
+    H2 {
+        forwarder: Arc<Forwarder>,
+        listener: AbortHandle,
+    },
+    Wire {
+        engine: Arc<Engine>,
+        upstream: Arc<Upstream>,
+    },
+}
+
+impl Path {
+    fn upstream(&self) -> Arc<Upstream> {
+        match self {
+            Path::H2 { forwarder, .. } => forwarder.upstream(),
+            Path::Wire { upstream, .. } => upstream.clone(),
+        }
+    }
+}
+
+/// How calls are carried: the data path, and its threads (`wire`: each upstream's engine
+/// threads; `h2`: the runtime's, set by the caller).
+#[derive(Debug, Clone, Copy)]
+pub struct Carrying {
+    pub data_path: DataPath,
+    pub threads: usize,
 }
 
 pub struct Serving {
@@ -43,6 +72,7 @@ pub struct Serving {
     activity: Arc<Activity>,
     discovery: Option<DiscoveryClient>,
     discovery_server: Option<fanout_proxy_config::DiscoveryServer>,
+    carrying: Carrying,
 }
 
 impl Serving {
@@ -51,6 +81,7 @@ impl Serving {
         config: &ProxyConfig,
         metrics: Arc<Metrics>,
         activity: Arc<Activity>,
+        carrying: Carrying,
     ) -> Result<Self, BindError> {
         let mut listeners = Vec::new();
         for upstream in &config.upstreams {
@@ -63,6 +94,7 @@ impl Serving {
             activity,
             discovery: discovery_client(config),
             discovery_server: config.discovery_server.clone(),
+            carrying,
         };
         for (upstream, listener) in config.upstreams.iter().zip(listeners) {
             serving.add(upstream.clone(), listener);
@@ -71,29 +103,61 @@ impl Serving {
     }
 
     fn add(&mut self, config: UpstreamConfig, listener: tokio::net::TcpListener) {
+        let path = match self.carrying.data_path {
+            DataPath::H2 => self.serve_h2(&config, listener),
+            DataPath::Wire => match self.serve_wire(&config, listener) {
+                Ok(path) => path,
+                Err(e) => {
+                    tracing::error!(error = %e, "upstream not served");
+                    return;
+                }
+            },
+        };
+        tracing::info!(upstream = %config.name, listen = %config.listen,
+            data_path = ?self.carrying.data_path, "serving");
+        self.order.push(config.name.clone());
+        self.entries
+            .insert(config.name.clone(), Entry { config, path });
+    }
+
+    fn serve_h2(&self, config: &UpstreamConfig, listener: tokio::net::TcpListener) -> Path {
         let upstream = Upstream::start(config.clone(), self.discovery.clone());
-        tracing::info!(upstream = %upstream.name, listen = %config.listen, "serving");
         let forwarder = Arc::new(Forwarder::new(
             upstream,
             self.metrics.clone(),
             self.activity.clone(),
         ));
         let listener = tokio::spawn(server::serve(listener, forwarder.clone())).abort_handle();
-        self.order.push(config.name.clone());
-        self.entries.insert(
-            config.name.clone(),
-            Entry {
-                config,
-                forwarder,
-                listener,
-            },
-        );
+        Path::H2 {
+            forwarder,
+            listener,
+        }
+    }
+
+    fn serve_wire(
+        &self,
+        config: &UpstreamConfig,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Path, StartError> {
+        let engine = Engine::start(
+            listener,
+            config,
+            self.metrics.clone(),
+            self.activity.clone(),
+            self.carrying.threads,
+        )?;
+        let upstream =
+            Upstream::start_on(config.clone(), self.discovery.clone(), Some(engine.clone()));
+        Ok(Path::Wire { engine, upstream })
     }
 
     fn remove(&mut self, name: &str) {
         if let Some(entry) = self.entries.remove(name) {
-            entry.listener.abort();
-            entry.forwarder.upstream().stop();
+            match &entry.path {
+                Path::H2 { listener, .. } => listener.abort(),
+                Path::Wire { engine, .. } => engine.stop(),
+            }
+            entry.path.upstream().stop();
             tracing::info!(upstream = name, "upstream removed");
         }
         self.order.retain(|n| n != name);
@@ -104,7 +168,7 @@ impl Serving {
         self.order
             .iter()
             .filter_map(|n| self.entries.get(n))
-            .map(|e| e.forwarder.upstream())
+            .map(|e| e.path.upstream())
             .collect()
     }
 
@@ -123,23 +187,40 @@ impl Serving {
             }
         }
         for upstream in &config.upstreams {
-            let current = self
-                .entries
-                .get(&upstream.name)
-                .map(|e| (e.config.clone(), e.forwarder.clone()));
+            let current = self.entries.get(&upstream.name).map(|e| e.config.clone());
             match current {
-                Some((old, _))
+                Some(old)
                     if old == *upstream
                         && !(server_changed
                             && matches!(upstream.discovery, Discovery::Endpoints(_))) => {}
-                Some((old, forwarder)) if old.listen == upstream.listen => {
-                    let previous = forwarder.upstream();
-                    forwarder.replace_upstream(Upstream::start(
-                        upstream.clone(),
-                        self.discovery.clone(),
-                    ));
-                    previous.stop();
+                Some(old) if old.listen == upstream.listen => {
                     if let Some(entry) = self.entries.get_mut(&upstream.name) {
+                        let previous = entry.path.upstream();
+                        match &mut entry.path {
+                            Path::H2 { forwarder, .. } => {
+                                forwarder.replace_upstream(Upstream::start(
+                                    upstream.clone(),
+                                    self.discovery.clone(),
+                                ));
+                                previous.stop();
+                            }
+                            Path::Wire {
+                                engine,
+                                upstream: current,
+                            } => {
+                                if old.balancer != upstream.balancer {
+                                    tracing::warn!(upstream = %upstream.name,
+                                        "balancer changed; on the wire data path it takes effect at the next start");
+                                }
+                                // The old one stops feeding the engine before the new one starts.
+                                previous.stop();
+                                *current = Upstream::start_on(
+                                    upstream.clone(),
+                                    self.discovery.clone(),
+                                    Some(engine.clone()),
+                                );
+                            }
+                        }
                         entry.config = upstream.clone();
                     }
                     tracing::info!(upstream = %upstream.name, "upstream reconfigured");

@@ -221,6 +221,7 @@ fn apply(upstream: &Arc<Upstream>, snapshot: &Snapshot) {
         .as_ref()
         .map_or("", |p| p.fanout_policy.as_str());
     let _ = upstream.policy.update(&upstream.name, policy);
+    upstream.feed_rules();
     let addrs = addresses(snapshot);
     upstream.set_addresses(&addrs);
     upstream.set_split(split_of(snapshot));

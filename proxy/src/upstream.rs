@@ -16,6 +16,7 @@ mod report;
 use crate::balance::Picker;
 use crate::discover::{self, DiscoveryClient};
 use crate::endpoint::{Endpoint, Events};
+use crate::engine::Engine;
 use crate::failure_log::FailureLog;
 use crate::latency::Clock;
 use crate::retry::Budget;
@@ -52,6 +53,10 @@ pub struct Upstream {
     /// A weighted split over Services, when the discovery server delivers one.
     split_spec: Mutex<Option<SplitSpec>>,
     split: RwLock<Option<Arc<Split<Arc<Endpoint>>>>>,
+    /// On the `wire` data path: the engine that carries the calls, which this upstream feeds.
+    engine: Option<Arc<Engine>>,
+    /// Replaced or removed by a config reload: it feeds the engine no more.
+    stopped: AtomicBool,
 }
 
 /// The proxy counts as ready to serve once every upstream's discovery answered, or after this
@@ -76,6 +81,8 @@ impl Events for UpstreamEvents {
     fn changed(&self) {
         if let Some(upstream) = self.0.upgrade() {
             upstream.changed.notify_waiters();
+            // A health verdict changed, maybe.
+            upstream.feed_endpoints();
         }
     }
 
@@ -90,6 +97,16 @@ impl Upstream {
     /// Starts discovery for `config`; endpoints connect as they are found. `endpoints`
     /// upstreams subscribe through `client`.
     pub fn start(config: UpstreamConfig, client: Option<DiscoveryClient>) -> Arc<Self> {
+        Self::start_on(config, client, None)
+    }
+
+    /// As [`Upstream::start`]; with `engine`, the `wire` engine carries the calls and this
+    /// upstream feeds it.
+    pub fn start_on(
+        config: UpstreamConfig,
+        client: Option<DiscoveryClient>,
+        engine: Option<Arc<Engine>>,
+    ) -> Arc<Self> {
         let upstream = Arc::new(Self {
             name: config.name.as_str().into(),
             picker: Picker::new(config.balancer),
@@ -108,6 +125,8 @@ impl Upstream {
             policy: Live::default(),
             split_spec: Mutex::new(None),
             split: RwLock::new(None),
+            engine,
+            stopped: AtomicBool::new(false),
         });
         if let Some(rendered) = &upstream.config.service_config {
             // Checked when the config was read; a discovery server's live one replaces it.
@@ -115,6 +134,11 @@ impl Upstream {
                 .service_config
                 .update(&upstream.name, &rendered.to_string());
         }
+        if let Some(engine) = &upstream.engine {
+            engine.attach(&upstream);
+        }
+        upstream.feed_rules();
+        upstream.feed_endpoints();
         let task = tokio::spawn(discover::run(upstream.clone(), client));
         *upstream
             .discovery_task
@@ -126,6 +150,7 @@ impl Upstream {
     /// Ends discovery and removes every endpoint; their connections close once their streams
     /// are done. For an upstream a config reload replaced or dropped.
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
         if let Some(task) = self
             .discovery_task
             .lock()
@@ -154,11 +179,17 @@ impl Upstream {
             match by_addr.remove(addr) {
                 Some(existing) => next.push(existing),
                 None => {
-                    let endpoint = Endpoint::new(
-                        *addr,
-                        self.config.connections_per_endpoint as usize,
-                        self.config.health_check.is_some(),
-                    );
+                    let health_checked = self.config.health_check.is_some();
+                    let endpoint = match &self.engine {
+                        Some(engine) => {
+                            Endpoint::engine_driven(*addr, health_checked, engine.report_for(*addr))
+                        }
+                        None => Endpoint::new(
+                            *addr,
+                            self.config.connections_per_endpoint as usize,
+                            health_checked,
+                        ),
+                    };
                     added.push(endpoint.clone());
                     next.push(endpoint);
                 }
@@ -183,8 +214,14 @@ impl Upstream {
                 .as_ref(),
         );
         let events: Arc<dyn Events> = Arc::new(UpstreamEvents(Arc::downgrade(self)));
+        self.feed_endpoints();
         for endpoint in added {
-            for slot in 0..endpoint.pool_size() {
+            // On the `wire` path the endpoint's own connection only carries health checks.
+            let own_connections = match endpoint.is_engine_driven() {
+                true if self.config.health_check.is_none() => 0,
+                _ => endpoint.pool_size(),
+            };
+            for slot in 0..own_connections {
                 tokio::spawn(endpoint.clone().run(
                     slot,
                     self.config.timeouts.connect,
@@ -226,7 +263,43 @@ impl Upstream {
         }
         *current = spec;
         self.regroup(current.as_ref());
+        if let Some(engine) = self.feeding() {
+            engine.feed_split(current.clone());
+        }
         self.changed.notify_waiters();
+    }
+
+    /// The engine, while this upstream feeds it.
+    fn feeding(&self) -> Option<&Engine> {
+        self.engine
+            .as_deref()
+            .filter(|_| !self.stopped.load(Ordering::Relaxed))
+    }
+
+    /// Gives the engine the endpoints calls may go to: those discovery found, less those
+    /// active health checks hold out.
+    pub(crate) fn feed_endpoints(&self) {
+        if let Some(engine) = self.feeding() {
+            let addrs = self
+                .endpoints()
+                .iter()
+                .filter(|e| !e.is_removed() && e.is_healthy())
+                .map(|e| e.addr)
+                .collect();
+            engine.feed_endpoints(addrs);
+        }
+    }
+
+    /// Gives the engine the Service's service config and the settings its policy changes.
+    pub(crate) fn feed_rules(&self) {
+        if let Some(engine) = self.feeding() {
+            let policy = self.policy.current();
+            engine.feed_rules(
+                self.service_config.current(),
+                &self.config,
+                policy.as_deref(),
+            );
+        }
     }
 
     /// Groups the current endpoints by the split's Services. Endpoints the split does not

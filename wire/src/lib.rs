@@ -2,18 +2,18 @@
 //! frames are forwarded as they are read, header blocks re-encoded field by field, and no
 //! request or response objects are built.
 //!
-//! Today this crate is a **measuring spike**, not fanout's data path: `fanout-proxy` still
-//! runs on `h2`. The spike (`spike.rs`, binary `fanout-wire-spike`) forwards gRPC calls from
-//! clients to a fixed set of endpoints, round robin, with none of the proxy's policy, so that
-//! `fanout-bench` can put a number on the floor such a layer reaches.
+//! `fanout-proxy run --data-path wire` carries its calls with this crate's engine; `h2` is
+//! still the default until every suite, the cluster suite and the benchmarks agree
+//! (`DESIGN.md`). The binary `fanout-wire-spike` runs the engine alone in front of a fixed
+//! set of endpoints, for benchmarks.
 //!
 //! # Layout
 //! - `frame`: the 9-byte frame header, padding, and writing frames into an output buffer.
 //! - `hpack`: re-encoding decoded fields without a dynamic table.
-//! - `spike`: the single-threaded forwarder.
+//! - `engine`: the forwarder, one per thread; `engine::report`: what it tells the proxy.
 
 #![forbid(unsafe_code)]
 
+pub mod engine;
 pub mod frame;
 pub mod hpack;
-pub mod spike;

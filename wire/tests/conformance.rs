@@ -18,7 +18,7 @@ fn forwarder() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    fanout_wire::spike::spawn_thread(listener, Vec::new());
+    fanout_wire::engine::spawn_thread(listener, Vec::new());
     addr
 }
 
@@ -429,7 +429,7 @@ fn garbage_frames_never_bring_the_forwarder_down() {
     static SPIKE_PANICS: AtomicUsize = AtomicUsize::new(0);
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().name() == Some(fanout_wire::spike::THREAD_NAME) {
+        if std::thread::current().name() == Some(fanout_wire::engine::THREAD_NAME) {
             SPIKE_PANICS.fetch_add(1, Ordering::SeqCst);
         }
         default_hook(info);

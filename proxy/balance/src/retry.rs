@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fanout_proxy_config::service_config::{RetryPolicy, RetryThrottling};
+use fanout_proxy_config::service_config::{RetryPolicy, RetryThrottling, STATUS_CODES};
 use tokio::time::Instant;
 
 /// gRPC's retry throttling (gRFC A6), per upstream: the tokens start at `maxTokens`; a call
@@ -134,6 +134,15 @@ pub fn verdict(policy: &RetryPolicy, throttle: Option<&Throttle>, attempt: Attem
         return Verdict::No;
     }
     Verdict::After(delay)
+}
+
+/// The `fanout_proxy_retries` reason of a retry by the Service's policy: the code it
+/// retried (`policy:UNAVAILABLE`), or `policy:per_attempt_timeout` for an attempt without one.
+pub fn policy_reason(status: Option<u16>) -> String {
+    match status.and_then(|code| STATUS_CODES.get(usize::from(code))) {
+        Some(name) => format!("policy:{name}"),
+        None => "policy:per_attempt_timeout".into(),
+    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+pub(super) use fanout_balance::retry::policy_reason;
 use fanout_balance::retry::{Attempt, Pushback, Verdict, verdict};
-use fanout_proxy_config::service_config::STATUS_CODES;
 use h2::Reason;
 use http::{HeaderMap, Response};
 use tokio::time::Instant;
@@ -77,14 +77,6 @@ pub(super) fn status_of_error(error: &h2::Error) -> u16 {
         (true, Some(_)) => grpc::INTERNAL,
         // The connection went away under the stream.
         _ => grpc::UNAVAILABLE,
-    }
-}
-
-/// The `fanout_proxy_retries` reason of a retry by policy.
-pub(super) fn policy_reason(status: Option<u16>) -> String {
-    match status.and_then(|code| STATUS_CODES.get(usize::from(code))) {
-        Some(name) => format!("policy:{name}"),
-        None => "policy:per_attempt_timeout".into(),
     }
 }
 

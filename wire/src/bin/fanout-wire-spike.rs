@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    match local.block_on(&runtime, fanout_wire::spike::serve(listen, &endpoints)) {
+    match local.block_on(&runtime, fanout_wire::engine::serve(listen, &endpoints)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fanout-wire-spike: {e}");

@@ -44,12 +44,12 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/proxy.md")]
         out: PathBuf,
-        /// Which to measure, comma-separated: direct, fanout, wire-spike (issue 13's measuring
-        /// spike), haproxy, nginx.
+        /// Which to measure, comma-separated: direct, fanout (on h2), fanout-wire (on
+        /// fanout-wire's engine), wire-spike (the engine alone), haproxy, nginx.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,fanout,wire-spike,haproxy,nginx"
+            default_value = "direct,fanout,fanout-wire,haproxy,nginx"
         )]
         peers: Vec<String>,
     },
@@ -61,11 +61,11 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/curve.md")]
         out: PathBuf,
-        /// Whose cases run, comma-separated: fanout, wire-spike, haproxy.
+        /// Whose cases run, comma-separated: fanout, fanout-wire, haproxy.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "fanout,wire-spike,haproxy"
+            default_value = "fanout,fanout-wire,haproxy"
         )]
         peers: Vec<String>,
     },

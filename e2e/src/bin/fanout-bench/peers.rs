@@ -97,6 +97,11 @@ pub struct Peer {
 
 impl Peer {
     pub async fn fanout(backends: &[SocketAddr]) -> anyhow::Result<Self> {
+        Self::fanout_on(backends, "h2").await
+    }
+
+    /// fanout-proxy on the data path named (`h2`, `wire`).
+    pub async fn fanout_on(backends: &[SocketAddr], data_path: &str) -> anyhow::Result<Self> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
             "app.bench",
@@ -104,10 +109,14 @@ impl Peer {
             Discovery::Static(backends.to_vec()),
         )]);
         config.admin.listen = format!("127.0.0.1:{}", free_port()).parse()?;
-        let proxy = ProxyProcess::start(&config).await?;
+        let proxy = ProxyProcess::start_on_data_path(&config, data_path).await?;
         wait_connected(&proxy, backends.len()).await?;
         Ok(Self {
-            name: "fanout",
+            name: if data_path == "wire" {
+                "fanout wire"
+            } else {
+                "fanout"
+            },
             listen,
             pid: proxy.pid(),
             _owned: Box::new(proxy),

@@ -94,6 +94,7 @@ pub fn on_ping(conn: &Conn, fwd: &Forwarder, head: Head, payload: &[u8]) -> Resu
         conn.last_pong.set(tokio::time::Instant::now());
         if !conn.ready.replace(true) {
             fwd.endpoint_settled.notify_waiters();
+            fwd.report_now.notify_one();
             held::open_waiting(fwd);
         }
     }
@@ -164,7 +165,7 @@ pub fn on_rst_stream(
     let code = u32::from_be_bytes(code);
     match route {
         Some(route) if conn.role == Role::Upstream && code == frame::REFUSED_STREAM => {
-            replay::refused(fwd, conn, route);
+            replay::refused(fwd, conn, route, "refused");
         }
         // A reset before any answer: the call's retry policy may send it again.
         Some(route)
@@ -231,7 +232,7 @@ pub fn on_goaway(
         for id in refused {
             let route = conn.routes.borrow_mut().remove(&id);
             if let Some(route) = route {
-                replay::refused(fwd, conn, route);
+                replay::refused(fwd, conn, route, "goaway");
             }
         }
     }

@@ -19,7 +19,7 @@ use super::streams::{self, Route};
 use super::{Conn, Forwarder};
 use crate::frame;
 
-/// The largest request body kept for opening the request again.
+/// The largest request body kept for opening the request again, by default.
 pub const LIMIT: usize = 64 * 1024;
 /// How often one request may be opened again.
 const MAX_REOPENS: u8 = 2;
@@ -35,16 +35,27 @@ pub struct Replay {
     reopens: u8,
     /// When the call arrived, for its duration.
     arrived: Instant,
+    /// The largest body kept.
+    limit: usize,
 }
 
 impl Replay {
-    pub fn new(headers: BytesMut, arrived: Instant, reopens: u8) -> Box<Replay> {
-        Box::new(Replay {
-            headers,
-            body: BytesMut::new(),
-            end: false,
-            reopens,
-            arrived,
+    /// A request kept with up to `limit` bytes of body; none when `limit` is 0 (no retries).
+    pub fn new(
+        headers: BytesMut,
+        arrived: Instant,
+        reopens: u8,
+        limit: usize,
+    ) -> Option<Box<Replay>> {
+        (limit > 0).then(|| {
+            Box::new(Replay {
+                headers,
+                body: BytesMut::new(),
+                end: false,
+                reopens,
+                arrived,
+                limit,
+            })
         })
     }
 
@@ -68,7 +79,7 @@ impl Replay {
     /// Keeps a piece of the body; `false` once the body is past the limit (the request can no
     /// longer be opened again).
     pub fn keep(&mut self, data: &[u8], end: bool) -> bool {
-        if self.body.len() + data.len() > LIMIT {
+        if self.body.len() + data.len() > self.limit {
             return false;
         }
         self.body.extend_from_slice(data);
@@ -80,8 +91,14 @@ impl Replay {
 /// An endpoint refused the stream of `forgotten` (its endpoint-side route, forgotten on the
 /// endpoint's connection) without processing it: the request opens again elsewhere when it
 /// can, else the client's stream is reset with REFUSED_STREAM.
-pub fn refused(fwd: &Forwarder, refused_by: &Rc<Conn>, forgotten: Route) {
-    if reopen(fwd, &forgotten.peer, forgotten.peer_stream, refused_by) {
+pub fn refused(fwd: &Forwarder, refused_by: &Rc<Conn>, forgotten: Route, reason: &str) {
+    if reopen(
+        fwd,
+        &forgotten.peer,
+        forgotten.peer_stream,
+        refused_by,
+        reason,
+    ) {
         // Its client's data that waited for the refusing endpoint's window was kept in the
         // replay: credited now, it is not credited again when it goes (`send_replayed`).
         streams::give_back(fwd, &forgotten);
@@ -107,7 +124,7 @@ pub fn retry_unavailable(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) -> bool 
         .borrow()
         .get(&client_stream)
         .is_some_and(|r| r.ended);
-    if !reopen(fwd, &client, client_stream, conn) {
+    if !reopen(fwd, &client, client_stream, conn, "unavailable") {
         return false;
     }
     streams::forget_attempt(fwd, conn, stream, !request_ended, None);
@@ -116,8 +133,14 @@ pub fn retry_unavailable(conn: &Rc<Conn>, fwd: &Forwarder, stream: u32) -> bool 
 
 /// Opens `client`'s `stream` again on an endpoint other than `avoid`'s; `false` when the
 /// request was not kept whole, was opened again too often, the budget is spent, or no other
-/// endpoint is ready.
-pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>) -> bool {
+/// endpoint is ready. A retry made is reported with `reason`.
+pub fn reopen(
+    fwd: &Forwarder,
+    client: &Rc<Conn>,
+    stream: u32,
+    avoid: &Rc<Conn>,
+    reason: &str,
+) -> bool {
     let mut routes = client.routes.borrow_mut();
     let Some(route) = routes.get_mut(&stream) else {
         return false;
@@ -142,8 +165,10 @@ pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>)
         return false;
     };
     if !fwd.budget.try_withdraw() {
+        fwd.calls.observer.retry_budget_exhausted();
         return false;
     }
+    fwd.calls.observer.retried(reason);
     let endpoint_stream = endpoint.next_stream.get();
     endpoint.next_stream.set(endpoint_stream + 2);
     set_stream(&mut replay.headers, endpoint_stream);
@@ -156,7 +181,7 @@ pub fn reopen(fwd: &Forwarder, client: &Rc<Conn>, stream: u32, avoid: &Rc<Conn>)
     upstream.moved = route.moved.clone();
     upstream.retry = route.retry.clone();
     let clock = fwd.picker.clock();
-    upstream.account = Some(CallAccount::start(picked, replay.arrived, &clock));
+    upstream.account = Some(CallAccount::start(picked, &clock));
     endpoint
         .routes
         .borrow_mut()

@@ -22,19 +22,18 @@ pub fn duration_histogram() -> Histogram {
 /// forgotten, however it ended.
 pub struct CallAccount {
     endpoint: Rc<Endpoint>,
-    arrived: Instant,
     sent: Instant,
     answered: bool,
     status: Option<u16>,
 }
 
 impl CallAccount {
-    pub fn start(endpoint: Rc<Endpoint>, arrived: Instant, clock: &Clock) -> CallAccount {
+    pub fn start(endpoint: Rc<Endpoint>, clock: &Clock) -> CallAccount {
         endpoint.outstanding.set(endpoint.outstanding.get() + 1);
+        endpoint.started.set(endpoint.started.get() + 1);
         endpoint.latency.borrow_mut().sent(clock);
         CallAccount {
             endpoint,
-            arrived,
             sent: clock.now,
             answered: false,
             status: None,
@@ -72,11 +71,7 @@ impl Drop for CallAccount {
             endpoint.latency.borrow_mut().abandoned();
         }
         endpoint.count(self.status);
-        let now = Instant::now();
-        endpoint.record_outcome(self.status, now);
-        endpoint
-            .duration
-            .observe(now.saturating_duration_since(self.arrived).as_secs_f64());
+        endpoint.record_outcome(self.status, Instant::now());
     }
 }
 

@@ -15,6 +15,7 @@ use super::flow::{self, Pending};
 use super::open::{self, MethodRetry};
 use super::policy::{self, Fallback, Outcome};
 use super::replay::{self, Replay};
+use super::report::CallGuard;
 use super::{Conn, Fatal, Forwarder, Role, STREAM_WINDOW};
 use crate::frame::{self, Head};
 use crate::hpack;
@@ -50,6 +51,8 @@ pub struct Route {
     pub retry: Option<Rc<MethodRetry>>,
     /// The request kept whole until an endpoint answers it, on its client-side stream.
     pub replay: Option<Box<Replay>>,
+    /// The call, on its client-side stream: it ends when this route is forgotten.
+    pub call: Option<CallGuard>,
 }
 
 /// The route on `owner` for a stream that continues on `peer`'s `peer_stream`.
@@ -70,6 +73,7 @@ pub fn route(peer: &Rc<Conn>, peer_stream: u32, owner: &Conn, headers_seen: bool
         moved: None,
         retry: None,
         replay: None,
+        call: None,
     }
 }
 

@@ -21,6 +21,7 @@ use super::deadline::{self, Kind};
 use super::endpoint::Endpoint;
 use super::fields::{Block, FieldCheck};
 use super::replay::{self, Replay};
+use super::report::CallGuard;
 use super::streams::{decode, is_idle, route};
 use super::{Conn, Fatal, Forwarder, MAX_STREAMS, Role, flow, held};
 use crate::frame;
@@ -45,6 +46,8 @@ pub struct Opening {
     pub reopens: u8,
     /// Its body went to an endpoint before, and was credited to the client then.
     pub replayed: bool,
+    /// The call, counted from its arrival until it ends.
+    pub call: Option<CallGuard>,
 }
 
 /// The Service's service config as this thread applies it: each method's retry rules built
@@ -218,6 +221,7 @@ pub fn open(
         retry: method.retry,
         reopens: 0,
         replayed: false,
+        call: Some(CallGuard::start(&fwd.calls, clock.now)),
     };
     let Some(picked) = fwd.pick() else {
         held::hold(fwd, conn, stream, opening, method.wait_for_ready);
@@ -259,11 +263,13 @@ pub fn open_on(
         retry,
         reopens,
         replayed,
+        call,
     } = opening;
     let upstream_stream = endpoint.next_stream.get();
     endpoint.next_stream.set(upstream_stream + 2);
     replay::set_stream(&mut frames, upstream_stream);
     let mut downstream = route(endpoint, upstream_stream, conn, true);
+    downstream.call = call;
     downstream.ended = end || body_end;
     if !replayed {
         // Held and not credited yet: the client's window for the stream is that much less.
@@ -282,13 +288,15 @@ pub fn open_on(
         upstream.moved = Some(moved.clone());
         downstream.moved = Some(moved);
     }
-    upstream.account = Some(CallAccount::start(picked, arrived, clock));
+    upstream.account = Some(CallAccount::start(picked, clock));
     downstream.attempt_timer = attempt_timer(fwd, conn, stream, retry.as_deref(), clock.now);
     upstream.retry = retry.clone();
     downstream.retry = retry;
     endpoint.out.borrow_mut().extend_from_slice(&frames);
-    let mut replay = Replay::new(frames, arrived, reopens);
-    if replay.keep(body, body_end) {
+    let limit = fwd.settings().replay_limit;
+    if let Some(mut replay) = Replay::new(frames, arrived, reopens, limit)
+        && replay.keep(body, body_end)
+    {
         downstream.replay = Some(replay);
     }
     conn.routes.borrow_mut().insert(stream, downstream);

@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fanout_balance::Candidate;
@@ -22,11 +23,11 @@ use fanout_balance::eject::{self, Ejection};
 use fanout_balance::latency::{Clock, Latency};
 use fanout_balance::split::SplitSpec;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::report::EndpointReport;
 use super::{Conn, Forwarder, Role};
 use crate::frame;
 
@@ -34,7 +35,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Timeouts of the endpoint connections; tests shorten them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
     /// A TCP connect, and the endpoint's answer to the first PING, each get this long.
     pub connect_timeout: Duration,
@@ -48,6 +49,11 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// Passive ejection of endpoints that keep failing calls.
     pub ejection: fanout_proxy_config::Ejection,
+    /// Connections kept to each endpoint (by each engine thread); taken when the endpoint
+    /// joins the set.
+    pub connections: usize,
+    /// The largest request body kept for sending a request again; 0: no retries at all.
+    pub replay_limit: usize,
 }
 
 impl Default for Settings {
@@ -60,6 +66,8 @@ impl Default for Settings {
             call_timeout: None,
             idle_timeout: None,
             ejection: fanout_proxy_config::Ejection::default(),
+            connections: 1,
+            replay_limit: super::replay::LIMIT,
         }
     }
 }
@@ -67,8 +75,11 @@ impl Default for Settings {
 /// One endpoint as the balancer sees it.
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// Its connection, from the connect until it ends or leaves; takes calls once ready.
-    conn: RefCell<Option<Rc<Conn>>>,
+    /// Its connections by slot, each from its connect until it ends or leaves; one takes
+    /// calls once ready.
+    conns: RefCell<Vec<Option<Rc<Conn>>>>,
+    /// The slot the next call starts looking at, so calls take the pool's connections in turn.
+    next_conn: Cell<usize>,
     /// Gone from the endpoint set: its keeper stops.
     removed: Cell<bool>,
     /// A connection of its failed, or never became ready: it is not worth waiting for.
@@ -78,9 +89,12 @@ pub struct Endpoint {
     pub(super) outstanding: Cell<usize>,
     pub(super) latency: RefCell<Latency>,
     last_pick: Cell<u64>,
+    /// Attempts started here.
+    pub(super) started: Cell<u64>,
     /// Calls ended here, by grpc-status (`None`: no status, the stream was reset).
     counters: RefCell<Vec<(Option<u16>, Counter)>>,
-    pub(super) duration: Histogram,
+    /// Where its state is copied for the proxy (`report.rs`).
+    pub(super) report: Arc<EndpointReport>,
     /// Its failures in a row, and whether (and how long) it is out of balancing.
     ejection: RefCell<Ejection>,
     /// Set while an ejection may be running, so picks skip the clock otherwise.
@@ -90,18 +104,25 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, duration: Histogram, upstream: Weak<Forwarder>) -> Rc<Endpoint> {
+    fn new(
+        addr: SocketAddr,
+        pool: usize,
+        report: Arc<EndpointReport>,
+        upstream: Weak<Forwarder>,
+    ) -> Rc<Endpoint> {
         Rc::new(Endpoint {
             addr,
-            conn: RefCell::new(None),
+            conns: RefCell::new(vec![None; pool.max(1)]),
+            next_conn: Cell::new(0),
             removed: Cell::new(false),
             failed_once: Cell::new(false),
             wake: Notify::new(),
             outstanding: Cell::new(0),
             latency: RefCell::new(Latency::new(Instant::now())),
             last_pick: Cell::new(0),
+            started: Cell::new(0),
             counters: RefCell::new(Vec::new()),
-            duration,
+            report,
             ejection: RefCell::new(Ejection::default()),
             maybe_ejected: Cell::new(false),
             upstream,
@@ -139,6 +160,7 @@ impl Endpoint {
                 .borrow_mut()
                 .eject(config.base_time, config.max_time, now);
             self.maybe_ejected.set(true);
+            fwd.report_now.notify_one();
         }
     }
 
@@ -147,13 +169,31 @@ impl Endpoint {
         self.failed_once.get() || self.ready_conn().is_some()
     }
 
-    /// The connection to open a call on, when one is ready.
+    /// The connection to open a call on, when one is ready: the pool's in turn.
     pub fn ready_conn(&self) -> Option<Rc<Conn>> {
-        self.conn
-            .borrow()
-            .as_ref()
-            .filter(|c| c.takes_calls())
-            .cloned()
+        let conns = self.conns.borrow();
+        if let [only] = conns.as_slice() {
+            return only.as_ref().filter(|c| c.takes_calls()).cloned();
+        }
+        let start = self.next_conn.get();
+        self.next_conn.set(start.wrapping_add(1));
+        (0..conns.len()).find_map(|i| {
+            conns[(start + i) % conns.len()]
+                .as_ref()
+                .filter(|c| c.takes_calls())
+                .cloned()
+        })
+    }
+
+    /// Connections of its pool taking calls.
+    pub fn ready_connections(&self) -> usize {
+        let conns = self.conns.borrow();
+        conns.iter().flatten().filter(|c| c.takes_calls()).count()
+    }
+
+    /// A connection of it failed, or never became ready.
+    pub fn has_failed(&self) -> bool {
+        self.failed_once.get()
     }
 
     pub(super) fn count(&self, status: Option<u16>) {
@@ -163,7 +203,10 @@ impl Endpoint {
                 counter.inc();
             }
             None => {
-                let counter = Counter::default();
+                let Some(fwd) = self.upstream.upgrade() else {
+                    return;
+                };
+                let counter = fwd.calls.observer.requests(Some(self.addr), status);
                 counter.inc();
                 counters.push((status, counter));
             }
@@ -173,7 +216,8 @@ impl Endpoint {
 
 impl Candidate for Endpoint {
     fn is_ready(&self) -> bool {
-        self.conn.borrow().as_ref().is_some_and(|c| c.takes_calls()) && !self.is_ejected()
+        let conns = self.conns.borrow();
+        conns.iter().flatten().any(|c| c.takes_calls()) && !self.is_ejected()
     }
     fn outstanding(&self) -> usize {
         self.outstanding.get()
@@ -210,14 +254,20 @@ fn update(fwd: &Rc<Forwarder>, addrs: &HashSet<SocketAddr>) {
             known.insert(endpoint.addr);
         } else {
             endpoint.removed.set(true);
-            endpoint.wake.notify_one();
+            // Every keeper of its pool waits on it.
+            endpoint.wake.notify_waiters();
+            super::report::forget(&endpoint.report, fwd.thread);
         }
         kept
     });
     for &addr in addrs.difference(&known) {
-        let endpoint = Endpoint::new(addr, fwd.duration.clone(), Rc::downgrade(fwd));
+        let report = fwd.calls.observer.endpoint(addr);
+        let pool = fwd.settings().connections;
+        let endpoint = Endpoint::new(addr, pool, report, Rc::downgrade(fwd));
         endpoints.push(endpoint.clone());
-        tokio::task::spawn_local(keep_connected(endpoint, fwd.clone()));
+        for slot in 0..pool.max(1) {
+            tokio::task::spawn_local(keep_connected(endpoint.clone(), slot, fwd.clone()));
+        }
     }
     fwd.picker.set_endpoint_count(endpoints.len());
     drop(endpoints);
@@ -236,8 +286,8 @@ pub async fn follow_split(mut spec: watch::Receiver<Option<SplitSpec>>, fwd: Rc<
     }
 }
 
-/// Keeps one connection to `endpoint` up until the endpoint is removed.
-async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
+/// Keeps the connection of `slot` of `endpoint`'s pool up until the endpoint is removed.
+async fn keep_connected(endpoint: Rc<Endpoint>, slot: usize, fwd: Rc<Forwarder>) {
     let settings = fwd.settings();
     let mut backoff = BACKOFF_MIN;
     while !endpoint.removed.get() {
@@ -250,13 +300,14 @@ async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
         if let Ok(Ok(io)) = connected {
             let conn = Conn::new(Role::Upstream, io);
             conn.flush();
-            *endpoint.conn.borrow_mut() = Some(conn.clone());
+            endpoint.conns.borrow_mut()[slot] = Some(conn.clone());
             tokio::task::spawn_local(super::task::run(conn.clone(), fwd.clone()));
             tokio::select! {
                 () = conn.retired.notified() => {}
                 () = endpoint.wake.notified() => {}
             }
-            endpoint.conn.borrow_mut().take();
+            endpoint.conns.borrow_mut()[slot].take();
+            fwd.report_now.notify_one();
             if endpoint.removed.get() {
                 leave(&conn, &fwd);
                 return;
@@ -270,6 +321,7 @@ async fn keep_connected(endpoint: Rc<Endpoint>, fwd: Rc<Forwarder>) {
         }
         if !endpoint.failed_once.replace(true) {
             fwd.endpoint_settled.notify_waiters();
+            fwd.report_now.notify_one();
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
         tokio::select! {

@@ -23,8 +23,6 @@ use super::policy::Fallback;
 use super::{Conn, Forwarder, STREAM_WINDOW, answer, streams};
 use crate::frame;
 
-const NOT_READY: &[u8] = b"fanout: no endpoint is ready";
-
 /// A call waiting for an endpoint.
 pub struct Held {
     conn: Weak<Conn>,
@@ -66,7 +64,8 @@ pub fn hold(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, opening: Opening, wai
                 .map_or(limit, |deadline| deadline.min(limit)),
         )
     } else {
-        answer::end_call(conn, stream, opening.end, answer::UNAVAILABLE, NOT_READY);
+        let message = fwd.calls.no_endpoint(answer::UNAVAILABLE);
+        answer::end_call(conn, stream, opening.end, answer::UNAVAILABLE, &message);
         return;
     };
     let timer = until.map(|at| fwd.deadlines.insert(at, conn, stream, Kind::Held));
@@ -116,6 +115,7 @@ pub fn retry_later(
         retry: route.retry.take(),
         reopens: reopens + 1,
         replayed: true,
+        call: route.call.take(),
     };
     let at = tokio::time::Instant::now() + delay;
     let timer = fwd.deadlines.insert(at, client, stream, Kind::Held);
@@ -204,6 +204,7 @@ pub fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
     super::flow::credit(fwd, conn, stream, call.uncredited());
     if call.wait_for_ready {
         // As gRPC clients end a waitForReady call that found no endpoint within its deadline.
+        fwd.calls.no_endpoint(answer::DEADLINE_EXCEEDED);
         answer::end_call(
             conn,
             stream,
@@ -212,7 +213,8 @@ pub fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32) {
             deadline::MESSAGE,
         );
     } else {
-        answer::end_call(conn, stream, call.body_end, answer::UNAVAILABLE, NOT_READY);
+        let message = fwd.calls.no_endpoint(answer::UNAVAILABLE);
+        answer::end_call(conn, stream, call.body_end, answer::UNAVAILABLE, &message);
     }
     fwd.mark(conn);
 }

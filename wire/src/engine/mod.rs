@@ -1,6 +1,5 @@
-//! The measuring spike: a forwarder built the way issue 13's proposal describes, reduced to
-//! what a benchmark exercises plus the protocol a real peer needs, to learn what such a data
-//! path costs per call before building the real one.
+//! The engine: fanout-proxy's `wire` data path, one forwarder per thread, built the way
+//! issue 13's proposal describes (`DESIGN.md`).
 //!
 //! One thread; every connection (`conn.rs`) is an `Rc` owned by one task (`task.rs`) that
 //! reads its socket and forwards each frame at once into the other connection's output buffer
@@ -13,24 +12,21 @@
 //! messages (`fields.rs`) reset their stream (`streams.rs`), both flow-control windows are
 //! kept both ways (`flow.rs`).
 //!
-//! Every call also gets the bookkeeping fanout gives it (`account.rs`): fanout's balancer
-//! picks the endpoint, and the call is counted and timed as fanout's metrics do.
+//! Every call gets fanout's bookkeeping (`account.rs`): fanout's balancer picks the endpoint,
+//! its load and latency estimate are kept, and the call is counted and timed; what leaves the
+//! thread goes through `report.rs` (the proxy's metrics, drain and `/endpoints`).
 //!
-//! The endpoints follow a set of addresses, each with one connection kept up and passive
-//! ejection (`endpoint.rs`): the first step of the sprint that would make this the real data
-//! path (`DESIGN.md`).
+//! The endpoints follow a live set of addresses, each with a pool of connections kept up and
+//! passive ejection (`endpoint.rs`). A new request takes the rules that apply to it
+//! (`open.rs`: the Service's method timeout, `waitForReady` and retry policy, the upstream's
+//! timeouts); calls end at their deadline or idle timeout (`deadline.rs`); a call with no
+//! endpoint ready waits for one (`held.rs`); a request an endpoint did not process opens
+//! again elsewhere (`replay.rs`), and one that failed goes again as the Service's retry
+//! policy says (`policy.rs`). A weighted split over Services (a canary) draws the Service
+//! before the balancer picks.
 //!
-//! The call layer of that sprint: a new request takes the rules that apply to it (`open.rs`:
-//! the Service's method timeout, `waitForReady` and retry policy, the upstream's timeouts);
-//! calls end at their deadline or idle timeout (`deadline.rs`); a call with no endpoint ready
-//! waits for one (`held.rs`); a request an endpoint did not process opens again elsewhere
-//! (`replay.rs`), and one that failed goes again as the Service's retry policy says
-//! (`policy.rs`).
-//!
-//! A weighted split over Services (a canary) draws the Service before the balancer picks.
-//!
-//! Left out still (the real layer needs each): active health checks, the admin endpoint,
-//! limits on streams per endpoint.
+//! Not here, by design: discovery, active health checks and the admin endpoint stay in
+//! fanout-proxy, which feeds the engine ([`Upstream`]) and reads its reports.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -39,6 +35,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use fanout_balance::Picker;
+use fanout_balance::budget::Budget;
 use fanout_balance::split::Split;
 use fanout_proxy_config::Balancer;
 use fanout_proxy_config::service_config::ServiceConfig;
@@ -59,6 +56,7 @@ mod held;
 mod open;
 mod policy;
 mod replay;
+pub mod report;
 mod streams;
 mod task;
 
@@ -89,13 +87,18 @@ pub struct Forwarder {
     dirty: RefCell<Vec<Rc<Conn>>>,
     /// The latest settings (the Service's policy changes some of them live).
     settings: Cell<Settings>,
-    /// The upstream's call durations, shared by its endpoints.
-    duration: prometheus_client::metrics::histogram::Histogram,
+    /// This thread's calls, and whom they are reported to.
+    calls: Rc<report::Calls>,
+    /// This thread's number among the engine's threads (for the endpoints' reports).
+    thread: usize,
     /// Woken when an endpoint's first connection became ready or failed.
     endpoint_settled: Notify,
+    /// An endpoint's state changed in a way `/ready` shows: reported at once, not at the
+    /// next period (`report.rs`).
+    report_now: Notify,
     deadlines: Rc<deadline::Deadlines>,
-    /// Retries may add at most a fifth of the calls.
-    budget: fanout_balance::budget::Budget,
+    /// Retries may add at most a share of the calls (shared by the engine's threads).
+    budget: Arc<Budget>,
     /// The Service's service config, this thread's copy (`open::follow`).
     service_config: RefCell<Option<Rc<open::ServiceRules>>>,
     /// Calls waiting for an endpoint to become ready.
@@ -197,8 +200,9 @@ pub async fn serve(listen: SocketAddr, endpoints: &[SocketAddr]) -> Result<(), S
     Ok(())
 }
 
-/// What the spike serves, each part live: an upstream's endpoint set, its Service's service
+/// What the engine serves, each part live: an upstream's endpoint set, its Service's service
 /// config and weighted split, and its settings.
+#[derive(Clone)]
 pub struct Upstream {
     pub endpoints: watch::Receiver<Vec<SocketAddr>>,
     pub service_config: watch::Receiver<Option<Arc<ServiceConfig>>>,
@@ -218,33 +222,74 @@ impl Upstream {
     }
 }
 
+/// How one engine thread runs beside the others: whom it reports to, its number, what the
+/// threads share, and when it stops.
+#[derive(Clone)]
+pub struct Thread {
+    pub observer: Arc<dyn report::Observer>,
+    pub number: usize,
+    /// The retry budget of the upstream, over all its threads.
+    pub budget: Arc<Budget>,
+    pub balancer: Balancer,
+    /// `true`: stop taking clients, and end once the calls under way ended.
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Default for Thread {
+    /// Nobody observes, one thread, fanout's default budget and balancer, never stopped.
+    fn default() -> Self {
+        Thread {
+            observer: Arc::new(report::Unobserved::default()),
+            number: 0,
+            budget: Arc::new(Budget::new(RETRY_BUDGET_PERCENT)),
+            balancer: Balancer::PeakEwma,
+            stop: watch::channel(false).1,
+        }
+    }
+}
+
 /// Serves clients on a listener already bound, in front of `upstream` as it changes.
 /// Clients are taken once every endpoint's first connection is ready or has failed (or after
 /// the connect timeout), so the first calls neither fail nor all go to the endpoint that
 /// happened to connect first while the others are still connecting.
 pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
+    serve_thread(listener, upstream, Thread::default()).await
+}
+
+/// As [`serve_on`], as one of the engine's threads; returns once stopped and its calls ended.
+pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thread) {
     let Upstream {
         endpoints: set,
         service_config,
         split,
         settings: live_settings,
     } = upstream;
+    let Thread {
+        observer,
+        number,
+        budget,
+        balancer,
+        mut stop,
+    } = thread;
     let settings = *live_settings.borrow();
     let forwarder = Rc::new(Forwarder {
         endpoints: RefCell::new(Vec::new()),
-        picker: Picker::new(Balancer::PeakEwma),
+        picker: Picker::new(balancer),
         dirty: RefCell::new(Vec::new()),
         read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
         settings: Cell::new(settings),
-        duration: account::duration_histogram(),
+        calls: report::Calls::new(observer),
+        thread: number,
         endpoint_settled: Notify::new(),
+        report_now: Notify::new(),
         deadlines: Rc::default(),
-        budget: fanout_balance::budget::Budget::new(RETRY_BUDGET_PERCENT),
+        budget,
         service_config: RefCell::new(None),
         held: RefCell::new(Vec::new()),
         split_spec: RefCell::new(None),
         split: RefCell::new(None),
     });
+    tokio::task::spawn_local(report::publish(forwarder.clone()));
     tokio::task::spawn_local(endpoint::follow_split(split, forwarder.clone()));
     tokio::task::spawn_local(follow_settings(live_settings, forwarder.clone()));
     tokio::task::spawn_local(open::follow(service_config, forwarder.clone()));
@@ -255,14 +300,31 @@ pub async fn serve_on(listener: TcpListener, upstream: Upstream) {
         let settled = forwarder.endpoints_settled();
         let _ = tokio::time::timeout(settings.connect_timeout, settled).await;
     }
+    let mut stoppable = true;
     loop {
-        let Ok((io, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            changed = stop.changed(), if stoppable => {
+                match changed {
+                    Ok(()) if *stop.borrow_and_update() => break,
+                    Ok(()) => {}
+                    // Nobody can stop it any more.
+                    Err(_) => stoppable = false,
+                }
+                continue;
+            }
+        };
+        let Ok((io, _)) = accepted else {
+            // Out of file descriptors, typically: back off rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let conn = Conn::new(Role::Downstream, io);
         conn.flush();
         tokio::task::spawn_local(task::run(conn, forwarder.clone()));
     }
+    drop(listener);
+    forwarder.calls.idle().await;
 }
 
 /// Keeps the forwarder's settings equal to the latest, until their sender is gone. A call
@@ -301,19 +363,32 @@ pub fn spawn_on_loopback(upstream: Upstream) -> SocketAddr {
 
 /// As [`spawn_thread`], in front of `upstream`.
 pub fn spawn_thread_serving(listener: std::net::TcpListener, upstream: Upstream) {
-    let thread = std::thread::Builder::new().name(THREAD_NAME.into());
-    let spawned = thread.spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a one-thread runtime");
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async move {
-            let listener = TcpListener::from_std(listener).expect("a non-blocking listener");
-            serve_on(listener, upstream).await
+    spawn_engine_thread(listener, upstream, Thread::default()).expect("a thread for the engine");
+}
+
+/// Runs one engine thread (a one-thread runtime of its own) serving `listener`
+/// (non-blocking; the threads of one upstream each take a clone of it) in front of
+/// `upstream`, until `thread.stop` and its calls ended.
+pub fn spawn_engine_thread(
+    listener: std::net::TcpListener,
+    upstream: Upstream,
+    thread: Thread,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(THREAD_NAME.into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve_thread(listener, upstream, thread).await,
+                    // Only outside a runtime, which this is not.
+                    Err(e) => eprintln!("fanout-wire: the listener cannot be served: {e}"),
+                }
+            })
         })
-    });
-    spawned.expect("a thread for the spike");
 }
 
 /// The name of the thread [`spawn_thread`] starts, for tests that watch it for panics.

@@ -95,10 +95,19 @@ pub fn after_failure(
             deadline: route.deadline.as_ref().map(|d| d.at()),
         }
     };
+    let observer = &fwd.calls.observer;
     match verdict(policy, rules.throttle.as_deref(), attempt) {
-        Verdict::No | Verdict::Throttled => Outcome::No,
-        Verdict::After(_) if !fwd.budget.try_withdraw() => Outcome::No,
+        Verdict::No => Outcome::No,
+        Verdict::Throttled => {
+            observer.retry_throttled();
+            Outcome::No
+        }
+        Verdict::After(_) if !fwd.budget.try_withdraw() => {
+            observer.retry_budget_exhausted();
+            Outcome::No
+        }
         Verdict::After(delay) => {
+            observer.retried(&fanout_balance::retry::policy_reason(status));
             held::retry_later(fwd, client, stream, delay, avoid, fallback());
             Outcome::Retried
         }
