@@ -132,10 +132,18 @@ impl ProxyProcess {
     /// Runs the proxy with `config` on the data path named (`h2`, `wire`), whatever
     /// `FANOUT_DATA_PATH` says.
     pub async fn start_on_data_path(config: &ProxyConfig, data_path: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(config, &[("FANOUT_DATA_PATH", data_path)]).await
+    }
+
+    /// Runs the proxy with `config` and these environment variables set (its flags' `FANOUT_*`).
+    pub async fn start_with_env(
+        config: &ProxyConfig,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let level = std::env::var("FANOUT_LOG").unwrap_or_else(|_| "warn".into());
         let path = config_file(config)?;
         let mut command = Self::command(path.clone(), level, Stdio::inherit());
-        command.env("FANOUT_DATA_PATH", data_path);
+        command.envs(env.iter().copied());
         Self::wait_live(command, path, config.admin.listen).await
     }
 
