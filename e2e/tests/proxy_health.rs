@@ -1,16 +1,20 @@
 //! What the proxy tells the kubelet and load balancers about itself, and users about failed
 //! calls: `/ready/proxy` (the default readiness probe) beside the upstream-aware `/ready`;
-//! `/grpc-health` from the app's own `grpc.health.v1`; a log line for each call that failed.
+//! `/grpc-health` from the app's own `grpc.health.v1`; a log line for each call that failed
+//! (no endpoint, a deadline, an endpoint's reset).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fanout_e2e::backend::proto::EchoRequest;
+use fanout_e2e::backend::{Backend, Behaviour};
 use fanout_e2e::fleet::client;
-use fanout_e2e::proxy::{ProxyProcess, free_port, loopback_config};
+use fanout_e2e::proxy::{ProxyProcess, free_port, loopback_config, pod_ip};
 use fanout_e2e::raw;
-use fanout_proxy_config::{Discovery, DnsDiscovery, GrpcHealth, ProxyConfig};
+use fanout_e2e::resetting::spawn_resetting;
+use fanout_proxy_config::{Discovery, DnsDiscovery, GrpcHealth, ProxyConfig, UpstreamConfig};
+use fanout_wire::frame as wire_frame;
 use serde_json::Value;
 
 /// A config with one upstream discovered through `nameserver` for a name it does not know.
@@ -206,5 +210,70 @@ async fn a_call_the_proxy_fails_leaves_a_line_saying_why() {
         left_out as usize + failed.len() >= 41,
         "{left_out} left out, {} logged: {text}",
         failed.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_a_deadline_or_an_endpoint_reset_ended_leave_lines_naming_the_endpoint() {
+    let slow = Backend::new("backend-0", Behaviour::default())
+        .spawn(SocketAddr::new(pod_ip(0), 0))
+        .await
+        .unwrap();
+    let (resetting, _) =
+        spawn_resetting(SocketAddr::new(pod_ip(1), 0), wire_frame::INTERNAL_ERROR).await;
+    let (mut config, slow_local) = loopback_config(Discovery::Static(vec![slow]), |_| {});
+    let reset_local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.upstreams.push(UpstreamConfig::new(
+        "resetting.shop",
+        reset_local,
+        Discovery::Static(vec![resetting]),
+    ));
+    let log = std::env::temp_dir().join(format!("fanout-failures-{}.log", free_port()));
+    let proxy = ProxyProcess::start_logged(&config, &log).await.unwrap();
+    ready_within(&proxy, "/ready", Duration::from_secs(5)).await;
+
+    let slow_call = EchoRequest {
+        delay_ms: 2_000,
+        ..Default::default()
+    };
+    let path = "/fanout.test.v1.Test/Unary";
+    let timeout = [("grpc-timeout", "200m")];
+    let answer = raw::unary(slow_local, path, &slow_call, &timeout)
+        .await
+        .unwrap();
+    assert_eq!(answer.grpc_status(), Some(4));
+    let reset = raw::unary(reset_local, path, &EchoRequest::default(), &[]).await;
+    assert!(
+        reset.is_err(),
+        "a reset call has no answer: {:?}",
+        reset.ok().map(|r| r.headers)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let failed: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "call failed")
+        .collect();
+    let line_of = |upstream: &str| {
+        failed
+            .iter()
+            .find(|l| l["upstream"] == upstream)
+            .unwrap_or_else(|| panic!("no line for {upstream}: {text}"))
+    };
+    let deadline = line_of("app.shop");
+    assert_eq!(deadline["endpoint"], slow.to_string(), "{deadline}");
+    assert_eq!(deadline["client_got"], "grpc-status 4", "{deadline}");
+    let why = deadline["reason"].as_str().unwrap();
+    assert!(why.contains("before the endpoint answered"), "{deadline}");
+    let reset = line_of("resetting.shop");
+    assert_eq!(reset["endpoint"], resetting.to_string(), "{reset}");
+    assert_eq!(reset["client_got"], "RST_STREAM INTERNAL_ERROR", "{reset}");
+    let why = reset["reason"].as_str().unwrap();
+    assert!(
+        why.contains("reset by the endpoint before its answer"),
+        "{reset}"
     );
 }

@@ -14,7 +14,7 @@ use fanout_balance::budget::Budget;
 use fanout_proxy_config::UpstreamConfig;
 use fanout_proxy_config::policy::Policy;
 use fanout_proxy_config::service_config::ServiceConfig;
-use fanout_wire::engine::report::{EndpointReport, Observer};
+use fanout_wire::engine::report::{ClientGot, EndpointReport, Observer};
 use fanout_wire::engine::{self as wire, Settings, SplitSpec};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -120,6 +120,14 @@ impl Engine {
     /// `upstream` feeds the engine from now on.
     pub fn attach(&self, upstream: &Arc<Upstream>) {
         *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(upstream);
+    }
+
+    /// The upstream feeding the engine now.
+    fn current(&self) -> Option<Arc<Upstream>> {
+        self.upstream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
     }
 
     /// Stops taking clients; each thread ends once its calls ended.
@@ -238,11 +246,7 @@ impl Observer for Engine {
     }
 
     fn no_endpoint(&self, code: u16) -> String {
-        let upstream = self
-            .upstream
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .upgrade();
+        let upstream = self.current();
         let reason = upstream
             .as_ref()
             .and_then(|u| u.not_ready_reason())
@@ -253,6 +257,18 @@ impl Observer for Engine {
                 .failed(&self.name, None, Failure::Status(code), &reason);
         }
         grpc::percent_encode(&format!("fanout: upstream {}: {reason}", self.name))
+    }
+
+    fn call_failed(&self, endpoint: Option<SocketAddr>, got: ClientGot, reason: &str) {
+        let failure = match got {
+            ClientGot::Status(code) => Failure::Status(code),
+            ClientGot::Reset(code) => Failure::Reset(h2::Reason::from(code)),
+        };
+        if let Some(upstream) = self.current() {
+            upstream
+                .failures
+                .failed(&self.name, endpoint, failure, &reason);
+        }
     }
 
     fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointReport> {

@@ -40,6 +40,11 @@ impl CallAccount {
         }
     }
 
+    /// The endpoint the attempt went to.
+    pub fn endpoint_addr(&self) -> std::net::SocketAddr {
+        self.endpoint.addr
+    }
+
     /// The response headers came: a latency sample.
     pub fn answered(&mut self, clock: &Clock) {
         if !self.answered {

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use fanout_balance::retry::Pushback;
 
 use super::policy::{self, Fallback, Outcome};
+use super::report::ClientGot;
 use super::streams::{give_back, is_idle, reset_other_side, reset_stream};
 use super::{Conn, Fatal, Forwarder, Role, flow, held, replay};
 use crate::frame::{self, Head};
@@ -182,7 +183,19 @@ pub fn on_rst_stream(
         {
             give_back(fwd, &route);
         }
-        Some(route) => reset_other_side(fwd, &route, code),
+        Some(route) => {
+            if conn.role == Role::Upstream {
+                let reason = if route.headers_seen {
+                    "reset while the response streamed"
+                } else {
+                    "reset by the endpoint before its answer"
+                };
+                let endpoint = route.account.as_ref().map(|a| a.endpoint_addr());
+                let got = ClientGot::Reset(code);
+                fwd.calls.observer.call_failed(endpoint, got, reason);
+            }
+            reset_other_side(fwd, &route, code)
+        }
         None => held::cancel(fwd, conn, head.stream),
     }
     Ok(())

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::report::ClientGot;
 use super::{Conn, Forwarder, answer, held, policy, streams};
 use crate::frame;
 
@@ -217,6 +218,15 @@ pub fn expire(fwd: &Forwarder, conn: &Rc<Conn>, stream: u32, message: &[u8]) {
             if let Some(account) = &mut upstream.account {
                 account.set_status(Some(4));
             }
+            let endpoint = upstream.account.as_ref().map(|a| a.endpoint_addr());
+            let when = if upstream.headers_seen {
+                "while the response streamed"
+            } else {
+                "before the endpoint answered"
+            };
+            let reason = format!("{} {when}", String::from_utf8_lossy(message));
+            let got = ClientGot::Status(4);
+            fwd.calls.observer.call_failed(endpoint, got, &reason);
             answer::put_status(
                 &mut out,
                 stream,

@@ -44,10 +44,22 @@ pub trait Observer: Send + Sync + 'static {
     fn no_endpoint(&self, _code: u16) -> String {
         "fanout: no endpoint is ready".into()
     }
+    /// A call failed at the proxy or was reset: on `endpoint` (`None`: none took it), what
+    /// its client got, and why (a rate-limited log line, in fanout-proxy).
+    fn call_failed(&self, _endpoint: Option<SocketAddr>, _got: ClientGot, _reason: &str) {}
     /// Where the state of the endpoint at `addr` is to be reported.
     fn endpoint(&self, _addr: SocketAddr) -> Arc<EndpointReport> {
         Arc::default()
     }
+}
+
+/// What a client got when its call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientGot {
+    /// A grpc-status the proxy answered itself.
+    Status(u16),
+    /// RST_STREAM with this HTTP/2 error code.
+    Reset(u32),
 }
 
 /// Nobody listens: the engine on its own (tests, the benchmark binary).

@@ -10,6 +10,7 @@ use bytes::{Buf, BytesMut};
 use tokio::time::{Instant, Sleep};
 
 use super::conn::Role;
+use super::report::ClientGot;
 use super::{Conn, Forwarder, READ_CHUNK, Settings, control, held, policy, streams};
 use crate::frame::{self, Head};
 
@@ -80,6 +81,12 @@ pub(super) async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
         if retried {
             streams::give_back(&forwarder, &route);
         } else {
+            if upstream {
+                let endpoint = route.account.as_ref().map(|a| a.endpoint_addr());
+                let got = ClientGot::Reset(frame::CANCEL);
+                let reason = "the connection to the endpoint was lost";
+                forwarder.calls.observer.call_failed(endpoint, got, reason);
+            }
             streams::reset_other_side(&forwarder, &route, frame::CANCEL);
         }
     }
