@@ -11,20 +11,20 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-## The proxy's end-to-end suites, which `make test` runs on each data path (h2, the default,
-## and wire: fanout-wire's engine) while both exist.
+## The proxy's end-to-end suites, which `make test` runs on each data path (wire, the default:
+## fanout-wire's engine; and h2) while both exist.
 PROXY_SUITES := proxy_calls proxy_failures proxy_lifecycle proxy_balance proxy_health proxy_peers \
 	service_config policy_live discovery pipeline
 
 ## Every test: unit, golden, property, and the end-to-end suites on loopback; then the proxy's
-## suites again on the wire data path.
+## suites again on the h2 data path.
 test: test-bins chart-test python-deps
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
-	FANOUT_DATA_PATH=wire $(CARGO) nextest run -p fanout-e2e --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
+	FANOUT_DATA_PATH=h2 $(CARGO) nextest run -p fanout-e2e --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
 else
 	$(CARGO) test --workspace --no-fail-fast
-	FANOUT_DATA_PATH=wire $(CARGO) test -p fanout-e2e --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
+	FANOUT_DATA_PATH=h2 $(CARGO) test -p fanout-e2e --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
 endif
 
 ## The Helm chart, with the real Helm engine: lint for every cert mode, and what an install creates.

@@ -46,9 +46,9 @@ enum Command {
         /// share of a node; more raise the ceiling at saturation.
         #[arg(long, env = "FANOUT_PROXY_THREADS", default_value_t = 1)]
         threads: usize,
-        /// What carries the calls: `h2` (the h2 crate) or `wire` (fanout-wire's engine, on
-        /// `threads` threads of its own per upstream).
-        #[arg(long, env = "FANOUT_DATA_PATH", value_enum, default_value_t = DataPath::H2)]
+        /// What carries the calls: `wire` (fanout-wire's engine, on `threads` threads of its
+        /// own per upstream) or `h2` (the h2 crate; the former data path, kept for a while).
+        #[arg(long, env = "FANOUT_DATA_PATH", value_enum, default_value_t = DataPath::Wire)]
         data_path: DataPath,
     },
     /// Validate a config file: exit 0, or one line per fault and exit 1.

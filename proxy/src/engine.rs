@@ -31,9 +31,9 @@ use crate::upstream::Upstream;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DataPath {
     /// `h2` and hyper's types: a task per connection, a future per call.
-    #[default]
     H2,
     /// `fanout-wire`: frames forwarded as they are read, on engine threads of their own.
+    #[default]
     Wire,
 }
 

@@ -3,10 +3,13 @@
 //! # Layout
 //! - `cli`: `run`, `check`, `wait`; start-up, and the SIGTERM drain.
 //! - `check`: reading and validating the config file.
-//! - `serving`: the upstreams being served, and applying a changed config file.
-//! - `server`: the h2c listener of each upstream; a task per stream.
-//! - `forward`: one call: pick, open upstream, move both ways, deadline, retries.
-//! - `pump`: one direction of a stream under flow control, kept for replay while it fits.
+//! - `serving`: the upstreams being served (by the data path chosen), and applying a changed
+//!   config file.
+//! - `engine`: the `wire` data path (the default): `fanout-wire`'s engine fed by the upstreams
+//!   and reporting into the metrics, the drain and `/endpoints`.
+//! - The `h2` data path (`--data-path h2`, the former one): `server`, the h2c listener of
+//!   each upstream; `forward`, one call: pick, open upstream, move both ways, deadline,
+//!   retries; `pump`, one direction of a stream under flow control, kept for replay.
 //! - `retry`: the retry budget, retry throttling, and backoff.
 //! - `accounting`: per-call and per-attempt bookkeeping (drain, metrics, ejection).
 //! - `activity`: streams in flight across the proxy, for the drain.
@@ -16,8 +19,6 @@
 //! - `upstream`: one upstream: discovery feeding its endpoint set; picking an endpoint; what
 //!   it reports of itself (`upstream/report.rs`).
 //! - `endpoint`: one endpoint's HTTP/2 connection (reconnect with backoff) and load.
-//! - `engine`: the `wire` data path: `fanout-wire`'s engine fed by the upstreams and
-//!   reporting into the metrics, the drain and `/endpoints`.
 //! - `conn_io`: an endpoint connection's bytes, read to the end after a write fails.
 //! - `eject`: passive ejection of endpoints that keep failing.
 //! - `health`: active `grpc.health.v1` checks.

@@ -41,8 +41,8 @@ struct Case {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Fanout,
-    /// fanout-proxy on the `wire` data path (fanout-wire's engine).
-    FanoutWire,
+    /// fanout-proxy on the `h2` data path (the former one).
+    FanoutH2,
     HAProxy,
 }
 
@@ -50,7 +50,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Fanout => "fanout",
-            Kind::FanoutWire => "fanout-wire",
+            Kind::FanoutH2 => "fanout-h2",
             Kind::HAProxy => "haproxy",
         }
     }
@@ -93,29 +93,29 @@ const CASES: [Case; 12] = [
         streams: STREAMS,
     },
     Case {
-        proxy: Kind::FanoutWire,
-        name: "fanout wire: 10 endpoints, 4 conns",
+        proxy: Kind::FanoutH2,
+        name: "fanout h2: 10 endpoints, 4 conns",
         endpoints: 10,
         connections: 4,
         streams: 0,
     },
     Case {
-        proxy: Kind::FanoutWire,
-        name: "fanout wire: 1,000 endpoints, 4 conns",
+        proxy: Kind::FanoutH2,
+        name: "fanout h2: 1,000 endpoints, 4 conns",
         endpoints: 1_000,
         connections: 4,
         streams: 0,
     },
     Case {
-        proxy: Kind::FanoutWire,
-        name: "fanout wire: 10 endpoints, 256 conns",
+        proxy: Kind::FanoutH2,
+        name: "fanout h2: 10 endpoints, 256 conns",
         endpoints: 10,
         connections: 256,
         streams: 0,
     },
     Case {
-        proxy: Kind::FanoutWire,
-        name: "fanout wire: 10 endpoints, 4 conns, 10,000 streams open",
+        proxy: Kind::FanoutH2,
+        name: "fanout h2: 10 endpoints, 4 conns, 10,000 streams open",
         endpoints: 10,
         connections: 4,
         streams: STREAMS,
@@ -222,7 +222,7 @@ async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Opti
     let endpoints = &addrs[..case.endpoints];
     let proxy = match case.proxy {
         Kind::Fanout => Peer::fanout(endpoints).await?,
-        Kind::FanoutWire => Peer::fanout_on(endpoints, "wire").await?,
+        Kind::FanoutH2 => Peer::fanout_on(endpoints, "h2").await?,
         Kind::HAProxy => match Peer::haproxy(endpoints).await? {
             Some(peer) => peer,
             None => return Ok(None),
@@ -382,7 +382,7 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
         )?;
     }
     writeln!(t)?;
-    for kind in [Kind::Fanout, Kind::FanoutWire] {
+    for kind in [Kind::Fanout, Kind::FanoutH2] {
         let find = |endpoints: usize, connections: usize, streams: usize| {
             subjects.iter().find(|s| {
                 s.case.proxy == kind

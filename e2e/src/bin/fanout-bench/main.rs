@@ -44,12 +44,12 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/proxy.md")]
         out: PathBuf,
-        /// Which to measure, comma-separated: direct, fanout (on h2), fanout-wire (on
-        /// fanout-wire's engine), wire-spike (the engine alone), haproxy, nginx.
+        /// Which to measure, comma-separated: direct, fanout (its default data path, wire),
+        /// fanout-h2 (on the h2 data path), wire-spike (the engine alone), haproxy, nginx.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,fanout,fanout-wire,haproxy,nginx"
+            default_value = "direct,fanout,fanout-h2,haproxy,nginx"
         )]
         peers: Vec<String>,
     },
@@ -61,11 +61,11 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/curve.md")]
         out: PathBuf,
-        /// Whose cases run, comma-separated: fanout, fanout-wire, haproxy.
+        /// Whose cases run, comma-separated: fanout, fanout-h2, haproxy.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "fanout,fanout-wire,haproxy"
+            default_value = "fanout,fanout-h2,haproxy"
         )]
         peers: Vec<String>,
     },

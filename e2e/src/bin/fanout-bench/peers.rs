@@ -96,8 +96,9 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// fanout-proxy as it runs by default (the `wire` data path).
     pub async fn fanout(backends: &[SocketAddr]) -> anyhow::Result<Self> {
-        Self::fanout_on(backends, "h2").await
+        Self::fanout_on(backends, "wire").await
     }
 
     /// fanout-proxy on the data path named (`h2`, `wire`).
@@ -112,8 +113,8 @@ impl Peer {
         let proxy = ProxyProcess::start_on_data_path(&config, data_path).await?;
         wait_connected(&proxy, backends.len()).await?;
         Ok(Self {
-            name: if data_path == "wire" {
-                "fanout wire"
+            name: if data_path == "h2" {
+                "fanout h2"
             } else {
                 "fanout"
             },
