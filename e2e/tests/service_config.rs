@@ -356,3 +356,47 @@ async fn a_call_with_nothing_moving_for_the_idle_timeout_is_ended() {
         "{took:?}"
     );
 }
+
+/// A `waitForReady` call held while the only endpoint is ejected takes it as soon as the
+/// ejection ends, not at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_ready_call_takes_an_endpoint_whose_ejection_ended() {
+    let (port, stats) = spawn_backends(1, Behaviour::default()).await;
+    let config = json!({"methodConfig": [
+        {"name": [{"service": UNARY, "method": "Unary"}], "waitForReady": true, "timeout": "8s"},
+    ]});
+    let (proxy, local) = proxy_with(port, 1, config, |u| {
+        u.retry.enabled = false;
+        u.ejection.consecutive_failures = 1;
+        u.ejection.max_ejected_percent = 100;
+        u.ejection.base_time = Duration::from_secs(1);
+        u.ejection.max_time = Duration::from_secs(1);
+    })
+    .await;
+    let mut app = client(local).await;
+    // Its failure ejects the only endpoint for a second.
+    let failing = EchoRequest {
+        fail_code: Code::Unavailable as i32,
+        ..Default::default()
+    };
+    let status = app.unary(failing).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let ejected_at = Instant::now();
+    loop {
+        let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+        if endpoints.contains("\"ejected\"") {
+            break;
+        }
+        assert!(ejected_at.elapsed() < Duration::from_secs(1), "{endpoints}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let started = Instant::now();
+    let reply = app.unary(EchoRequest::default()).await;
+    let took = started.elapsed();
+    reply.expect("answered once the ejection ended");
+    // Held (the endpoint was out), and only until the ejection's end.
+    assert!(took >= Duration::from_millis(300), "not held: {took:?}");
+    assert!(took < Duration::from_secs(4), "held until {took:?}");
+    assert_eq!(total_calls(&stats), 2);
+}

@@ -364,7 +364,7 @@ impl Upstream {
 
     /// Counts a finished call against `endpoint`, ejecting it when it keeps failing — but never
     /// more endpoints than `max_ejected_percent` allows (the panic threshold).
-    pub fn record_outcome(&self, endpoint: &Endpoint, grpc_status: Option<u16>) {
+    pub fn record_outcome(self: &Arc<Self>, endpoint: &Endpoint, grpc_status: Option<u16>) {
         let live = self.policy.current();
         let policy = self.ejection(live.as_deref());
         if !endpoint.record_outcome(
@@ -384,6 +384,14 @@ impl Upstream {
         tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr, ejected_for = ?length,
             "endpoint ejected after failed calls");
         self.changed.notify_waiters();
+        // When it ends, calls waiting for a ready endpoint may take this one.
+        let upstream = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(length).await;
+            if let Some(upstream) = upstream.upgrade() {
+                upstream.changed.notify_waiters();
+            }
+        });
     }
 
     /// A discovery source answered: `error` says why the answer holds no endpoints, if so.

@@ -156,11 +156,22 @@ impl Endpoint {
         let endpoints = fwd.endpoints.borrow();
         let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
         if eject::may_eject(ejected, endpoints.len(), config.max_ejected_percent) {
-            self.ejection
+            let length = self
+                .ejection
                 .borrow_mut()
                 .eject(config.base_time, config.max_time, now);
             self.maybe_ejected.set(true);
             fwd.report_now.notify_one();
+            // When it ends, calls held for a ready endpoint may take this one.
+            let upstream = self.upstream.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(length).await;
+                if let Some(fwd) = upstream.upgrade() {
+                    fwd.report_now.notify_one();
+                    super::held::open_waiting(&fwd);
+                    fwd.flush_dirty();
+                }
+            });
         }
     }
 
