@@ -11,6 +11,7 @@ use fanout_proxy_config::UpstreamConfig;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod feed;
 mod report;
 
 use crate::balance::Picker;
@@ -267,39 +268,6 @@ impl Upstream {
             engine.feed_split(current.clone());
         }
         self.changed.notify_waiters();
-    }
-
-    /// The engine, while this upstream feeds it.
-    fn feeding(&self) -> Option<&Engine> {
-        self.engine
-            .as_deref()
-            .filter(|_| !self.stopped.load(Ordering::Relaxed))
-    }
-
-    /// Gives the engine the endpoints calls may go to: those discovery found, less those
-    /// active health checks hold out.
-    pub(crate) fn feed_endpoints(&self) {
-        if let Some(engine) = self.feeding() {
-            let addrs = self
-                .endpoints()
-                .iter()
-                .filter(|e| !e.is_removed() && e.is_healthy())
-                .map(|e| e.addr)
-                .collect();
-            engine.feed_endpoints(addrs);
-        }
-    }
-
-    /// Gives the engine the Service's service config and the settings its policy changes.
-    pub(crate) fn feed_rules(&self) {
-        if let Some(engine) = self.feeding() {
-            let policy = self.policy.current();
-            engine.feed_rules(
-                self.service_config.current(),
-                &self.config,
-                policy.as_deref(),
-            );
-        }
     }
 
     /// Groups the current endpoints by the split's Services. Endpoints the split does not

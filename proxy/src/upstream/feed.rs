@@ -1,0 +1,43 @@
+//! What an upstream gives the `wire` engine that carries its calls (`crate::engine`): the
+//! endpoints calls may go to, the Service's service config, and the settings its policy
+//! changes. A replaced upstream gives nothing more.
+
+use std::sync::atomic::Ordering;
+
+use super::Upstream;
+use crate::engine::Engine;
+
+impl Upstream {
+    /// The engine, while this upstream feeds it.
+    pub(super) fn feeding(&self) -> Option<&Engine> {
+        self.engine
+            .as_deref()
+            .filter(|_| !self.stopped.load(Ordering::Relaxed))
+    }
+
+    /// Gives the engine the endpoints calls may go to: those discovery found, less those
+    /// active health checks hold out.
+    pub(crate) fn feed_endpoints(&self) {
+        if let Some(engine) = self.feeding() {
+            let addrs = self
+                .endpoints()
+                .iter()
+                .filter(|e| !e.is_removed() && e.is_healthy())
+                .map(|e| e.addr)
+                .collect();
+            engine.feed_endpoints(addrs);
+        }
+    }
+
+    /// Gives the engine the Service's service config and the settings its policy changes.
+    pub(crate) fn feed_rules(&self) {
+        if let Some(engine) = self.feeding() {
+            let policy = self.policy.current();
+            engine.feed_rules(
+                self.service_config.current(),
+                &self.config,
+                policy.as_deref(),
+            );
+        }
+    }
+}
