@@ -15,7 +15,7 @@ use fanout_proxy_config::UpstreamConfig;
 use fanout_proxy_config::policy::Policy;
 use fanout_proxy_config::service_config::ServiceConfig;
 use fanout_wire::engine::report::{ClientGot, EndpointReport, Observer};
-use fanout_wire::engine::{self as wire, Settings, SplitSpec};
+use fanout_wire::engine::{self as wire, Settings, SharedThrottle, SplitSpec};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
@@ -103,12 +103,14 @@ impl Engine {
             settings: settings_rx,
         };
         let budget = Arc::new(Budget::new(config.retry.budget_percent));
+        let throttle = Arc::new(SharedThrottle::default());
         for number in 0..threads.max(1) {
             let thread = wire::Thread {
                 observer: engine.clone(),
                 number,
                 budget: budget.clone(),
                 balancer: config.balancer,
+                throttle: throttle.clone(),
                 stop: stop_rx.clone(),
             };
             let listener = listener.try_clone().map_err(failed)?;

@@ -65,6 +65,7 @@ use task::Fatal;
 use endpoint::Endpoint;
 pub use endpoint::Settings;
 pub use fanout_balance::split::SplitSpec;
+pub use open::SharedThrottle;
 
 pub use conn::Conn;
 use conn::Role;
@@ -99,6 +100,8 @@ pub struct Forwarder {
     deadlines: Rc<deadline::Deadlines>,
     /// Retries may add at most a share of the calls (shared by the engine's threads).
     budget: Arc<Budget>,
+    /// The Service's retry throttle, shared with the upstream's other threads.
+    throttle: Arc<SharedThrottle>,
     /// The Service's service config, this thread's copy (`open::follow`).
     service_config: RefCell<Option<Rc<open::ServiceRules>>>,
     /// Calls waiting for an endpoint to become ready.
@@ -231,6 +234,8 @@ pub struct Thread {
     /// The retry budget of the upstream, over all its threads.
     pub budget: Arc<Budget>,
     pub balancer: Balancer,
+    /// The Service's retry throttle, over all the upstream's threads.
+    pub throttle: Arc<SharedThrottle>,
     /// `true`: stop taking clients, and end once the calls under way ended.
     pub stop: watch::Receiver<bool>,
 }
@@ -243,6 +248,7 @@ impl Default for Thread {
             number: 0,
             budget: Arc::new(Budget::new(RETRY_BUDGET_PERCENT)),
             balancer: Balancer::PeakEwma,
+            throttle: Arc::default(),
             stop: watch::channel(false).1,
         }
     }
@@ -269,6 +275,7 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
         number,
         budget,
         balancer,
+        throttle,
         mut stop,
     } = thread;
     let settings = *live_settings.borrow();
@@ -284,6 +291,7 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
         report_now: Notify::new(),
         deadlines: Rc::default(),
         budget,
+        throttle,
         service_config: RefCell::new(None),
         held: RefCell::new(Vec::new()),
         split_spec: RefCell::new(None),

@@ -51,7 +51,8 @@ pub struct Opening {
 }
 
 /// The Service's service config as this thread applies it: each method's retry rules built
-/// once, and the retry throttle's tokens, which start afresh with every new config.
+/// once, and the retry throttle (shared by the upstream's threads), whose tokens start afresh
+/// with every new config.
 pub struct ServiceRules {
     config: Arc<ServiceConfig>,
     /// By the index of the method's config.
@@ -62,15 +63,38 @@ pub struct ServiceRules {
 /// config change mid-call does not change the rules under it.
 pub struct MethodRetry {
     pub policy: Option<RetryPolicy>,
-    pub throttle: Option<Rc<Throttle>>,
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+/// The Service's retry throttle, one for all the threads of an upstream, as gRFC A6 keeps one
+/// per channel: the first thread to apply a service config makes it, the others find it.
+#[derive(Default)]
+pub struct SharedThrottle {
+    /// The config it was made for (alive while any thread applies it), and the throttle.
+    current: std::sync::Mutex<Option<(std::sync::Weak<ServiceConfig>, Arc<Throttle>)>>,
+}
+
+impl SharedThrottle {
+    /// The throttle of `config`, if it sets `retryThrottling`.
+    pub fn of(&self, config: &Arc<ServiceConfig>) -> Option<Arc<Throttle>> {
+        let settings = config.retry_throttling.as_ref()?;
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, throttle)) = &*current
+            && seen
+                .upgrade()
+                .is_some_and(|seen| Arc::ptr_eq(&seen, config))
+        {
+            return Some(throttle.clone());
+        }
+        let throttle = Arc::new(Throttle::new(settings));
+        *current = Some((Arc::downgrade(config), throttle.clone()));
+        Some(throttle)
+    }
 }
 
 impl ServiceRules {
-    fn new(config: Arc<ServiceConfig>) -> Self {
-        let throttle = config
-            .retry_throttling
-            .as_ref()
-            .map(|t| Rc::new(Throttle::new(t)));
+    fn new(config: Arc<ServiceConfig>, shared: &SharedThrottle) -> Self {
+        let throttle = shared.of(&config);
         let retries = config
             .methods
             .iter()
@@ -121,7 +145,8 @@ pub async fn follow(
 ) {
     loop {
         let current = service_config.borrow_and_update().clone();
-        *fwd.service_config.borrow_mut() = current.map(|c| Rc::new(ServiceRules::new(c)));
+        *fwd.service_config.borrow_mut() =
+            current.map(|c| Rc::new(ServiceRules::new(c, &fwd.throttle)));
         if service_config.changed().await.is_err() {
             return;
         }
@@ -328,4 +353,36 @@ pub fn attempt_timer(
         fwd.deadlines
             .insert(now + timeout, conn, stream, Kind::Attempt),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_tokens: u32) -> Arc<ServiceConfig> {
+        let text =
+            format!(r#"{{"retryThrottling": {{"maxTokens": {max_tokens}, "tokenRatio": 0.1}}}}"#);
+        Arc::new(ServiceConfig::parse(&text).expect("a valid service config"))
+    }
+
+    #[test]
+    fn threads_applying_one_config_share_its_throttle_and_a_new_config_starts_afresh() {
+        let shared = SharedThrottle::default();
+        let first = config(10);
+        let a = shared.of(&first).unwrap();
+        let b = shared.of(&first).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "two threads, one throttle");
+        // Spent by one thread (10 tokens, 4 failures: 6 left), the other's failure is the
+        // one that leaves half or less: retries stop for both.
+        for _ in 0..4 {
+            assert!(a.failed());
+        }
+        assert!(!b.failed());
+        let next = config(10);
+        let c = shared.of(&next).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "a new config, new tokens");
+        assert!(c.failed());
+        let none = Arc::new(ServiceConfig::parse("{}").unwrap());
+        assert!(shared.of(&none).is_none());
+    }
 }
