@@ -65,7 +65,7 @@ demo:
 ## direct connection, HAProxy and nginx (3 rounds, medians); and the proxy's cost curve (10 to
 ## 1,000 endpoints, 4 and 256 connections, 10,000 open streams). HAProxy, nginx and h2load join
 ## when installed (Debian: apt-get install haproxy nginx-light nghttp2-client). Both run the
-## proxy on each data path (`fanout` on h2, `fanout wire`); `--peers` chooses who runs.
+## proxy on each data path (`fanout`, its default wire path, and `fanout h2`); `--peers` chooses.
 bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/fanout-bench webhook

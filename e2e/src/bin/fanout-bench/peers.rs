@@ -124,8 +124,8 @@ impl Peer {
         })
     }
 
-    /// The measuring spike of `fanout-wire` (issue 13): the forwarding-specific HTTP/2 layer's
-    /// floor, round robin with none of the proxy's policy.
+    /// `fanout-wire`'s engine alone (binary `fanout-wire-spike`) in front of a fixed set of
+    /// endpoints, without the proxy around it: what the data path costs by itself.
     pub async fn wire_spike(backends: &[SocketAddr]) -> anyhow::Result<Self> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let dir = tempfile::tempdir()?;
