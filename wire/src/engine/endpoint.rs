@@ -208,20 +208,10 @@ impl Endpoint {
     }
 
     pub(super) fn count(&self, status: Option<u16>) {
-        let mut counters = self.counters.borrow_mut();
-        match counters.iter().find(|(s, _)| *s == status) {
-            Some((_, counter)) => {
-                counter.inc();
-            }
-            None => {
-                let Some(fwd) = self.upstream.upgrade() else {
-                    return;
-                };
-                let counter = fwd.calls.observer.requests(Some(self.addr), status);
-                counter.inc();
-                counters.push((status, counter));
-            }
-        }
+        super::report::count_in(&self.counters, status, || {
+            let fwd = self.upstream.upgrade()?;
+            Some(fwd.calls.observer.requests(Some(self.addr), status))
+        });
     }
 }
 
@@ -267,7 +257,7 @@ fn update(fwd: &Rc<Forwarder>, addrs: &HashSet<SocketAddr>) {
             endpoint.removed.set(true);
             // Every keeper of its pool waits on it.
             endpoint.wake.notify_waiters();
-            super::report::forget(&endpoint.report, fwd.thread);
+            endpoint.report.forget(fwd.thread);
         }
         kept
     });

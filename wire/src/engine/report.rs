@@ -6,7 +6,7 @@
 //! [`Observer`] (calls, counters: `Send + Sync` already) or is copied into an
 //! [`EndpointReport`] a few times a second, so the per-call path takes no lock for it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -118,8 +118,8 @@ impl EndpointReport {
         }
     }
 
-    /// A thread no longer has the endpoint.
-    fn forget(&self, thread: usize) {
+    /// A thread no longer has the endpoint (it left the set).
+    pub(super) fn forget(&self, thread: usize) {
         let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
         views.retain(|(t, _)| *t != thread);
     }
@@ -155,7 +155,7 @@ pub struct Calls {
     active: Cell<usize>,
     idle: Notify,
     /// Self-answered calls by status, at hand.
-    answered: std::cell::RefCell<Vec<(u16, Counter)>>,
+    answered: RefCell<Vec<(u16, Counter)>>,
 }
 
 impl Calls {
@@ -191,17 +191,9 @@ impl Calls {
     }
 
     fn count_answered(&self, code: u16) {
-        let mut answered = self.answered.borrow_mut();
-        match answered.iter().find(|(c, _)| *c == code) {
-            Some((_, counter)) => {
-                counter.inc();
-            }
-            None => {
-                let counter = self.observer.requests(None, Some(code));
-                counter.inc();
-                answered.push((code, counter));
-            }
-        }
+        count_in(&self.answered, code, || {
+            Some(self.observer.requests(None, Some(code)))
+        });
     }
 }
 
@@ -268,7 +260,18 @@ pub async fn publish(fwd: Rc<Forwarder>) {
     }
 }
 
-/// `report` no longer describes this thread's endpoint (it left the set).
-pub fn forget(report: &EndpointReport, thread: usize) {
-    report.forget(thread);
+/// Counts one in the counter kept for `key` in `kept`, made by `make` the first time (`None`:
+/// none to be had, nothing counted).
+pub(super) fn count_in<K: PartialEq>(
+    kept: &RefCell<Vec<(K, Counter)>>,
+    key: K,
+    make: impl FnOnce() -> Option<Counter>,
+) {
+    let mut kept = kept.borrow_mut();
+    if let Some((_, counter)) = kept.iter().find(|(k, _)| *k == key) {
+        counter.inc();
+    } else if let Some(counter) = make() {
+        counter.inc();
+        kept.push((key, counter));
+    }
 }
