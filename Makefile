@@ -11,21 +11,12 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-## The proxy's end-to-end suites, which `make test` runs on each data path (wire, the default:
-## fanout-wire's engine; and h2) while both exist. Selected with `--workspace`, as the first
-## run, so that no dependency is compiled again with another feature set.
-PROXY_SUITES := proxy_calls proxy_failures proxy_lifecycle proxy_balance proxy_health proxy_peers \
-	service_config policy_live discovery pipeline
-
-## Every test: unit, golden, property, and the end-to-end suites on loopback; then the proxy's
-## suites again on the h2 data path.
+## Every test: unit, golden, property, and the end-to-end suites on loopback.
 test: test-bins chart-test python-deps
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
-	FANOUT_DATA_PATH=h2 $(CARGO) nextest run --workspace --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
 else
 	$(CARGO) test --workspace --no-fail-fast
-	FANOUT_DATA_PATH=h2 $(CARGO) test --workspace --no-fail-fast $(addprefix --test ,$(PROXY_SUITES))
 endif
 
 ## The Helm chart, with the real Helm engine: lint for every cert mode, and what an install creates.

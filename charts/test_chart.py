@@ -300,7 +300,7 @@ class Values(unittest.TestCase):
     def test_proxy_values(self):
         objects = render({"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 3},
                           "proxy": {"nativeSidecar": True, "logLevel": "debug",
-                                    "readiness": "upstreams", "dataPath": "wire",
+                                    "readiness": "upstreams",
                                     "image": {"repository": "registry.local/proxy", "tag": "dev"},
                                     "resources": {"limits": {"cpu": "1", "memory": ""}}}})
         webhook = one(objects, "MutatingWebhookConfiguration")["webhooks"][0]
@@ -308,7 +308,6 @@ class Values(unittest.TestCase):
         e = env(objects)
         self.assertEqual(e["FANOUT_NATIVE_SIDECAR"], "true")
         self.assertEqual(e["FANOUT_PROXY_LOG_LEVEL"], "debug")
-        self.assertEqual(e["FANOUT_PROXY_DATA_PATH"], "wire")
         self.assertEqual(e["FANOUT_PROXY_READINESS"], "upstreams")
         self.assertEqual(e["FANOUT_PROXY_IMAGE"], "registry.local/proxy:dev")
         self.assertEqual(e["FANOUT_PROXY_CPU_LIMIT"], "1")

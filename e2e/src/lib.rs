@@ -17,7 +17,7 @@
 //! - `raw`: a bare HTTP/2 gRPC client that reports exactly what came back.
 //! - `resetting`: a bare HTTP/2 endpoint that resets every request.
 //! - `spread`: calls over a few connections, and how they spread over backends in windows.
-//! - `streams_check`: the stream checks every data path must pass.
+//! - `streams_check`: the stream checks the proxy and its engine alone must pass.
 //! - `webhook`: a `fanout-webhook serve` process on a loopback port.
 //! - `fixtures`: the recorded AdmissionReviews kept with the webhook's tests.
 #![forbid(unsafe_code)]

@@ -129,12 +129,6 @@ impl ProxyProcess {
         Self::spawn(path, admin, level, Stdio::inherit()).await
     }
 
-    /// Runs the proxy with `config` on the data path named (`h2`, `wire`), whatever
-    /// `FANOUT_DATA_PATH` says.
-    pub async fn start_on_data_path(config: &ProxyConfig, data_path: &str) -> anyhow::Result<Self> {
-        Self::start_with_env(config, &[("FANOUT_DATA_PATH", data_path)]).await
-    }
-
     /// Runs the proxy with `config` and these environment variables set (its flags' `FANOUT_*`).
     pub async fn start_with_env(
         config: &ProxyConfig,
@@ -157,8 +151,7 @@ impl ProxyProcess {
         Self::wait_live(command, path, admin).await
     }
 
-    /// `fanout-proxy run` with the config file at `path`. The data path is the one
-    /// `FANOUT_DATA_PATH` names, when set (the suites run on each).
+    /// `fanout-proxy run` with the config file at `path`.
     fn command(path: PathBuf, level: String, stderr: Stdio) -> Command {
         let mut command = Command::new(bins::path("fanout-proxy", "fanout-proxy"));
         command

@@ -1,6 +1,6 @@
-//! The stream checks every data path must pass, shared by the suites of each: a server stream,
-//! a client stream and a bidirectional stream through whatever `client` is connected to
-//! arrive whole and in order.
+//! The stream checks the proxy and its engine alone must pass, shared by their suites: a
+//! server stream, a client stream and a bidirectional stream through whatever `client` is
+//! connected to arrive whole and in order.
 
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;

@@ -163,8 +163,8 @@ async fn a_goaway_followed_by_a_reset_still_retries_the_refused_call() {
     // A backend ending its connection in a hurry: GOAWAY (nothing processed) and at once a
     // reset. Its calls are provably unprocessed and go to the healthy backend. (Whether the
     // proxy reads the GOAWAY before a write of its own meets the reset is up to the scheduler;
-    // `fanout_proxy::conn_io` makes the GOAWAY count either way, and the rolling restart test
-    // on a starved machine is where that race showed.)
+    // the engine reads what the endpoint sent after its connection ended, so the GOAWAY counts
+    // either way; the rolling restart test on a starved machine is where that race showed.)
     let (turned_away_addr, turned_away) =
         raw::spawn_goaway_and_reset(SocketAddr::new(pod_ip(0), 0))
             .await

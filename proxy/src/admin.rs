@@ -18,9 +18,10 @@ use tokio::sync::Notify;
 
 use crate::grpc_health::AppHealth;
 use crate::metrics::{AnnotationLabels, DiscoverySourceLabels, EndpointStateLabels, Metrics};
-use crate::service_config::{Annotation, Applied};
+use crate::service_config::Annotation;
 use crate::upstream::Upstream;
 use fanout_proxy_config::policy::Policy;
+use fanout_proxy_config::service_config::ServiceConfig;
 
 pub struct Admin {
     /// Replaced when a config reload changes the upstreams.
@@ -164,7 +165,7 @@ impl Admin {
                     .set(i64::from(status.source == source));
             }
             for (annotation, rejected) in [
-                (Applied::NAME, upstream.service_config.is_rejected()),
+                (ServiceConfig::NAME, upstream.service_config.is_rejected()),
                 (Policy::NAME, upstream.policy.is_rejected()),
             ] {
                 self.metrics

@@ -15,10 +15,9 @@ use tokio::time::Instant;
 
 use crate::activity::Activity;
 use crate::admin::{self, Admin};
-use crate::engine::DataPath;
 use crate::grpc_health::AppHealth;
 use crate::metrics::Metrics;
-use crate::serving::{Carrying, Serving};
+use crate::serving::Serving;
 use crate::{check, wait};
 
 #[derive(Parser)]
@@ -42,14 +41,11 @@ enum Command {
             default_value = "/etc/fanout/config.json"
         )]
         config: PathBuf,
-        /// Worker threads. One is the most efficient per call and enough for a sidecar's
-        /// share of a node; more raise the ceiling at saturation.
+        /// Engine threads per upstream, which carry its calls (discovery, health checks and
+        /// the admin run on one more). One is the most efficient per call and enough for a
+        /// sidecar's share of a node; more raise the ceiling at saturation.
         #[arg(long, env = "FANOUT_PROXY_THREADS", default_value_t = 1)]
         threads: usize,
-        /// What carries the calls: `wire` (fanout-wire's engine, on `threads` threads of its
-        /// own per upstream) or `h2` (the h2 crate; the former data path, kept for a while).
-        #[arg(long, env = "FANOUT_DATA_PATH", value_enum, default_value_t = DataPath::Wire)]
-        data_path: DataPath,
     },
     /// Validate a config file: exit 0, or one line per fault and exit 1.
     Check { file: PathBuf },
@@ -106,31 +102,19 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(vec![format!("fanout-proxy wait: {e}")]),
             }
         }
-        Command::Run {
-            config,
-            threads,
-            data_path,
-        } => {
+        Command::Run { config, threads } => {
             let config_lines = check::load(&config);
             let loaded = match config_lines {
                 Ok(loaded) => loaded,
                 Err(lines) => return fail(lines),
             };
             init_logging();
-            let carrying = Carrying { data_path, threads };
-            // On the wire path the engine has threads of its own; this runtime only runs
-            // discovery, health checks and the admin.
-            let runtime = if threads <= 1 || data_path == DataPath::Wire {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(threads)
-                    .enable_all()
-                    .build()
-            };
-            match runtime.map(|rt| rt.block_on(run(config, loaded, carrying))) {
+            // The engine has threads of its own; this runtime only runs discovery, health
+            // checks and the admin.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime.map(|rt| rt.block_on(run(config, loaded, threads))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(e)) => fail(vec![format!("fanout-proxy: {e}")]),
                 Err(e) => fail(vec![format!("fanout-proxy: {e}")]),
@@ -164,16 +148,12 @@ pub(crate) async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, Bi
 }
 
 /// Serves until SIGTERM or `POST /shutdown`, then drains; follows changes of the config file.
-pub async fn run(
-    path: PathBuf,
-    mut config: ProxyConfig,
-    carrying: Carrying,
-) -> Result<(), BindError> {
+pub async fn run(path: PathBuf, mut config: ProxyConfig, threads: usize) -> Result<(), BindError> {
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());
     let shutdown = Arc::new(Notify::new());
     let admin_listener = bind(config.admin.listen, "admin").await?;
-    let mut serving = Serving::start(&config, metrics.clone(), activity.clone(), carrying).await?;
+    let mut serving = Serving::start(&config, metrics.clone(), activity.clone(), threads).await?;
     let admin = Arc::new(Admin {
         upstreams: RwLock::new(serving.upstreams()),
         metrics,

@@ -1,5 +1,4 @@
-//! The `wire` data path: `fanout-wire`'s engine serves an upstream's listener on threads of
-//! its own, while this proxy keeps what is not per call — discovery, active health checks,
+//! The data path: `fanout-wire`'s engine serves an upstream's listener on threads of its own, while this proxy keeps what is not per call — discovery, active health checks,
 //! the Service's live service config, policy and split, config reloads, the admin and the
 //! drain. The seam is a few `watch`es the upstream feeds (the endpoints discovery found that
 //! health checks let through, the service config, the split, the settings) and what the
@@ -24,18 +23,7 @@ use crate::activity::Activity;
 use crate::failure_log::Failure;
 use crate::grpc;
 use crate::metrics::Metrics;
-use crate::service_config::Applied;
 use crate::upstream::Upstream;
-
-/// Which data path moves the calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum DataPath {
-    /// `h2` and hyper's types: a task per connection, a future per call.
-    H2,
-    /// `fanout-wire`: frames forwarded as they are read, on engine threads of their own.
-    #[default]
-    Wire,
-}
 
 /// One upstream's engine: its threads, what feeds them, and where they report.
 pub struct Engine {
@@ -44,8 +32,8 @@ pub struct Engine {
     activity: Arc<Activity>,
     endpoints: watch::Sender<Vec<SocketAddr>>,
     service_config: watch::Sender<Option<Arc<ServiceConfig>>>,
-    /// The service config last fed, so an unchanged one is not copied again.
-    applied: Mutex<Option<Arc<Applied>>>,
+    /// The service config last fed, so an unchanged one is not sent again.
+    applied: Mutex<Option<Arc<ServiceConfig>>>,
     split: watch::Sender<Option<SplitSpec>>,
     settings: watch::Sender<Settings>,
     stop: watch::Sender<bool>,
@@ -172,7 +160,7 @@ impl Engine {
     /// the Service's policy make.
     pub fn feed_rules(
         &self,
-        applied: Option<Arc<Applied>>,
+        applied: Option<Arc<ServiceConfig>>,
         config: &UpstreamConfig,
         policy: Option<&Policy>,
     ) {
@@ -184,8 +172,7 @@ impl Engine {
                 _ => false,
             };
             if !same {
-                let config = applied.as_ref().map(|a| Arc::new(a.config.clone()));
-                let _ = self.service_config.send(config);
+                let _ = self.service_config.send(applied.clone());
                 *last = applied;
             }
         }

@@ -151,11 +151,6 @@ impl Metrics {
             .clone()
     }
 
-    /// Counts a call the proxy answered itself, without an endpoint.
-    pub fn record_request(&self, upstream: &str, endpoint: &str, status: Option<u16>) {
-        self.requests_counter(upstream, endpoint, status).inc();
-    }
-
     pub fn record_retry(&self, upstream: &str, reason: &str) {
         self.retries
             .get_or_create(&RetryLabels {

@@ -8,10 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use fanout_proxy_config::Faults;
 use fanout_proxy_config::policy::Policy;
-use fanout_proxy_config::service_config::{MethodConfig, RetryPolicy, STATUS_CODES, ServiceConfig};
+use fanout_proxy_config::service_config::{MethodConfig, STATUS_CODES, ServiceConfig};
 use serde_json::{Value, json};
-
-use crate::retry::Throttle;
 
 /// A document a Service annotation holds.
 pub trait Annotation: Sized {
@@ -19,14 +17,10 @@ pub trait Annotation: Sized {
     fn parse(text: &str) -> Result<Self, Faults>;
 }
 
-impl Annotation for Applied {
+impl Annotation for ServiceConfig {
     const NAME: &'static str = "fanout.dev/service-config";
     fn parse(text: &str) -> Result<Self, Faults> {
-        let config = ServiceConfig::parse(text)?;
-        Ok(Self {
-            throttle: config.retry_throttling.as_ref().map(Throttle::new),
-            config,
-        })
+        ServiceConfig::parse(text)
     }
 }
 
@@ -35,13 +29,6 @@ impl Annotation for Policy {
     fn parse(text: &str) -> Result<Self, Faults> {
         Policy::parse(text)
     }
-}
-
-/// A service config in force, with the state it keeps while in force (retry throttling's
-/// tokens start afresh when the config changes).
-pub struct Applied {
-    pub config: ServiceConfig,
-    pub throttle: Option<Throttle>,
 }
 
 /// What [`ServiceConfigCell::update`] did with a text.
@@ -72,28 +59,7 @@ impl<T> Default for Live<T> {
     }
 }
 
-pub type ServiceConfigCell = Live<Applied>;
-
-/// The method config that applies to one call, held for the call's life: a config change
-/// mid-call does not change the rules under it.
-pub struct CallPolicy {
-    applied: Arc<Applied>,
-    index: usize,
-}
-
-impl CallPolicy {
-    pub fn method(&self) -> &MethodConfig {
-        &self.applied.config.methods[self.index]
-    }
-
-    pub fn retry(&self) -> Option<&RetryPolicy> {
-        self.method().retry.as_ref()
-    }
-
-    pub fn throttle(&self) -> Option<&Throttle> {
-        self.applied.throttle.as_ref()
-    }
-}
+pub type ServiceConfigCell = Live<ServiceConfig>;
 
 impl<T: Annotation> Live<T> {
     /// Applies the annotation's text (empty: the Service has none).
@@ -175,18 +141,7 @@ impl Live<Policy> {
     }
 }
 
-impl Live<Applied> {
-    /// The method config for a call to `path`, if the Service declares one that applies.
-    pub fn for_call(&self, path: &str) -> Option<CallPolicy> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        let applied = current.as_ref()?;
-        let index = applied.config.method_index(path)?;
-        Some(CallPolicy {
-            applied: applied.clone(),
-            index,
-        })
-    }
-
+impl Live<ServiceConfig> {
     /// What is in force, for `/endpoints`: each method config's names, timeout, waitForReady
     /// and retry policy (its retryable codes by name: retrying anything but a call that never
     /// reached a backend is the Service owner's choice, and shown as such), and the faults of
@@ -195,13 +150,13 @@ impl Live<Applied> {
         let current = self.current();
         let methods: Vec<Value> = current
             .iter()
-            .flat_map(|applied| applied.config.methods.iter())
+            .flat_map(|config| config.methods.iter())
             .map(method_json)
             .collect();
         json!({
             "present": current.is_some(),
             "methods": methods,
-            "retry_throttling": current.as_ref().and_then(|a| a.config.retry_throttling.as_ref())
+            "retry_throttling": current.as_ref().and_then(|c| c.retry_throttling.as_ref())
                 .map(|t| json!({"max_tokens": t.max_tokens, "token_ratio": t.token_ratio})),
             "rejected_change": self.rejected_json(),
         })
@@ -241,7 +196,8 @@ mod tests {
     use super::*;
 
     fn timeout(cell: &ServiceConfigCell, path: &str) -> Option<Duration> {
-        cell.for_call(path)?.method().timeout
+        let config = cell.current()?;
+        config.methods[config.method_index(path)?].timeout
     }
 
     #[test]
@@ -278,12 +234,10 @@ mod tests {
             json!(["ABORTED", "UNAVAILABLE"])
         );
         assert_eq!(retry["max_attempts"], 5);
+        let config = cell.current().unwrap();
+        let method = config.method_index("/any.S/M").unwrap();
         assert_eq!(
-            cell.for_call("/any.S/M")
-                .unwrap()
-                .retry()
-                .unwrap()
-                .max_attempts,
+            config.methods[method].retry.as_ref().unwrap().max_attempts,
             5
         );
     }

@@ -2,21 +2,21 @@
 //! when the pod's annotation changes, and the proxy follows without a restart. Unchanged
 //! upstreams are untouched; a changed one gets a fresh endpoint set while streams in flight
 //! finish on the old one; a removed one stops listening.
+//!
+//! Each upstream's engine keeps its listener and threads across reloads that keep its
+//! `listen`: the upstream that replaces another feeds the same engine.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
-use tokio::task::AbortHandle;
 
 use crate::activity::Activity;
 use crate::admin::Admin;
 use crate::cli::{BindError, bind};
 use crate::discover::DiscoveryClient;
-use crate::engine::{DataPath, Engine, StartError};
-use crate::forward::Forwarder;
+use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::server;
 use crate::upstream::Upstream;
 
 /// The discovery server's client, made once for the config that names it.
@@ -33,36 +33,9 @@ fn discovery_client(config: &ProxyConfig) -> Option<DiscoveryClient> {
 
 struct Entry {
     config: UpstreamConfig,
-    path: Path,
-}
-
-/// What serves an upstream's listener.
-enum Path {
-    H2 {
-        forwarder: Arc<Forwarder>,
-        listener: AbortHandle,
-    },
-    Wire {
-        engine: Arc<Engine>,
-        upstream: Arc<Upstream>,
-    },
-}
-
-impl Path {
-    fn upstream(&self) -> Arc<Upstream> {
-        match self {
-            Path::H2 { forwarder, .. } => forwarder.upstream(),
-            Path::Wire { upstream, .. } => upstream.clone(),
-        }
-    }
-}
-
-/// How calls are carried: the data path, and its threads (`wire`: each upstream's engine
-/// threads; `h2`: the runtime's, set by the caller).
-#[derive(Debug, Clone, Copy)]
-pub struct Carrying {
-    pub data_path: DataPath,
-    pub threads: usize,
+    /// Carries the calls of the listener; the upstream feeds it.
+    engine: Arc<Engine>,
+    upstream: Arc<Upstream>,
 }
 
 pub struct Serving {
@@ -72,7 +45,8 @@ pub struct Serving {
     activity: Arc<Activity>,
     discovery: Option<DiscoveryClient>,
     discovery_server: Option<fanout_proxy_config::DiscoveryServer>,
-    carrying: Carrying,
+    /// Engine threads per upstream.
+    threads: usize,
 }
 
 impl Serving {
@@ -81,7 +55,7 @@ impl Serving {
         config: &ProxyConfig,
         metrics: Arc<Metrics>,
         activity: Arc<Activity>,
-        carrying: Carrying,
+        threads: usize,
     ) -> Result<Self, BindError> {
         let mut listeners = Vec::new();
         for upstream in &config.upstreams {
@@ -94,7 +68,7 @@ impl Serving {
             activity,
             discovery: discovery_client(config),
             discovery_server: config.discovery_server.clone(),
-            carrying,
+            threads,
         };
         for (upstream, listener) in config.upstreams.iter().zip(listeners) {
             serving.add(upstream.clone(), listener);
@@ -103,61 +77,37 @@ impl Serving {
     }
 
     fn add(&mut self, config: UpstreamConfig, listener: tokio::net::TcpListener) {
-        let path = match self.carrying.data_path {
-            DataPath::H2 => self.serve_h2(&config, listener),
-            DataPath::Wire => match self.serve_wire(&config, listener) {
-                Ok(path) => path,
-                Err(e) => {
-                    tracing::error!(error = %e, "upstream not served");
-                    return;
-                }
-            },
+        let engine = match Engine::start(
+            listener,
+            &config,
+            self.metrics.clone(),
+            self.activity.clone(),
+            self.threads,
+        ) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::error!(error = %e, "upstream not served");
+                return;
+            }
         };
+        let upstream = Upstream::start(config.clone(), self.discovery.clone(), engine.clone());
         tracing::info!(upstream = %config.name, listen = %config.listen,
-            data_path = ?self.carrying.data_path, "serving");
+            threads = self.threads.max(1), "serving");
         self.order.push(config.name.clone());
-        self.entries
-            .insert(config.name.clone(), Entry { config, path });
-    }
-
-    fn serve_h2(&self, config: &UpstreamConfig, listener: tokio::net::TcpListener) -> Path {
-        let upstream = Upstream::start(config.clone(), self.discovery.clone());
-        let forwarder = Arc::new(Forwarder::new(
-            upstream,
-            self.metrics.clone(),
-            self.activity.clone(),
-        ));
-        let listener = tokio::spawn(server::serve(listener, forwarder.clone())).abort_handle();
-        Path::H2 {
-            forwarder,
-            listener,
-        }
-    }
-
-    fn serve_wire(
-        &self,
-        config: &UpstreamConfig,
-        listener: tokio::net::TcpListener,
-    ) -> Result<Path, StartError> {
-        let engine = Engine::start(
-            listener,
-            config,
-            self.metrics.clone(),
-            self.activity.clone(),
-            self.carrying.threads,
-        )?;
-        let upstream =
-            Upstream::start_on(config.clone(), self.discovery.clone(), Some(engine.clone()));
-        Ok(Path::Wire { engine, upstream })
+        self.entries.insert(
+            config.name.clone(),
+            Entry {
+                config,
+                engine,
+                upstream,
+            },
+        );
     }
 
     fn remove(&mut self, name: &str) {
         if let Some(entry) = self.entries.remove(name) {
-            match &entry.path {
-                Path::H2 { listener, .. } => listener.abort(),
-                Path::Wire { engine, .. } => engine.stop(),
-            }
-            entry.path.upstream().stop();
+            entry.engine.stop();
+            entry.upstream.stop();
             tracing::info!(upstream = name, "upstream removed");
         }
         self.order.retain(|n| n != name);
@@ -168,7 +118,7 @@ impl Serving {
         self.order
             .iter()
             .filter_map(|n| self.entries.get(n))
-            .map(|e| e.path.upstream())
+            .map(|e| e.upstream.clone())
             .collect()
     }
 
@@ -195,32 +145,17 @@ impl Serving {
                             && matches!(upstream.discovery, Discovery::Endpoints(_))) => {}
                 Some(old) if old.listen == upstream.listen => {
                     if let Some(entry) = self.entries.get_mut(&upstream.name) {
-                        let previous = entry.path.upstream();
-                        match &mut entry.path {
-                            Path::H2 { forwarder, .. } => {
-                                forwarder.replace_upstream(Upstream::start(
-                                    upstream.clone(),
-                                    self.discovery.clone(),
-                                ));
-                                previous.stop();
-                            }
-                            Path::Wire {
-                                engine,
-                                upstream: current,
-                            } => {
-                                if old.balancer != upstream.balancer {
-                                    tracing::warn!(upstream = %upstream.name,
-                                        "balancer changed; on the wire data path it takes effect at the next start");
-                                }
-                                // The old one stops feeding the engine before the new one starts.
-                                previous.stop();
-                                *current = Upstream::start_on(
-                                    upstream.clone(),
-                                    self.discovery.clone(),
-                                    Some(engine.clone()),
-                                );
-                            }
+                        if old.balancer != upstream.balancer {
+                            tracing::warn!(upstream = %upstream.name,
+                                "balancer changed; it takes effect at the next start");
                         }
+                        // The old one stops feeding the engine before the new one starts.
+                        entry.upstream.stop();
+                        entry.upstream = Upstream::start(
+                            upstream.clone(),
+                            self.discovery.clone(),
+                            entry.engine.clone(),
+                        );
                         entry.config = upstream.clone();
                     }
                     tracing::info!(upstream = %upstream.name, "upstream reconfigured");

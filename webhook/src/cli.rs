@@ -164,10 +164,6 @@ struct SettingsArgs {
     /// FANOUT_LOG of injected proxies (e.g. info, debug, fanout_proxy=debug); empty: their default.
     #[arg(long, env = "FANOUT_PROXY_LOG_LEVEL", default_value = "")]
     proxy_log_level: String,
-    /// FANOUT_DATA_PATH of injected proxies: h2 or wire (fanout's own HTTP/2 engine); empty:
-    /// their default.
-    #[arg(long, env = "FANOUT_PROXY_DATA_PATH", default_value = "")]
-    proxy_data_path: String,
     /// The proxy's readiness probe: proxy (whether it can serve) or upstreams (and whether
     /// every upstream has a ready endpoint); pods override it with fanout.dev/readiness.
     #[arg(long, env = "FANOUT_PROXY_READINESS", default_value = "proxy")]
@@ -225,15 +221,6 @@ impl SettingsArgs {
                 "--proxy-log-level: {level:?} is not a log filter: {e}"
             ));
         }
-        let proxy_data_path =
-            Some(self.proxy_data_path.trim().to_string()).filter(|path| !path.is_empty());
-        if let Some(path) = &proxy_data_path
-            && !["h2", "wire"].contains(&path.as_str())
-        {
-            faults.push(format!(
-                "--proxy-data-path: {path:?} is not a data path (h2 or wire)"
-            ));
-        }
         let discovery_address = self.discovery_address.trim();
         let discovery = if discovery_address.is_empty() {
             None
@@ -276,7 +263,6 @@ impl SettingsArgs {
             cluster_domain: self.cluster_domain.trim_matches('.').to_string(),
             native_sidecar: self.native_sidecar,
             proxy_log_level,
-            proxy_data_path,
             readiness: self.proxy_readiness,
             discovery,
             ..Settings::default()

@@ -114,8 +114,6 @@ pub struct Settings {
     /// `FANOUT_LOG` of the proxy (a tracing filter such as `info` or `fanout_proxy=debug`);
     /// `None` keeps the proxy's default.
     pub proxy_log_level: Option<String>,
-    /// `FANOUT_DATA_PATH` of the proxy (`h2` or `wire`); `None` keeps the proxy's default.
-    pub proxy_data_path: Option<String>,
     /// The proxy's readiness probe, unless a pod's `fanout.dev/readiness` says otherwise.
     pub readiness: Readiness,
     /// Where proxies subscribe for endpoints; `None`: they use DNS alone.
@@ -135,7 +133,6 @@ impl Default for Settings {
             native_sidecar: NativeSidecarMode::Auto,
             cluster_has_native_sidecars: false,
             proxy_log_level: None,
-            proxy_data_path: None,
             readiness: Readiness::default(),
             discovery: None,
             version,

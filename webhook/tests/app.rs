@@ -261,30 +261,6 @@ async fn the_proxy_log_level_setting_reaches_the_proxy_and_only_the_proxy() {
 }
 
 #[tokio::test]
-async fn the_data_path_setting_reaches_the_proxy_beside_the_log_level() {
-    let review = fixture("pod-generatename-no-volumes");
-    let body = serde_json::to_vec(&review).unwrap();
-    let mut admitter = admitter();
-    admitter.settings.proxy_data_path = Some("wire".into());
-    let pod = Answer::parse(&post_to(admitter, body.clone()).await.1).patched(&review);
-    assert_eq!(
-        pod["spec"]["containers"][0]["env"],
-        json!([{"name": "FANOUT_DATA_PATH", "value": "wire"}])
-    );
-    let mut admitter = self::admitter();
-    admitter.settings.proxy_data_path = Some("h2".into());
-    admitter.settings.proxy_log_level = Some("debug".into());
-    let pod = Answer::parse(&post_to(admitter, body).await.1).patched(&review);
-    assert_eq!(
-        pod["spec"]["containers"][0]["env"],
-        json!([
-            {"name": "FANOUT_LOG", "value": "debug"},
-            {"name": "FANOUT_DATA_PATH", "value": "h2"}
-        ])
-    );
-}
-
-#[tokio::test]
 async fn app_env_already_set_is_kept() {
     let mut review = fixture("pod-generatename-no-volumes");
     review["request"]["object"]["spec"]["containers"][0]["env"] =

@@ -1,4 +1,4 @@
-//! What an upstream gives the `wire` engine that carries its calls (`crate::engine`): the
+//! What an upstream gives the engine that carries its calls (`crate::engine`): the
 //! endpoints calls may go to, the Service's service config, and the settings its policy
 //! changes. A replaced upstream gives nothing more.
 
@@ -10,9 +10,7 @@ use crate::engine::Engine;
 impl Upstream {
     /// The engine, while this upstream feeds it.
     pub(super) fn feeding(&self) -> Option<&Engine> {
-        self.engine
-            .as_deref()
-            .filter(|_| !self.stopped.load(Ordering::Relaxed))
+        (!self.stopped.load(Ordering::Relaxed)).then_some(&*self.engine)
     }
 
     /// Gives the engine the endpoints calls may go to: those discovery found, less those

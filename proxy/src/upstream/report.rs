@@ -46,7 +46,6 @@ impl Upstream {
     }
 
     pub fn state_json(&self) -> Value {
-        let clock = self.clock();
         let endpoints: Vec<Value> = self
             .endpoints()
             .iter()
@@ -57,7 +56,7 @@ impl Upstream {
                     "outstanding": e.outstanding(),
                     "started": e.started(),
                     "connections": e.connections(),
-                    "rtt_ms": e.rtt_estimate(&clock).map(|rtt| rtt.as_secs_f64() * 1000.0),
+                    "rtt_ms": e.rtt_estimate().map(|rtt| rtt.as_secs_f64() * 1000.0),
                 })
             })
             .collect();
@@ -75,8 +74,8 @@ impl Upstream {
             "endpoints": endpoints,
             "service_config": self.service_config.state_json(),
             "policy": self.policy.state_json(),
-            "split": self.split.read().unwrap_or_else(|e| e.into_inner()).as_ref()
-                .map(|split| crate::split::state_json(split.as_ref())),
+            "split": self.split.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+                .and_then(|spec| crate::split::state_json(spec, &self.endpoints())),
         })
     }
 

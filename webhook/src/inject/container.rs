@@ -115,7 +115,13 @@ pub fn proxy_container(
         image: Some(settings.proxy_image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(vec!["run".into(), "--config".into(), CONFIG_FILE.into()]),
-        env: proxy_env(settings),
+        env: settings.proxy_log_level.as_ref().map(|level| {
+            vec![EnvVar {
+                name: "FANOUT_LOG".into(),
+                value: Some(level.clone()),
+                ..Default::default()
+            }]
+        }),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.into()),
             container_port: ADMIN_PORT.into(),
@@ -187,26 +193,6 @@ pub fn config_volume() -> Volume {
         }),
         ..Default::default()
     }
-}
-
-/// The proxy's environment: what the webhook's settings set, nothing else (the proxy's own
-/// defaults stay otherwise).
-fn proxy_env(settings: &Settings) -> Option<Vec<EnvVar>> {
-    let set = [
-        ("FANOUT_LOG", &settings.proxy_log_level),
-        ("FANOUT_DATA_PATH", &settings.proxy_data_path),
-    ];
-    let env: Vec<EnvVar> = set
-        .into_iter()
-        .filter_map(|(name, value)| {
-            Some(EnvVar {
-                name: name.into(),
-                value: Some(value.clone()?),
-                ..Default::default()
-            })
-        })
-        .collect();
-    (!env.is_empty()).then_some(env)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The engine: fanout-proxy's `wire` data path, one forwarder per thread, built the way
-//! issue 13's proposal describes (`DESIGN.md`).
+//! The engine: fanout-proxy's data path, one forwarder per thread, built the way issue 13's
+//! proposal describes (`DESIGN.md`).
 //!
 //! One thread; every connection (`conn.rs`) is an `Rc` owned by one task (`task.rs`) that
 //! reads its socket and forwards each frame at once into the other connection's output buffer

@@ -41,8 +41,6 @@ struct Case {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Fanout,
-    /// fanout-proxy on the `h2` data path (the former one).
-    FanoutH2,
     HAProxy,
 }
 
@@ -50,13 +48,12 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Fanout => "fanout",
-            Kind::FanoutH2 => "fanout-h2",
             Kind::HAProxy => "haproxy",
         }
     }
 }
 
-const CASES: [Case; 12] = [
+const CASES: [Case; 8] = [
     Case {
         proxy: Kind::Fanout,
         name: "10 endpoints, 4 conns",
@@ -88,34 +85,6 @@ const CASES: [Case; 12] = [
     Case {
         proxy: Kind::Fanout,
         name: "10 endpoints, 4 conns, 10,000 streams open",
-        endpoints: 10,
-        connections: 4,
-        streams: STREAMS,
-    },
-    Case {
-        proxy: Kind::FanoutH2,
-        name: "fanout h2: 10 endpoints, 4 conns",
-        endpoints: 10,
-        connections: 4,
-        streams: 0,
-    },
-    Case {
-        proxy: Kind::FanoutH2,
-        name: "fanout h2: 1,000 endpoints, 4 conns",
-        endpoints: 1_000,
-        connections: 4,
-        streams: 0,
-    },
-    Case {
-        proxy: Kind::FanoutH2,
-        name: "fanout h2: 10 endpoints, 256 conns",
-        endpoints: 10,
-        connections: 256,
-        streams: 0,
-    },
-    Case {
-        proxy: Kind::FanoutH2,
-        name: "fanout h2: 10 endpoints, 4 conns, 10,000 streams open",
         endpoints: 10,
         connections: 4,
         streams: STREAMS,
@@ -222,7 +191,6 @@ async fn start(case: &'static Case, addrs: &[SocketAddr]) -> anyhow::Result<Opti
     let endpoints = &addrs[..case.endpoints];
     let proxy = match case.proxy {
         Kind::Fanout => Peer::fanout(endpoints).await?,
-        Kind::FanoutH2 => Peer::fanout_on(endpoints, "h2").await?,
         Kind::HAProxy => match Peer::haproxy(endpoints).await? {
             Some(peer) => peer,
             None => return Ok(None),
@@ -382,37 +350,35 @@ fn report(subjects: &[Subject], has_h2load: bool) -> anyhow::Result<String> {
         )?;
     }
     writeln!(t)?;
-    for kind in [Kind::Fanout, Kind::FanoutH2] {
-        let find = |endpoints: usize, connections: usize, streams: usize| {
-            subjects.iter().find(|s| {
-                s.case.proxy == kind
-                    && (s.case.endpoints, s.case.connections, s.case.streams)
-                        == (endpoints, connections, streams)
-            })
-        };
-        let who = kind.name();
-        if let (Some(small), Some(large)) = (find(10, 4, 0), find(1_000, 4, 0)) {
-            let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 990.0;
-            writeln!(
-                t,
-                "{who}: memory per endpoint (one HTTP/2 connection each): {bytes:.0} bytes (RSS with 1,000 endpoints less with 10, ÷ 990)."
-            )?;
-        }
-        if let Some(streams) = find(10, 4, STREAMS) {
-            let bytes = (streams.rss_streams as f64 - streams.rss_connected as f64) * 1024.0
-                / STREAMS as f64;
-            writeln!(
-                t,
-                "{who}: memory per open stream (client side and upstream side): {bytes:.0} bytes (RSS with {STREAMS} server streams open less before, ÷ {STREAMS})."
-            )?;
-        }
-        if let (Some(small), Some(large)) = (find(10, 4, 0), find(10, 256, 0)) {
-            let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 252.0;
-            writeln!(
-                t,
-                "{who}: memory per client connection: {bytes:.0} bytes (RSS with 256 less with 4, ÷ 252)."
-            )?;
-        }
+    let find = |endpoints: usize, connections: usize, streams: usize| {
+        subjects.iter().find(|s| {
+            s.case.proxy == Kind::Fanout
+                && (s.case.endpoints, s.case.connections, s.case.streams)
+                    == (endpoints, connections, streams)
+        })
+    };
+    let who = Kind::Fanout.name();
+    if let (Some(small), Some(large)) = (find(10, 4, 0), find(1_000, 4, 0)) {
+        let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 990.0;
+        writeln!(
+            t,
+            "{who}: memory per endpoint (one HTTP/2 connection each): {bytes:.0} bytes (RSS with 1,000 endpoints less with 10, ÷ 990)."
+        )?;
+    }
+    if let Some(streams) = find(10, 4, STREAMS) {
+        let bytes =
+            (streams.rss_streams as f64 - streams.rss_connected as f64) * 1024.0 / STREAMS as f64;
+        writeln!(
+            t,
+            "{who}: memory per open stream (client side and upstream side): {bytes:.0} bytes (RSS with {STREAMS} server streams open less before, ÷ {STREAMS})."
+        )?;
+    }
+    if let (Some(small), Some(large)) = (find(10, 4, 0), find(10, 256, 0)) {
+        let bytes = (large.rss_connected as f64 - small.rss_connected as f64) * 1024.0 / 252.0;
+        writeln!(
+            t,
+            "{who}: memory per client connection: {bytes:.0} bytes (RSS with 256 less with 4, ÷ 252)."
+        )?;
     }
     if !has_h2load {
         writeln!(

@@ -44,12 +44,12 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/proxy.md")]
         out: PathBuf,
-        /// Which to measure, comma-separated: direct, fanout (its default data path, wire),
-        /// fanout-h2 (on the h2 data path), wire-spike (the engine alone), haproxy, nginx.
+        /// Which to measure, comma-separated: direct, fanout, wire-spike (its engine alone,
+        /// without the proxy around it), haproxy, nginx.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,fanout,fanout-h2,haproxy,nginx"
+            default_value = "direct,fanout,haproxy,nginx"
         )]
         peers: Vec<String>,
     },
@@ -61,12 +61,8 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value = "target/bench/curve.md")]
         out: PathBuf,
-        /// Whose cases run, comma-separated: fanout, fanout-h2, haproxy.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "fanout,fanout-h2,haproxy"
-        )]
+        /// Whose cases run, comma-separated: fanout, haproxy.
+        #[arg(long, value_delimiter = ',', default_value = "fanout,haproxy")]
         peers: Vec<String>,
     },
 }

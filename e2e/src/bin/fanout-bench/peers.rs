@@ -96,13 +96,8 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// fanout-proxy as it runs by default (the `wire` data path).
+    /// fanout-proxy as it runs by default.
     pub async fn fanout(backends: &[SocketAddr]) -> anyhow::Result<Self> {
-        Self::fanout_on(backends, "wire").await
-    }
-
-    /// fanout-proxy on the data path named (`h2`, `wire`).
-    pub async fn fanout_on(backends: &[SocketAddr], data_path: &str) -> anyhow::Result<Self> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mut config = ProxyConfig::new(vec![UpstreamConfig::new(
             "app.bench",
@@ -110,14 +105,10 @@ impl Peer {
             Discovery::Static(backends.to_vec()),
         )]);
         config.admin.listen = format!("127.0.0.1:{}", free_port()).parse()?;
-        let proxy = ProxyProcess::start_on_data_path(&config, data_path).await?;
+        let proxy = ProxyProcess::start(&config).await?;
         wait_connected(&proxy, backends.len()).await?;
         Ok(Self {
-            name: if data_path == "h2" {
-                "fanout h2"
-            } else {
-                "fanout"
-            },
+            name: "fanout",
             listen,
             pid: proxy.pid(),
             _owned: Box::new(proxy),

@@ -171,13 +171,12 @@ pub async fn run(seconds: Duration, out: PathBuf, peers: &[String]) -> anyhow::R
     });
     subjects.extend(direct);
     let mut missing = Vec::new();
-    for kind in ["fanout", "fanout-h2", "wire-spike", "HAProxy", "nginx"] {
+    for kind in ["fanout", "wire-spike", "HAProxy", "nginx"] {
         if !wanted(kind) {
             continue;
         }
         let peer = match kind {
             "fanout" => Some(Peer::fanout(&backends.addrs).await?),
-            "fanout-h2" => Some(Peer::fanout_on(&backends.addrs, "h2").await?),
             "wire-spike" => Some(Peer::wire_spike(&backends.addrs).await?),
             "HAProxy" => Peer::haproxy(&backends.addrs).await?,
             _ => Peer::nginx(&backends.addrs).await?,
@@ -392,9 +391,7 @@ fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::R
         }
     }
     let find = |prefix: &str| results.iter().find(|r| r.name.starts_with(prefix));
-    let compared = ["fanout (", "fanout h2", "wire spike"]
-        .into_iter()
-        .filter_map(find);
+    let compared = ["fanout (", "wire spike"].into_iter().filter_map(find);
     for f in compared {
         let Some(h) = find("HAProxy") else { break };
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {

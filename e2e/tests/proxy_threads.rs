@@ -1,5 +1,5 @@
-//! What only the `wire` data path has: several engine threads per upstream, each accepting on
-//! the one listener and keeping its own connections to every endpoint, reporting as one.
+//! `--threads N`: several engine threads per upstream, each accepting on the one listener and
+//! keeping its own connections to every endpoint, reporting as one.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -24,12 +24,9 @@ async fn engine_threads_share_the_listener_and_report_as_one() {
         addrs.push(backend.spawn(SocketAddr::new(pod_ip(n), 0)).await.unwrap());
     }
     let (config, local) = loopback_config(Discovery::Static(addrs.clone()), |_| {});
-    let proxy = ProxyProcess::start_with_env(
-        &config,
-        &[("FANOUT_DATA_PATH", "wire"), ("FANOUT_PROXY_THREADS", "2")],
-    )
-    .await
-    .unwrap();
+    let proxy = ProxyProcess::start_with_env(&config, &[("FANOUT_PROXY_THREADS", "2")])
+        .await
+        .unwrap();
 
     // Each thread connects to every endpoint: two connections each, shown as ready.
     let deadline = Instant::now() + Duration::from_secs(10);
