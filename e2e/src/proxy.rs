@@ -53,6 +53,15 @@ pub async fn spawn_backends_on(
     port: u16,
     behaviour: Behaviour,
 ) -> (u16, Vec<std::sync::Arc<Stats>>) {
+    spawn_backends_behaving(&vec![behaviour; count], port).await
+}
+
+/// As [`spawn_backends_on`], `backend-n` behaving as `behaviours[n]`.
+pub async fn spawn_backends_behaving(
+    behaviours: &[Behaviour],
+    port: u16,
+) -> (u16, Vec<std::sync::Arc<Stats>>) {
+    let count = behaviours.len();
     let mut wanted = port;
     'attempt: for _ in 0..20 {
         let Ok(first) = tokio::net::TcpListener::bind((pod_ip(0), wanted)).await else {
@@ -72,7 +81,7 @@ pub async fn spawn_backends_on(
         }
         let mut stats = Vec::new();
         for (n, listener) in listeners.into_iter().enumerate() {
-            let backend = Backend::new(format!("backend-{n}"), behaviour.clone());
+            let backend = Backend::new(format!("backend-{n}"), behaviours[n].clone());
             stats.push(backend.stats());
             tokio::spawn(backend.serve(listener, std::future::pending()));
         }

@@ -1,6 +1,7 @@
 //! Traffic policy declared on the Service reaching running proxies through the discovery
 //! server: a method timeout, a whole-call limit, a retry policy changed mid-load, a canary
-//! split; invalid edits logged, shown to the owner as an Event, and the last valid policy kept.
+//! split, the balancer; invalid edits logged, shown to the owner as an Event, and the last
+//! valid policy kept.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use fanout_e2e::discovery_setup::{
 use fanout_e2e::fleet::client;
 use fanout_e2e::kube_api::{SliceEndpoint, endpoint_slice, service};
 use fanout_e2e::open_load::Load;
-use fanout_e2e::proxy::{ProxyProcess, pod_ip, spawn_backends};
+use fanout_e2e::proxy::{ProxyProcess, pod_ip, spawn_backends, spawn_backends_behaving};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -280,4 +281,68 @@ async fn a_weighted_split_sends_the_canary_its_share() {
         app.unary(EchoRequest::default()).await.unwrap();
     }
     assert_eq!(stats[3].calls.load(Ordering::SeqCst), before);
+}
+
+/// The balancer a Service's owner names in `fanout.dev/policy` applies to running proxies'
+/// next calls. Of two pods, one answers 20 ms late: under the default peak-EWMA the proxy
+/// sends it few of 200 calls made one at a time; once the owner asks for `round_robin`, the
+/// two take turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_named_on_the_service_applies_to_the_next_calls() {
+    use fanout_e2e::backend::proto::EchoRequest;
+    let setup = Setup::new().await;
+    let slow = Behaviour {
+        delay: Duration::from_millis(20),
+        ..Behaviour::default()
+    };
+    let (port, stats) = spawn_backends_behaving(&[slow, Behaviour::default()], 0).await;
+    setup.api.apply(app_service());
+    let (_server, proxy, local) = serve_app(&setup, port, 2, None).await;
+    let balancer = || async {
+        let (_, endpoints) = proxy.admin_get("/endpoints").await.unwrap();
+        let endpoints: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+        endpoints["upstreams"][0]["balancer"].clone()
+    };
+    assert_eq!(balancer().await, "peak_ewma");
+    let mut app = client(local).await;
+    let calls_per_backend = |stats: &[std::sync::Arc<fanout_e2e::backend::Stats>]| {
+        stats
+            .iter()
+            .map(|s| s.calls.load(Ordering::SeqCst))
+            .collect::<Vec<u64>>()
+    };
+    for _ in 0..200 {
+        app.unary(EchoRequest::default()).await.unwrap();
+    }
+    let before = calls_per_backend(&stats);
+    eprintln!("peak_ewma: calls per backend (slow, fast) {before:?}");
+    assert!(before[0] < 50, "the slow pod took {before:?} of 200 calls");
+
+    let mut app_service = app_service();
+    app_service["metadata"]["annotations"] =
+        json!({"fanout.dev/policy": r#"{"balancer": "round_robin"}"#});
+    setup.api.apply(app_service);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while balancer().await != "round_robin" {
+        assert!(
+            Instant::now() < deadline,
+            "the policy's balancer never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The engine takes the settings the proxy fed it a moment later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..100 {
+        app.unary(EchoRequest::default()).await.unwrap();
+    }
+    let after: Vec<u64> = calls_per_backend(&stats)
+        .iter()
+        .zip(&before)
+        .map(|(now, then)| now - then)
+        .collect();
+    eprintln!("round_robin: calls per backend (slow, fast) {after:?}");
+    assert!(
+        after.iter().all(|n| (49..=51).contains(n)),
+        "round robin gave {after:?} of 100 calls"
+    );
 }

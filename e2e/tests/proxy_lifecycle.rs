@@ -9,7 +9,7 @@ use fanout_e2e::backend::proto::test_client::TestClient;
 use fanout_e2e::backend::{Backend, Behaviour};
 use fanout_e2e::bins;
 use fanout_e2e::proxy::{ProxyProcess, admin_request, free_port, pod_ip};
-use fanout_proxy_config::{Discovery, ProxyConfig, UpstreamConfig};
+use fanout_proxy_config::{Balancer, Discovery, ProxyConfig, UpstreamConfig};
 use tokio_stream::StreamExt;
 
 fn proxy_bin() -> std::path::PathBuf {
@@ -262,10 +262,11 @@ async fn a_changed_config_file_is_applied_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(first_backend(local).await.as_deref(), Some("backend-b"));
 
-    // A change that keeps the endpoint (the request timeout): the upstream is replaced, the
-    // new timeout ends a long stream, and the endpoint is ready and shown so (on the wire
-    // path: the engine's connection, which the new upstream finds as it is).
+    // A change that keeps the endpoint (the request timeout, the balancer): the upstream is
+    // replaced, the new timeout ends a long stream, and the endpoint is ready and shown so
+    // (the engine's connection, which the new upstream finds as it is).
     config.upstreams[0].timeouts.request = Some(Duration::from_millis(300));
+    config.upstreams[0].balancer = Balancer::RoundRobin;
     write(&config.to_json_pretty());
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut client = TestClient::connect(format!("http://{local}"))
@@ -300,6 +301,10 @@ async fn a_changed_config_file_is_applied_without_a_restart() {
     let state: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
     let endpoint = &state["upstreams"][0]["endpoints"][0];
     assert_eq!(endpoint["state"], "ready", "{endpoints}");
+    assert_eq!(
+        state["upstreams"][0]["balancer"], "round_robin",
+        "{endpoints}"
+    );
     assert!(endpoint["started"].as_u64().unwrap() >= 1, "{endpoints}");
     assert_eq!(first_backend(local).await.as_deref(), Some("backend-b"));
 

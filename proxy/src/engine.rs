@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use fanout_balance::budget::Budget;
-use fanout_proxy_config::UpstreamConfig;
 use fanout_proxy_config::policy::Policy;
 use fanout_proxy_config::service_config::ServiceConfig;
+use fanout_proxy_config::{Balancer, UpstreamConfig};
 use fanout_wire::engine::report::{ClientGot, EndpointReport, Observer};
 use fanout_wire::engine::{self as wire, Settings, SharedThrottle, SplitSpec};
 use prometheus_client::metrics::counter::Counter;
@@ -69,7 +69,7 @@ impl Engine {
         let (endpoints, endpoints_rx) = watch::channel(Vec::new());
         let (service_config, service_config_rx) = watch::channel(None);
         let (split, split_rx) = watch::channel(None);
-        let (settings, settings_rx) = watch::channel(settings_of(config, None));
+        let (settings, settings_rx) = watch::channel(settings_of(config, None, None));
         let (stop, stop_rx) = watch::channel(false);
         let engine = Arc::new(Engine {
             name: config.name.clone(),
@@ -97,7 +97,6 @@ impl Engine {
                 observer: engine.clone(),
                 number,
                 budget: budget.clone(),
-                balancer: config.balancer,
                 throttle: throttle.clone(),
                 stop: stop_rx.clone(),
             };
@@ -164,6 +163,7 @@ impl Engine {
         config: &UpstreamConfig,
         policy: Option<&Policy>,
     ) {
+        let settings = settings_of(config, applied.as_deref(), policy);
         {
             let mut last = self.applied.lock().unwrap_or_else(|e| e.into_inner());
             let same = match (&*last, &applied) {
@@ -176,7 +176,6 @@ impl Engine {
                 *last = applied;
             }
         }
-        let settings = settings_of(config, policy);
         self.settings.send_if_modified(|current| {
             let changed = *current != settings;
             *current = settings;
@@ -185,8 +184,25 @@ impl Engine {
     }
 }
 
+/// The balancer in force: the Service's policy's, else its service config's, else the config
+/// file's (which the webhook rendered from them as they were when the pod was created).
+pub fn balancer_of(
+    config: &UpstreamConfig,
+    service_config: Option<&ServiceConfig>,
+    policy: Option<&Policy>,
+) -> Balancer {
+    policy
+        .and_then(|p| p.balancer)
+        .or(service_config.and_then(|s| s.balancer))
+        .unwrap_or(config.balancer)
+}
+
 /// The engine's settings from the upstream's config and the Service's policy (which wins).
-fn settings_of(config: &UpstreamConfig, policy: Option<&Policy>) -> Settings {
+fn settings_of(
+    config: &UpstreamConfig,
+    service_config: Option<&ServiceConfig>,
+    policy: Option<&Policy>,
+) -> Settings {
     Settings {
         connect_timeout: config.timeouts.connect,
         call_timeout: policy
@@ -200,6 +216,7 @@ fn settings_of(config: &UpstreamConfig, policy: Option<&Policy>) -> Settings {
         } else {
             0
         },
+        balancer: balancer_of(config, service_config, policy),
         ..Settings::default()
     }
 }

@@ -145,10 +145,6 @@ impl Serving {
                             && matches!(upstream.discovery, Discovery::Endpoints(_))) => {}
                 Some(old) if old.listen == upstream.listen => {
                     if let Some(entry) = self.entries.get_mut(&upstream.name) {
-                        if old.balancer != upstream.balancer {
-                            tracing::warn!(upstream = %upstream.name,
-                                "balancer changed; it takes effect at the next start");
-                        }
                         // The old one stops feeding the engine before the new one starts.
                         entry.upstream.stop();
                         entry.upstream = Upstream::start(

@@ -18,7 +18,7 @@ pub mod retry;
 pub mod split;
 
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use fanout_proxy_config::Balancer;
 use tokio::time::Instant;
@@ -38,7 +38,8 @@ pub trait Candidate {
 }
 
 pub struct Picker {
-    kind: Balancer,
+    /// The balancer (a `Balancer` as a number), which a config change may switch.
+    kind: AtomicU8,
     next: AtomicUsize,
     /// Picks so far: the call clock latency estimates age by.
     picks: AtomicU64,
@@ -49,11 +50,24 @@ pub struct Picker {
 impl Picker {
     pub fn new(kind: Balancer) -> Self {
         Self {
-            kind,
+            kind: AtomicU8::new(kind as u8),
             next: AtomicUsize::new(fastrand::usize(..1024)),
             picks: AtomicU64::new(0),
             endpoints: AtomicUsize::new(0),
         }
+    }
+
+    pub fn kind(&self) -> Balancer {
+        match self.kind.load(Ordering::Relaxed) {
+            k if k == Balancer::RoundRobin as u8 => Balancer::RoundRobin,
+            k if k == Balancer::LeastRequest as u8 => Balancer::LeastRequest,
+            _ => Balancer::PeakEwma,
+        }
+    }
+
+    /// Picks with `kind` from now on; what the endpoints' estimates learnt stays.
+    pub fn set_kind(&self, kind: Balancer) {
+        self.kind.store(kind as u8, Ordering::Relaxed);
     }
 
     pub fn set_endpoint_count(&self, count: usize) {
@@ -91,7 +105,7 @@ impl Picker {
         if n == 0 {
             return None;
         }
-        let picked = match self.kind {
+        let picked = match self.kind() {
             Balancer::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)

@@ -5,7 +5,8 @@
 use std::sync::atomic::Ordering;
 
 use super::Upstream;
-use crate::engine::Engine;
+use crate::engine::{Engine, balancer_of};
+use fanout_proxy_config::Balancer;
 
 impl Upstream {
     /// The engine, while this upstream feeds it.
@@ -25,6 +26,13 @@ impl Upstream {
                 .collect();
             engine.feed_endpoints(addrs);
         }
+    }
+
+    /// The balancer in force (`/endpoints`).
+    pub(crate) fn balancer(&self) -> Balancer {
+        let policy = self.policy.current();
+        let service_config = self.service_config.current();
+        balancer_of(&self.config, service_config.as_deref(), policy.as_deref())
     }
 
     /// Gives the engine the Service's service config and the settings its policy changes.

@@ -65,6 +65,7 @@ impl Upstream {
             "name": &*self.name,
             "listen": self.config.listen.to_string(),
             "ready": self.has_ready_endpoint(),
+            "balancer": self.balancer(),
             "discovery": {
                 "configured": self.config.discovery.source(),
                 "source": status.source,

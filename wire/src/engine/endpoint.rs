@@ -54,6 +54,8 @@ pub struct Settings {
     pub connections: usize,
     /// The largest request body kept for sending a request again; 0: no retries at all.
     pub replay_limit: usize,
+    /// How each call's endpoint is picked.
+    pub balancer: fanout_proxy_config::Balancer,
 }
 
 impl Default for Settings {
@@ -68,6 +70,7 @@ impl Default for Settings {
             ejection: fanout_proxy_config::Ejection::default(),
             connections: 1,
             replay_limit: super::replay::LIMIT,
+            balancer: fanout_proxy_config::Balancer::default(),
         }
     }
 }

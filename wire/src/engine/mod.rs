@@ -37,7 +37,6 @@ use std::sync::Arc;
 use fanout_balance::Picker;
 use fanout_balance::budget::Budget;
 use fanout_balance::split::Split;
-use fanout_proxy_config::Balancer;
 use fanout_proxy_config::service_config::ServiceConfig;
 
 use bytes::BytesMut;
@@ -233,7 +232,6 @@ pub struct Thread {
     pub number: usize,
     /// The retry budget of the upstream, over all its threads.
     pub budget: Arc<Budget>,
-    pub balancer: Balancer,
     /// The Service's retry throttle, over all the upstream's threads.
     pub throttle: Arc<SharedThrottle>,
     /// `true`: stop taking clients, and end once the calls under way ended.
@@ -241,13 +239,12 @@ pub struct Thread {
 }
 
 impl Default for Thread {
-    /// Nobody observes, one thread, fanout's default budget and balancer, never stopped.
+    /// Nobody observes, one thread, fanout's default budget, never stopped.
     fn default() -> Self {
         Thread {
             observer: Arc::new(report::Unobserved::default()),
             number: 0,
             budget: Arc::new(Budget::new(RETRY_BUDGET_PERCENT)),
-            balancer: Balancer::PeakEwma,
             throttle: Arc::default(),
             stop: watch::channel(false).1,
         }
@@ -274,14 +271,13 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
         observer,
         number,
         budget,
-        balancer,
         throttle,
         mut stop,
     } = thread;
     let settings = *live_settings.borrow();
     let forwarder = Rc::new(Forwarder {
         endpoints: RefCell::new(Vec::new()),
-        picker: Picker::new(balancer),
+        picker: Picker::new(settings.balancer),
         dirty: RefCell::new(Vec::new()),
         read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
         settings: Cell::new(settings),
@@ -336,10 +332,13 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
 }
 
 /// Keeps the forwarder's settings equal to the latest, until their sender is gone. A call
-/// takes its timeouts when it opens; connections take theirs when they connect.
+/// takes its timeouts when it opens; connections take theirs when they connect; the next
+/// pick, the balancer.
 async fn follow_settings(mut settings: watch::Receiver<Settings>, fwd: Rc<Forwarder>) {
     while settings.changed().await.is_ok() {
-        fwd.settings.set(*settings.borrow_and_update());
+        let settings = *settings.borrow_and_update();
+        fwd.picker.set_kind(settings.balancer);
+        fwd.settings.set(settings);
     }
 }
 
