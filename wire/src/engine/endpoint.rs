@@ -96,8 +96,9 @@ pub struct Endpoint {
     pub(super) started: Cell<u64>,
     /// Calls ended here, by grpc-status (`None`: no status, the stream was reset).
     counters: RefCell<Vec<(Option<u16>, Counter)>>,
-    /// Where its state is copied for the proxy (`report.rs`).
+    /// Where its state is copied for the proxy (`report.rs`), and what was copied last.
     pub(super) report: Arc<EndpointReport>,
+    pub(super) published: Cell<Option<super::report::View>>,
     /// Its failures in a row, and whether (and how long) it is out of balancing.
     ejection: RefCell<Ejection>,
     /// Set while an ejection may be running, so picks skip the clock otherwise.
@@ -126,6 +127,7 @@ impl Endpoint {
             started: Cell::new(0),
             counters: RefCell::new(Vec::new()),
             report,
+            published: Cell::new(None),
             ejection: RefCell::new(Ejection::default()),
             maybe_ejected: Cell::new(false),
             upstream,

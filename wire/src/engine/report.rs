@@ -242,20 +242,33 @@ pub async fn publish(fwd: Rc<Forwarder>) {
         for endpoint in fwd.endpoints.borrow().iter() {
             let connections = endpoint.ready_connections();
             let ready = connections > 0;
-            let view = View {
-                ready,
-                connections,
-                failing: !ready && endpoint.has_failed(),
-                ejected: endpoint.is_ejected(),
-                outstanding: endpoint.outstanding(),
-                started: endpoint.started.get(),
-                rtt: endpoint
+            let (outstanding, started) = (endpoint.outstanding(), endpoint.started.get());
+            let last = endpoint.published.get();
+            // An endpoint no call came to or left since keeps the estimate shown (as of its
+            // last call): with many endpoints most are quiet in a period, and this loop runs
+            // ten times a second.
+            let quiet = last.filter(|v| (v.outstanding, v.started) == (outstanding, started));
+            let rtt = match quiet {
+                Some(last) => last.rtt,
+                None => endpoint
                     .latency
                     .borrow()
                     .estimate(&clock)
                     .map(|ns| Duration::from_nanos(ns as u64)),
             };
-            endpoint.report.set(fwd.thread, view);
+            let view = View {
+                ready,
+                connections,
+                failing: !ready && endpoint.has_failed(),
+                ejected: endpoint.is_ejected(),
+                outstanding,
+                started,
+                rtt,
+            };
+            if last != Some(view) {
+                endpoint.report.set(fwd.thread, view);
+                endpoint.published.set(Some(view));
+            }
         }
     }
 }

@@ -118,7 +118,7 @@ fn read_frames(
     if read.capacity() - read.len() < READ_CHUNK / 4 {
         read.reserve(READ_CHUNK);
     }
-    match conn.io.try_read_buf(&mut *read) {
+    match read_drained(&conn.io, &mut read) {
         Ok(0) => return Read::End,
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -158,6 +158,27 @@ fn read_frames(
         *stash = BytesMut::from(&read[..]);
     }
     Read::Frames
+}
+
+/// Reads what the socket holds into `read`'s spare room. A read that leaves room unfilled has
+/// emptied the socket: its readiness is cleared then and there, which spares the read that
+/// would only have said "nothing more" (one system call in two, as calls come one by one).
+/// Sound because tokio clears readiness only if no new readiness event came since it was
+/// taken: bytes that arrive after this read raise a new one.
+fn read_drained(io: &tokio::net::TcpStream, read: &mut BytesMut) -> io::Result<usize> {
+    let room = read.capacity() - read.len();
+    let mut got = 0;
+    let result = io.try_io(tokio::io::Interest::READABLE, || {
+        got = io.try_read_buf(read)?;
+        if got > 0 && got < room {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
 }
 
 /// The keepalive timer of an endpoint's connection fired: a PING is sent when the last was
