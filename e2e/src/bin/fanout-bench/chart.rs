@@ -120,11 +120,21 @@ fn bars(
 fn tail_latency(panel: &Panel, results: &[Measured]) -> anyhow::Result<()> {
     let n = results.len() as f64;
     let p99 = |r: &Measured, k: usize| r.p99(k).as_secs_f64() * 1000.0;
-    let max = results
+    // A peer overloaded at a rate (seconds where the rest take milliseconds) would flatten
+    // every other bar: the scale stops at ten times the median, and its bar at the top.
+    let mut all: Vec<f64> = results
         .iter()
         .flat_map(|r| (0..RATES.len()).map(move |k| p99(r, k)))
+        .collect();
+    all.sort_by(f64::total_cmp);
+    let median = all.get(all.len() / 2).copied().unwrap_or(0.1);
+    let max = all
+        .iter()
+        .copied()
+        .filter(|v| *v <= median * 10.0)
         .fold(0.1, f64::max)
         * 1.15;
+    let height = |r: &Measured, k: usize| p99(r, k).min(max * 0.95);
     let mut chart = ChartBuilder::on(panel)
         .caption(
             "p99 latency in ms at fixed rates (lower is better)",
@@ -153,7 +163,7 @@ fn tail_latency(panel: &Panel, results: &[Measured]) -> anyhow::Result<()> {
         let width = 0.8 / n;
         let bars = (0..RATES.len()).map(|k| {
             let x = k as f64 + 0.1 + width * i as f64;
-            Rectangle::new([(x, 0.0), (x + width * 0.9, p99(r, k))], colour.filled())
+            Rectangle::new([(x, 0.0), (x + width * 0.9, height(r, k))], colour.filled())
         });
         chart
             .draw_series(bars)?
@@ -163,7 +173,7 @@ fn tail_latency(panel: &Panel, results: &[Measured]) -> anyhow::Result<()> {
             let x = k as f64 + 0.1 + width * i as f64;
             Text::new(
                 format!("{:.2}", p99(r, k)),
-                (x, p99(r, k) + max * 0.02),
+                (x, height(r, k) + max * 0.02),
                 ("sans-serif", 12),
             )
         }))?;

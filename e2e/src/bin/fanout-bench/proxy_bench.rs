@@ -223,7 +223,7 @@ pub async fn run(seconds: Duration, out: PathBuf, peers: &[String]) -> anyhow::R
     let png = out.with_extension("png");
     chart::draw(&results, &png)?;
     eprintln!("wrote {}", png.display());
-    for result in &results {
+    for result in results.iter().filter(|r| must_not_fail(&r.name)) {
         let errors = result.errors();
         anyhow::ensure!(errors == 0, "{}: {errors} calls failed", result.name);
     }
@@ -436,7 +436,21 @@ fn report(results: &[Measured], missing: &[&str], has_h2load: bool) -> anyhow::R
         t,
         "h2load on the direct row drives one backend (it cannot balance over 10)."
     )?;
+    for r in results.iter().filter(|r| r.errors() > 0) {
+        writeln!(
+            t,
+            "{}: {} calls failed over the rounds (overloaded: its latencies at that rate include them).",
+            r.name,
+            r.errors()
+        )?;
+    }
     Ok(t)
+}
+
+/// Whether failed calls through `name` fail the run: fanout's, and the direct baseline's (the
+/// backends'). A peer that cannot keep up fails calls; the report says so, and the run goes on.
+fn must_not_fail(name: &str) -> bool {
+    name.starts_with("fanout") || name.starts_with("wire spike") || name.starts_with("direct")
 }
 
 fn signed_ms(a: Duration, b: Duration) -> String {
