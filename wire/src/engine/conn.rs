@@ -53,8 +53,6 @@ pub struct Conn {
     pub(super) dirty: Cell<bool>,
     /// Asks the owning task to wait until its socket is writable and flush.
     pub(super) write_blocked: Notify,
-    /// The socket took less than `out` held: what is left waits for it to be writable.
-    pub(super) out_blocked: Cell<bool>,
     pub(super) decoder: RefCell<hpack::Decoder>,
     pub(super) routes: RefCell<Routes>,
     pub(super) next_stream: Cell<u32>,
@@ -120,7 +118,6 @@ impl Conn {
             out: RefCell::new(out),
             dirty: Cell::new(false),
             write_blocked: Notify::new(),
-            out_blocked: Cell::new(false),
             decoder: RefCell::new(hpack::Decoder::default()),
             routes: RefCell::new(Routes::default()),
             next_stream: Cell::new(1),
@@ -161,19 +158,15 @@ impl Conn {
             match self.io.try_write(&out) {
                 Ok(n) => out.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.out_blocked.set(true);
                     self.write_blocked.notify_one();
                     return;
                 }
                 Err(_) => {
-                    // The owning task ends the connection; it may be waiting for a read.
                     out.clear();
                     self.closed.set(true);
-                    self.write_blocked.notify_one();
-                    break;
+                    return;
                 }
             }
         }
-        self.out_blocked.set(false);
     }
 }

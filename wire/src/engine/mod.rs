@@ -3,9 +3,9 @@
 //!
 //! One thread; every connection (`conn.rs`) is an `Rc` owned by one task (`task.rs`) that
 //! reads its socket and forwards each frame at once into the other connection's output buffer
-//! (header blocks re-encoded field by field, DATA copied under flow control, `flow.rs`); once
-//! the tasks woken together have read, a flusher task writes every connection they wrote to,
-//! one write each, without waking the other connections' tasks.
+//! (header blocks re-encoded field by field, DATA copied under flow control, `flow.rs`); when
+//! a batch of reads is done, every connection written to is flushed with one write, from the
+//! task that read, without waking the other task.
 //!
 //! Protocol checks follow RFC 9113: frames of the wrong size or on the wrong stream end the
 //! connection with GOAWAY and the RFC's code (`control.rs`), stream state errors and malformed
@@ -85,8 +85,6 @@ pub struct Forwarder {
     endpoints: RefCell<Vec<Rc<Endpoint>>>,
     picker: Picker,
     dirty: RefCell<Vec<Rc<Conn>>>,
-    /// Wakes the flusher (`flush_soon`).
-    flush_wanted: Notify,
     /// The latest settings (the Service's policy changes some of them live).
     settings: Cell<Settings>,
     /// This thread's calls, and whom they are reported to.
@@ -120,16 +118,6 @@ impl Forwarder {
     fn mark(&self, conn: &Rc<Conn>) {
         if !conn.dirty.replace(true) {
             self.dirty.borrow_mut().push(conn.clone());
-        }
-    }
-
-    /// Has every connection written to flushed once the tasks woken with this one have run:
-    /// what they write to the same connections goes out in the same write. A thread woken
-    /// for reads on several connections at once (calls coming thick) writes each
-    /// destination once, not once per read.
-    fn flush_soon(&self) {
-        if !self.dirty.borrow().is_empty() {
-            self.flush_wanted.notify_one();
         }
     }
 
@@ -291,7 +279,6 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
         endpoints: RefCell::new(Vec::new()),
         picker: Picker::new(settings.balancer),
         dirty: RefCell::new(Vec::new()),
-        flush_wanted: Notify::new(),
         read: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
         settings: Cell::new(settings),
         calls: report::Calls::new(observer),
@@ -306,7 +293,6 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
         split_spec: RefCell::new(None),
         split: RefCell::new(None),
     });
-    tokio::task::spawn_local(flusher(forwarder.clone()));
     tokio::task::spawn_local(report::publish(forwarder.clone()));
     tokio::task::spawn_local(endpoint::follow_split(split, forwarder.clone()));
     tokio::task::spawn_local(follow_settings(live_settings, forwarder.clone()));
@@ -343,15 +329,6 @@ pub async fn serve_thread(listener: TcpListener, upstream: Upstream, thread: Thr
     }
     drop(listener);
     forwarder.calls.idle().await;
-}
-
-/// Flushes what the connection tasks wrote when asked (`Forwarder::flush_soon`). Tasks run in
-/// the order they were woken, so this one runs after those woken with the task that asked.
-async fn flusher(fwd: Rc<Forwarder>) {
-    loop {
-        fwd.flush_wanted.notified().await;
-        fwd.flush_dirty();
-    }
 }
 
 /// Keeps the forwarder's settings equal to the latest, until their sender is gone. A call

@@ -29,18 +29,11 @@ pub(super) async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
         // another task's flush leaves for this one is not: taken then, it would be taken again
         // after every failed write, and the task would spin without ever yielding to the
         // runtime's I/O driver, which alone can see the socket become writable again.
-        let pending_out = conn.out_blocked.get();
+        let pending_out = !conn.out.borrow().is_empty();
         tokio::select! {
             biased;
             _ = conn.write_blocked.notified(), if !pending_out => {}
-            ready = conn.io.writable(), if pending_out => {
-                if ready.is_err() {
-                    break;
-                }
-                // Writable again: what waited goes now, not after other tasks.
-                forwarder.mark(&conn);
-                forwarder.flush_dirty();
-            }
+            ready = conn.io.writable(), if pending_out => if ready.is_err() { break },
             () = &mut keepalive, if upstream => {
                 if !keepalive_due(&conn, &forwarder.settings(), keepalive.as_mut()) {
                     break;
@@ -58,7 +51,7 @@ pub(super) async fn run(conn: Rc<Conn>, forwarder: Rc<Forwarder>) {
             }
         }
         forwarder.mark(&conn);
-        forwarder.flush_soon();
+        forwarder.flush_dirty();
         if conn.closed.get() || conn.is_done() {
             break;
         }
