@@ -164,7 +164,8 @@ fn read_frames(
 /// emptied the socket: its readiness is cleared then and there, which spares the read that
 /// would only have said "nothing more" (one system call in two, as calls come one by one).
 /// Sound because tokio clears readiness only if no new readiness event came since it was
-/// taken: bytes that arrive after this read raise a new one.
+/// taken (bytes that arrive after this read raise a new one), and never clears a peer's close
+/// (a FIN that came with the last bytes is still seen: the next read returns 0).
 fn read_drained(io: &tokio::net::TcpStream, read: &mut BytesMut) -> io::Result<usize> {
     let room = read.capacity() - read.len();
     let mut got = 0;
