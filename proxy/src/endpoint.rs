@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::health::{Health, Verdict};
 use fanout_proxy_config::HealthCheck;
-use fanout_wire::engine::report::EndpointReport;
+use fanout_wire::engine::report::{EndpointReport, View};
 
 /// Keepalive: a PING after this long, and the connection is dropped if no PONG comes back in
 /// time (a pod that vanished without a FIN or RST is otherwise found only by TCP timeouts).
@@ -122,18 +122,18 @@ impl Endpoint {
         usable(sender).then(|| sender.clone())
     }
 
-    /// The engine's connections to it that are up and taking streams.
-    pub fn connections(&self) -> usize {
-        self.report.view().connections
+    /// How the engine's threads see it, as last reported (connections, load, latency).
+    pub fn view(&self) -> View {
+        self.report.view()
     }
 
     pub fn is_ready(&self) -> bool {
-        let view = self.report.view();
+        let view = self.view();
         !self.is_removed() && self.is_healthy() && view.ready && !view.ejected
     }
 
-    pub fn state(&self) -> State {
-        let view = self.report.view();
+    /// Its state, given its `view`.
+    pub fn state(&self, view: &View) -> State {
         if self.is_removed() {
             State::Removed
         } else if view.ejected {
@@ -147,20 +147,6 @@ impl Endpoint {
         } else {
             State::Connecting
         }
-    }
-
-    pub fn outstanding(&self) -> usize {
-        self.report.view().outstanding
-    }
-
-    /// Streams started on this endpoint so far (attempts: a retry counts where it went).
-    pub fn started(&self) -> u64 {
-        self.report.view().started
-    }
-
-    /// The engine's latency estimate; `None` before the endpoint answered anything.
-    pub fn rtt_estimate(&self) -> Option<Duration> {
-        self.report.view().rtt
     }
 
     /// Takes the endpoint out of balancing; its own connection closes.

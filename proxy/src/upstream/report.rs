@@ -30,7 +30,7 @@ impl Upstream {
         } else {
             let mut states: Vec<(&str, usize)> = Vec::new();
             for endpoint in endpoints.iter() {
-                let state = endpoint.state().as_str();
+                let state = endpoint.state(&endpoint.view()).as_str();
                 match states.iter_mut().find(|(s, _)| *s == state) {
                     Some((_, n)) => *n += 1,
                     None => states.push((state, 1)),
@@ -50,13 +50,14 @@ impl Upstream {
             .endpoints()
             .iter()
             .map(|e| {
+                let view = e.view();
                 json!({
                     "address": e.label,
-                    "state": e.state().as_str(),
-                    "outstanding": e.outstanding(),
-                    "started": e.started(),
-                    "connections": e.connections(),
-                    "rtt_ms": e.rtt_estimate().map(|rtt| rtt.as_secs_f64() * 1000.0),
+                    "state": e.state(&view).as_str(),
+                    "outstanding": view.outstanding,
+                    "started": view.started,
+                    "connections": view.connections,
+                    "rtt_ms": view.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
                 })
             })
             .collect();
@@ -92,7 +93,9 @@ impl Upstream {
         .map(|s| (s.as_str(), 0))
         .collect();
         for endpoint in self.endpoints().iter() {
-            *counts.entry(endpoint.state().as_str()).or_default() += 1;
+            *counts
+                .entry(endpoint.state(&endpoint.view()).as_str())
+                .or_default() += 1;
         }
         counts
     }

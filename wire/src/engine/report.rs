@@ -129,7 +129,7 @@ impl EndpointReport {
     pub fn view(&self) -> View {
         let views = self.views.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = View::default();
-        let mut rtts = Vec::new();
+        let (mut rtt_sum, mut rtts) = (Duration::ZERO, 0u32);
         for (_, view) in views.iter() {
             all.ready |= view.ready;
             all.failing |= view.failing;
@@ -137,12 +137,13 @@ impl EndpointReport {
             all.connections += view.connections;
             all.outstanding += view.outstanding;
             all.started += view.started;
-            rtts.extend(view.rtt);
+            if let Some(rtt) = view.rtt {
+                rtt_sum += rtt;
+                rtts += 1;
+            }
         }
         all.failing &= !all.ready;
-        if !rtts.is_empty() {
-            all.rtt = Some(rtts.iter().sum::<Duration>() / rtts.len() as u32);
-        }
+        all.rtt = (rtts > 0).then(|| rtt_sum / rtts);
         all
     }
 }
