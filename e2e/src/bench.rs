@@ -27,6 +27,22 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / clock_ticks_per_second()
 }
 
+/// Seconds the threads of a process have spent runnable but not running, waiting in a run
+/// queue for a CPU (the second field of `/proc/PID/task/*/schedstat`, nanoseconds). On a
+/// machine the proxy shares with its clients and backends this, not its own work, is most of
+/// what it adds to a call's time; 0 when unreadable.
+pub fn cpu_wait_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let waited_ns: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    waited_ns as f64 / 1e9
+}
+
 fn clock_ticks_per_second() -> f64 {
     // sysconf(_SC_CLK_TCK) is 100 on every Linux configuration we run on.
     100.0
@@ -70,6 +86,27 @@ pub async fn with_cpu<T>(
     let spent = pid
         .zip(before)
         .map(|(pid, before)| cpu_seconds(pid) - before);
+    (result, spent)
+}
+
+/// What a process spent during some work: CPU seconds, and seconds it waited for a CPU.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub cpu: f64,
+    pub waited: f64,
+}
+
+/// As [`with_cpu`], with the time the process waited for a CPU too.
+pub async fn with_usage<T>(
+    pid: Option<u32>,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Option<Usage>) {
+    let before = pid.map(|pid| (cpu_seconds(pid), cpu_wait_seconds(pid)));
+    let result = work.await;
+    let spent = pid.zip(before).map(|(pid, (cpu, waited))| Usage {
+        cpu: cpu_seconds(pid) - cpu,
+        waited: cpu_wait_seconds(pid) - waited,
+    });
     (result, spent)
 }
 

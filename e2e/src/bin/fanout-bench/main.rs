@@ -96,6 +96,7 @@ mod curve;
 mod h2load;
 mod peers;
 mod proxy_bench;
+mod proxy_report;
 
 async fn webhook(
     reviews: usize,
