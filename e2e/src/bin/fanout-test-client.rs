@@ -4,7 +4,8 @@
 //! to do with unary calls), then makes N unary calls over C HTTP/2 connections with M in
 //! flight on each, as gRPC client pods do, and prints one JSON line: calls answered per backend
 //! id, the fewest each backend answered in any window of `--window` calls and where that window
-//! starts, and failures.
+//! starts, failures and, with `--sample-endpoints`, what the sidecar's `/endpoints` showed
+//! while the calls ran (each pod's calls started, outstanding and latency estimate).
 //!
 //! `fanout-test-client --probe URL --count N --every-ms T`: N HTTP GETs of URL, one JSON line
 //! each (status and body), as a cloud load balancer's health checker would send them.
@@ -51,6 +52,11 @@ struct Args {
     count: u32,
     #[arg(long, default_value_t = 500)]
     every_ms: u64,
+    /// While calling, GET this URL (the sidecar's `/endpoints`) every 50 ms and add what each
+    /// endpoint showed (`[started, outstanding, rtt_ms]`) to the report: why the balancer
+    /// sent a pod fewer calls, when it did.
+    #[arg(long)]
+    sample_endpoints: Option<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -82,8 +88,11 @@ async fn main() -> anyhow::Result<()> {
     for _ in 1..args.connections.max(1) {
         clients.push(TestClient::connect(format!("http://{target}")).await?);
     }
-    let answers =
-        spread::paced_timed_answers(&clients, args.calls, args.in_flight, args.rate).await;
+    let calling = spread::paced_timed_answers(&clients, args.calls, args.in_flight, args.rate);
+    let (answers, endpoint_samples) = match &args.sample_endpoints {
+        Some(url) => with_endpoint_samples(url, calling).await?,
+        None => (calling.await, Vec::new()),
+    };
 
     let mut backends: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();
@@ -124,9 +133,57 @@ async fn main() -> anyhow::Result<()> {
             "connections": args.connections, "in_flight": args.in_flight,
             "backends": backends, "window": args.window, "window_min": window_min,
             "window_min_at": window_min_at, "window_min_p50_ms": window_min_p50_ms,
-            "failures": failures})
+            "failures": failures, "endpoint_samples": endpoint_samples})
     );
     Ok(())
+}
+
+/// Runs `calling` while sampling `url` (`/endpoints`) every 50 ms; a sample that fails is
+/// left out (a pod without the sidecar has none).
+async fn with_endpoint_samples<T>(
+    url: &str,
+    calling: impl std::future::Future<Output = T>,
+) -> anyhow::Result<(T, Vec<serde_json::Value>)> {
+    let uri: http::Uri = url.parse().context("--sample-endpoints URL")?;
+    let authority = uri
+        .authority()
+        .context("--sample-endpoints URL needs a host")?
+        .clone();
+    let done = std::cell::Cell::new(false);
+    let started = Instant::now();
+    let sampling = async {
+        let mut samples = Vec::new();
+        while !done.get() {
+            if let Ok((200, body)) = get(&uri, &authority).await {
+                samples.extend(endpoint_sample(&body, started.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        samples
+    };
+    let calling = async {
+        let answers = calling.await;
+        done.set(true);
+        answers
+    };
+    Ok(tokio::join!(calling, sampling))
+}
+
+/// `{"ms": …, "endpoints": {address: [started, outstanding, rtt_ms]}}` of the first upstream.
+fn endpoint_sample(body: &str, at: Duration) -> Option<serde_json::Value> {
+    let view: serde_json::Value = serde_json::from_str(body).ok()?;
+    let endpoints = view["upstreams"][0]["endpoints"].as_array()?;
+    let shown: serde_json::Map<String, serde_json::Value> = endpoints
+        .iter()
+        .filter_map(|e| {
+            let address = e["address"].as_str()?.to_string();
+            Some((
+                address,
+                serde_json::json!([e["started"], e["outstanding"], e["rtt_ms"]]),
+            ))
+        })
+        .collect();
+    Some(serde_json::json!({"ms": at.as_millis() as u64, "endpoints": shown}))
 }
 
 /// `count` GETs of `url`, `every` apart; one JSON line each.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fanout_proxy_config::ADMIN_PORT;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{ListParams, PostParams};
@@ -138,7 +139,9 @@ pub fn paced_gateway(
         "args": ["--target", "127.0.0.1:15001",
                  "--calls", calls.to_string(), "--connections", connections.to_string(),
                  "--in-flight", in_flight.to_string(), "--window", WINDOW.to_string(),
-                 "--rate", rate.to_string()],
+                 "--rate", rate.to_string(),
+                 // What the sidecar's balancer saw, in the report a failed spread prints.
+                 "--sample-endpoints", format!("http://127.0.0.1:{ADMIN_PORT}/endpoints")],
         "securityContext": restricted()});
     test_pod(name, annotations, json!({}), container)
 }
