@@ -199,6 +199,23 @@ impl ProxyProcess {
         }
     }
 
+    /// Waits until `/ready` answers 200, up to `timeout`: `start` returns once the proxy is
+    /// live, and its first endpoint connections may still be opening then.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.admin_get("/ready").await.map(|(status, _)| status);
+            if let Ok(200) = status {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "fanout-proxy not ready within {timeout:?}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `GET` on the admin port: status and body.
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         admin_request(self.admin, "GET", path).await

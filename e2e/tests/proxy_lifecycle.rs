@@ -129,7 +129,7 @@ async fn sigterm_during_a_long_stream_lets_it_finish_then_exits_0() {
     config.drain.quiet = Duration::from_millis(500);
     config.drain.deadline = Duration::from_secs(20);
     let mut proxy = ProxyProcess::start(&config).await.unwrap();
-    assert_eq!(proxy.admin_get("/ready").await.unwrap().0, 200);
+    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
 
     let mut client = TestClient::connect(format!("http://{local}"))
         .await
