@@ -81,12 +81,8 @@ pub async fn with_cpu<T>(
     pid: Option<u32>,
     work: impl std::future::Future<Output = T>,
 ) -> (T, Option<f64>) {
-    let before = pid.map(cpu_seconds);
-    let result = work.await;
-    let spent = pid
-        .zip(before)
-        .map(|(pid, before)| cpu_seconds(pid) - before);
-    (result, spent)
+    let (result, usage) = with_usage(pid, work).await;
+    (result, usage.map(|u| u.cpu))
 }
 
 /// What a process spent during some work: CPU seconds, and seconds it waited for a CPU.

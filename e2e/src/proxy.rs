@@ -199,18 +199,18 @@ impl ProxyProcess {
         }
     }
 
-    /// Waits until `/ready` answers 200, up to `timeout`: `start` returns once the proxy is
-    /// live, and its first endpoint connections may still be opening then.
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until `GET path` on the admin port answers 200, up to `timeout`: `start` returns
+    /// once the proxy is live, and its first endpoint connections may still be opening then.
+    pub async fn wait_ok(&self, path: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let status = self.admin_get("/ready").await.map(|(status, _)| status);
+            let status = self.admin_get(path).await.map(|(status, _)| status);
             if let Ok(200) = status {
                 return Ok(());
             }
             anyhow::ensure!(
                 tokio::time::Instant::now() < deadline,
-                "fanout-proxy not ready within {timeout:?}: {status:?}"
+                "{path} not 200 within {timeout:?}: {status:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

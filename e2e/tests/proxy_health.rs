@@ -27,17 +27,6 @@ fn ghost_upstream(nameserver: SocketAddr) -> (ProxyConfig, SocketAddr) {
 }
 
 /// Waits until `path` on the admin port answers 200.
-async fn ready_within(proxy: &ProxyProcess, path: &str, timeout: Duration) {
-    let started = Instant::now();
-    while proxy.admin_get(path).await.unwrap().0 != 200 {
-        assert!(
-            started.elapsed() < timeout,
-            "{path} not 200 within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_is_ready_to_serve_once_discovery_has_answered_even_with_no_endpoints() {
     // A nameserver that never answers: discovery's first answer is its timeout.
@@ -50,7 +39,10 @@ async fn the_proxy_is_ready_to_serve_once_discovery_has_answered_even_with_no_en
         body.contains("app.shop") && body.contains("waiting for a first discovery answer"),
         "{body}"
     );
-    ready_within(&proxy, "/ready/proxy", Duration::from_secs(10)).await;
+    proxy
+        .wait_ok("/ready/proxy", Duration::from_secs(10))
+        .await
+        .unwrap();
     // The upstream-aware readiness still says the upstream has nothing.
     let (status, body) = proxy.admin_get("/ready").await.unwrap();
     assert_eq!(status, 503, "{body}");
@@ -63,7 +55,10 @@ async fn an_upstream_without_endpoints_leaves_proxy_readiness_alone() {
         .unwrap();
     let (config, _) = ghost_upstream(dns.addr);
     let proxy = ProxyProcess::start(&config).await.unwrap();
-    ready_within(&proxy, "/ready/proxy", Duration::from_secs(10)).await;
+    proxy
+        .wait_ok("/ready/proxy", Duration::from_secs(10))
+        .await
+        .unwrap();
     let (status, body) = proxy.admin_get("/ready").await.unwrap();
     assert_eq!(status, 503);
     assert!(body.contains("no A or AAAA records"), "{body}");
@@ -230,7 +225,10 @@ async fn calls_a_deadline_or_an_endpoint_reset_ended_leave_lines_naming_the_endp
     ));
     let log = std::env::temp_dir().join(format!("fanout-failures-{}.log", free_port()));
     let proxy = ProxyProcess::start_logged(&config, &log).await.unwrap();
-    ready_within(&proxy, "/ready", Duration::from_secs(5)).await;
+    proxy
+        .wait_ok("/ready", Duration::from_secs(5))
+        .await
+        .unwrap();
 
     let slow_call = EchoRequest {
         delay_ms: 2_000,

@@ -129,7 +129,10 @@ async fn sigterm_during_a_long_stream_lets_it_finish_then_exits_0() {
     config.drain.quiet = Duration::from_millis(500);
     config.drain.deadline = Duration::from_secs(20);
     let mut proxy = ProxyProcess::start(&config).await.unwrap();
-    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
+    proxy
+        .wait_ok("/ready", Duration::from_secs(10))
+        .await
+        .unwrap();
 
     let mut client = TestClient::connect(format!("http://{local}"))
         .await

@@ -31,10 +31,8 @@ pub struct Round {
     /// Proxy CPU seconds during the saturation run (none for direct).
     cpu: Option<f64>,
     fixed: Vec<Outcome>,
-    /// Proxy CPU seconds during each fixed-rate run.
-    fixed_cpu: Vec<Option<f64>>,
-    /// Seconds the proxy waited for a CPU during each fixed-rate run.
-    fixed_waited: Vec<Option<f64>>,
+    /// What the proxy spent during each fixed-rate run.
+    fixed_usage: Vec<Option<Usage>>,
     h2load: Option<(H2load, Option<f64>)>,
     h2load_fixed: Vec<(H2load, Option<Usage>)>,
     /// Calls each backend served during the saturation run.
@@ -42,7 +40,7 @@ pub struct Round {
 }
 
 impl Round {
-    pub fn errors(&self) -> u64 {
+    fn errors(&self) -> u64 {
         self.saturation.errors
             + self.fixed.iter().map(|f| f.errors).sum::<u64>()
             + self.h2load.iter().map(|(h, _)| h.errors).sum::<u64>()
@@ -75,7 +73,7 @@ impl Measured {
     /// CPU seconds per 100k calls at the fixed rate `RATES[i]`: the sidecar's usual regime,
     /// and the same work for every proxy (at saturation each runs at its own rate).
     pub fn cpu_per_100k_at(&self, i: usize) -> Option<f64> {
-        self.median(|r| per_100k(r.fixed_cpu[i], r.fixed[i].calls))
+        self.median(|r| per_100k(r.fixed_usage[i].map(|u| u.cpu), r.fixed[i].calls))
     }
 
     pub fn h2load_calls_per_second(&self) -> Option<f64> {
@@ -103,7 +101,7 @@ impl Measured {
         let per_call =
             |waited: Option<f64>, calls: u64| waited.map(|w| w * 1e6 / calls.max(1) as f64);
         (
-            self.median(|r| per_call(r.fixed_waited[i], r.fixed[i].calls)),
+            self.median(|r| per_call(r.fixed_usage[i].map(|u| u.waited), r.fixed[i].calls)),
             self.median(|r| {
                 r.h2load_fixed
                     .get(i)
@@ -263,13 +261,11 @@ async fn measure(
         .map(|(after, before)| after - before)
         .collect();
     let mut fixed = Vec::new();
-    let mut fixed_cpu = Vec::new();
-    let mut fixed_waited = Vec::new();
+    let mut fixed_usage = Vec::new();
     for rate in RATES {
         let (outcome, usage) = with_usage(pid, load.fixed_rate(rate, seconds)).await;
         fixed.push(outcome);
-        fixed_cpu.push(usage.map(|u| u.cpu));
-        fixed_waited.push(usage.map(|u| u.waited));
+        fixed_usage.push(usage);
     }
     let mut h2load = None;
     let mut h2load_fixed = Vec::new();
@@ -294,8 +290,7 @@ async fn measure(
         saturation,
         cpu,
         fixed,
-        fixed_cpu,
-        fixed_waited,
+        fixed_usage,
         h2load,
         h2load_fixed,
         shares,
